@@ -1,0 +1,227 @@
+package audit
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/byokproxy/byokproxy/keystore"
+)
+
+// Options configure a Writer.
+type Options struct {
+	// QueueSize bounds the events waiting for delivery; 0 means 10,000.
+	QueueSize int
+	// BatchSize bounds the events sent in one pipeline; 0 means 256.
+	BatchSize int
+	// StreamMaxLen trims the audit stream approximately; 0 means no trim.
+	StreamMaxLen int64
+	// Stdout, when not nil, receives each event as one JSON line.
+	Stdout io.Writer
+	// RetentionMonths is how long monthly usage counters are kept.
+	RetentionMonths int
+	// ResponseTTL is how long shared response ids are remembered.
+	ResponseTTL time.Duration
+	// Dropped counts events dropped because the queue was full.
+	Dropped prometheus.Counter
+	Logger  *slog.Logger
+}
+
+// Entry is one unit of delivery: an event and the state changes that go with
+// it.
+type Entry struct {
+	Event Event
+	// Usage, when not nil, is added to the mailbox's monthly counters.
+	Usage *keystore.UsageRecord
+	// ResponseID, when set, is remembered as created by Event.Mailbox on the
+	// shared key.
+	ResponseID string
+}
+
+// Writer delivers entries to Redis from a bounded queue.
+type Writer struct {
+	rdb    redis.UniversalClient
+	layout keystore.Layout
+	opts   Options
+	log    *slog.Logger
+
+	queue    chan Entry
+	mu       sync.RWMutex // guards closed against sends on a closed queue
+	closed   bool
+	done     chan struct{}
+	stdoutMu sync.Mutex
+}
+
+// NewWriter returns a writer to rdb under layout. Call Run to start delivery.
+func NewWriter(rdb redis.UniversalClient, layout keystore.Layout, opts Options) *Writer {
+	if opts.QueueSize <= 0 {
+		opts.QueueSize = 10000
+	}
+	if opts.BatchSize <= 0 {
+		opts.BatchSize = 256
+	}
+	if opts.RetentionMonths <= 0 {
+		opts.RetentionMonths = 13
+	}
+	if opts.ResponseTTL <= 0 {
+		opts.ResponseTTL = 30 * 24 * time.Hour
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	return &Writer{
+		rdb: rdb, layout: layout, opts: opts, log: opts.Logger,
+		queue: make(chan Entry, opts.QueueSize),
+		done:  make(chan struct{}),
+	}
+}
+
+// Record queues e without blocking. If the queue is full or the writer is
+// closed, e is dropped and counted.
+func (w *Writer) Record(e Entry) {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	if !w.closed {
+		select {
+		case w.queue <- e:
+			return
+		default:
+		}
+	}
+	if w.opts.Dropped != nil {
+		w.opts.Dropped.Inc()
+	}
+	w.log.Warn("audit event dropped: queue full",
+		"request_id", e.Event.RequestID, "mailbox", e.Event.Mailbox,
+		"provider", e.Event.Provider, "kind", e.Event.Kind)
+}
+
+// Run delivers queued entries until Close is called and the queue is empty,
+// or until ctx ends.
+func (w *Writer) Run(ctx context.Context) {
+	defer close(w.done)
+	batch := make([]Entry, 0, w.opts.BatchSize)
+	for {
+		var first Entry
+		var ok bool
+		select {
+		case first, ok = <-w.queue:
+		case <-ctx.Done():
+			return
+		}
+		if !ok {
+			return
+		}
+		batch = append(batch[:0], first)
+	fill:
+		for len(batch) < w.opts.BatchSize {
+			select {
+			case e, ok := <-w.queue:
+				if !ok {
+					break fill
+				}
+				batch = append(batch, e)
+			default:
+				break fill
+			}
+		}
+		w.writeStdout(batch)
+		if !w.deliver(ctx, batch) {
+			return
+		}
+	}
+}
+
+func (w *Writer) writeStdout(batch []Entry) {
+	if w.opts.Stdout == nil {
+		return
+	}
+	w.stdoutMu.Lock()
+	defer w.stdoutMu.Unlock()
+	for _, e := range batch {
+		line, err := json.Marshal(e.Event)
+		if err != nil {
+			continue
+		}
+		w.opts.Stdout.Write(append(line, '\n'))
+	}
+}
+
+// deliver sends batch, retrying with backoff until it succeeds. It returns
+// false if ctx ended first.
+func (w *Writer) deliver(ctx context.Context, batch []Entry) bool {
+	backoff := 50 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		err := w.send(ctx, batch)
+		if err == nil {
+			if attempt > 1 {
+				w.log.Info("audit delivery resumed", "events", len(batch), "attempts", attempt)
+			}
+			return true
+		}
+		w.log.Warn("audit delivery failed, retrying",
+			"error", err, "events", len(batch), "attempt", attempt, "backoff", backoff)
+		select {
+		case <-time.After(backoff):
+		case <-ctx.Done():
+			w.log.Error("audit delivery abandoned", "error", ctx.Err(), "events", len(batch))
+			return false
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+}
+
+func (w *Writer) send(ctx context.Context, batch []Entry) error {
+	sendCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	pipe := w.rdb.Pipeline()
+	for _, e := range batch {
+		data, err := json.Marshal(e.Event)
+		if err != nil {
+			continue
+		}
+		args := &redis.XAddArgs{Stream: w.layout.Audit(), Values: []any{"event", data}}
+		if w.opts.StreamMaxLen > 0 {
+			args.MaxLen = w.opts.StreamMaxLen
+			args.Approx = true
+		}
+		pipe.XAdd(sendCtx, args)
+		if e.Usage != nil {
+			w.layout.QueueUsage(sendCtx, pipe, *e.Usage, w.opts.RetentionMonths)
+		}
+		if e.ResponseID != "" {
+			w.layout.QueueResponse(sendCtx, pipe, e.Event.Mailbox, e.ResponseID, e.Event.Time, w.opts.ResponseTTL)
+		}
+	}
+	_, err := pipe.Exec(sendCtx)
+	return err
+}
+
+// Close stops accepting entries and waits until the queue is delivered or
+// ctx ends. Entries still queued when ctx ends are lost, and logged.
+func (w *Writer) Close(ctx context.Context) error {
+	w.mu.Lock()
+	if !w.closed {
+		w.closed = true
+		close(w.queue)
+	}
+	w.mu.Unlock()
+	select {
+	case <-w.done:
+		return nil
+	case <-ctx.Done():
+		w.log.Error("audit queue not flushed before shutdown", "pending", len(w.queue))
+		return ctx.Err()
+	}
+}
+
+// Pending returns the number of queued entries.
+func (w *Writer) Pending() int {
+	return len(w.queue)
+}

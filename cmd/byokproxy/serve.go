@@ -1,0 +1,274 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/alicebob/miniredis/v2"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/redis/go-redis/v9"
+	"github.com/spf13/pflag"
+
+	"github.com/byokproxy/byokproxy/admin"
+	"github.com/byokproxy/byokproxy/audit"
+	"github.com/byokproxy/byokproxy/config"
+	"github.com/byokproxy/byokproxy/keystore"
+	"github.com/byokproxy/byokproxy/mailbox"
+	"github.com/byokproxy/byokproxy/metrics"
+	"github.com/byokproxy/byokproxy/proxy"
+)
+
+func serve(args []string) error {
+	fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
+	config.RegisterFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := config.Load(fs, os.Environ())
+	if err != nil {
+		return err
+	}
+	log := newLogger(cfg, os.Stderr)
+	disableCoreDumps(log)
+
+	ids, rdb, cleanup, err := openStore(cfg, log)
+	if err != nil {
+		return err
+	}
+	defer cleanup()
+
+	signer, err := mailbox.NewSigner(cfg.Auth.TokenSecrets)
+	if err != nil {
+		return fmt.Errorf("auth.token_secrets: %w", err)
+	}
+
+	reg := prometheus.NewRegistry()
+	m := metrics.New(reg)
+	store := keystore.New(rdb, cfg.Redis.Prefix, ids)
+
+	var stdout io.Writer
+	if cfg.Audit.Stdout {
+		stdout = os.Stdout
+	}
+	writer := audit.NewWriter(rdb, store.Layout(), audit.Options{
+		QueueSize:       cfg.Audit.QueueSize,
+		StreamMaxLen:    cfg.Audit.StreamMaxLen,
+		Stdout:          stdout,
+		RetentionMonths: cfg.Metering.RetentionMonths,
+		ResponseTTL:     cfg.Metering.ResponseTTL,
+		Dropped:         m.AuditDropped,
+		Logger:          log.With("component", "audit"),
+	})
+	auditCtx, stopAudit := context.WithCancel(context.Background())
+	defer stopAudit()
+	go writer.Run(auditCtx)
+
+	handler, err := proxy.New(proxy.Options{
+		Config: cfg, Store: store, Signer: signer, Audit: writer, Metrics: m, Logger: log,
+	})
+	if err != nil {
+		return err
+	}
+	adminAPI := admin.New(admin.Options{
+		Store: store, Signer: signer, Audit: writer, Token: cfg.Admin.Token,
+		MonthlyTokenLimit: cfg.Metering.MonthlyTokenLimit,
+		Prober:            proxy.NewProber(cfg),
+		Logger:            log.With("component", "admin"),
+	})
+
+	servers := []*listener{
+		{name: "proxy", addr: cfg.Listen, tls: cfg.TLS, handler: handler, maxHeader: cfg.Limits.MaxHeaderBytes},
+		{name: "admin", addr: cfg.Admin.Listen, tls: cfg.Admin.TLS, handler: adminAPI},
+		{name: "metrics", addr: cfg.Metrics.Listen, handler: promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})},
+	}
+	errs := make(chan error, len(servers))
+	for _, s := range servers {
+		if err := s.listen(log); err != nil {
+			for _, started := range servers {
+				started.close()
+			}
+			return err
+		}
+		go func() { errs <- s.serve() }()
+	}
+	log.Info("byokproxy started", "listen", cfg.Listen, "admin_listen", cfg.Admin.Listen,
+		"metrics_listen", cfg.Metrics.Listen, "dev", cfg.Dev, "identities", ids.Len())
+	if cfg.Dev {
+		printDevBanner(cfg)
+	}
+
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	var serveErr error
+	select {
+	case sig := <-sigs:
+		log.Info("shutting down", "signal", sig.String(), "grace", cfg.ShutdownGrace)
+	case serveErr = <-errs:
+		log.Error("listener failed, shutting down", "error", serveErr)
+	}
+
+	// Stop accepting, let in-flight requests and streams finish within the
+	// grace period, then deliver the audit events they produced.
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownGrace)
+	defer cancel()
+	for _, s := range servers {
+		if err := s.srv.Shutdown(ctx); err != nil {
+			log.Warn("requests still running at the end of the grace period", "listener", s.name, "error", err)
+			s.srv.Close()
+		}
+	}
+	flushCtx, cancelFlush := context.WithTimeout(context.Background(), max(cfg.ShutdownGrace/2, 5*time.Second))
+	defer cancelFlush()
+	if err := writer.Close(flushCtx); err != nil {
+		log.Error("audit queue not flushed", "pending", writer.Pending(), "error", err)
+	}
+	log.Info("byokproxy stopped")
+	return serveErr
+}
+
+// listener is one HTTP server of the process.
+type listener struct {
+	name      string
+	addr      string
+	tls       config.TLS
+	handler   http.Handler
+	maxHeader int
+	ln        net.Listener
+	srv       *http.Server
+}
+
+func (l *listener) listen(log *slog.Logger) error {
+	ln, err := net.Listen("tcp", l.addr)
+	if err != nil {
+		return fmt.Errorf("%s listener: %w", l.name, err)
+	}
+	l.ln = ln
+	l.srv = &http.Server{
+		Handler: l.handler,
+		// A slow client must not hold a connection open forever before its
+		// request arrives; the body of a long stream has no such limit.
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       120 * time.Second,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
+	if l.maxHeader > 0 {
+		// The handler answers oversized headers in the provider's shape; the
+		// server's own limit sits above it as a hard stop.
+		l.srv.MaxHeaderBytes = 2 * l.maxHeader
+	}
+	return nil
+}
+
+func (l *listener) serve() error {
+	var err error
+	if l.tls.CertFile != "" {
+		err = l.srv.ServeTLS(l.ln, l.tls.CertFile, l.tls.KeyFile)
+	} else {
+		err = l.srv.Serve(l.ln)
+	}
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return fmt.Errorf("%s listener: %w", l.name, err)
+}
+
+func (l *listener) close() {
+	if l.ln != nil {
+		l.ln.Close()
+	}
+}
+
+func newLogger(cfg *config.Config, w io.Writer) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: cfg.SlogLevel()}
+	if cfg.LogFormat == "text" {
+		return slog.New(slog.NewTextHandler(w, opts))
+	}
+	return slog.New(slog.NewJSONHandler(w, opts))
+}
+
+// openStore returns the identities and Redis client. In --dev mode it starts
+// an in-process Redis-compatible store and makes a fresh identity, admin
+// token and token secret, all held in memory only.
+func openStore(cfg *config.Config, log *slog.Logger) (*keystore.Identities, redis.UniversalClient, func(), error) {
+	if cfg.Dev {
+		mr := miniredis.NewMiniRedis()
+		if err := mr.StartAddr("127.0.0.1:0"); err != nil {
+			return nil, nil, nil, fmt.Errorf("dev store: %w", err)
+		}
+		ids, err := keystore.GenerateIdentities()
+		if err != nil {
+			mr.Close()
+			return nil, nil, nil, err
+		}
+		if cfg.Admin.Token == "" {
+			cfg.Admin.Token = randomToken()
+		}
+		if len(cfg.Auth.TokenSecrets) == 0 {
+			cfg.Auth.TokenSecrets = []string{randomToken()}
+		}
+		rdb := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+		log.Info("dev mode: in-process store and fresh identity, nothing is kept after exit", "store", mr.Addr())
+		return ids, rdb, func() { rdb.Close(); mr.Close() }, nil
+	}
+	ids, err := keystore.LoadIdentities(cfg.Keystore.IdentityFile)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("keystore.identity_file: %w", err)
+	}
+	rdb, err := keystore.OpenRedis(cfg.Redis)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	// A Redis that is down at start is not fatal: /readyz reports it and
+	// requests answer 503 until it is back.
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	if err := rdb.Ping(ctx).Err(); err != nil {
+		log.Warn("redis unreachable at start; requests that need it answer 503 until it is back", "error", err)
+	}
+	return ids, rdb, func() { rdb.Close() }, nil
+}
+
+func randomToken() string {
+	b := make([]byte, 24)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// printDevBanner prints the admin token and a first request to standard
+// error, where a developer running "make run" sees them.
+func printDevBanner(cfg *config.Config) {
+	fmt.Fprintf(os.Stderr, `
+byokproxy is running in dev mode (in-memory store; everything is lost on exit).
+
+  proxy:   http://%[1]s   (SDK base URLs: /openai/v1, /anthropic, /google)
+  admin:   http://%[2]s
+  metrics: http://%[3]s/metrics
+  admin token: %[4]s
+
+Try it:
+  export ADMIN_TOKEN=%[4]s
+  curl -s -X POST -H "Authorization: Bearer $ADMIN_TOKEN" http://%[2]s/admin/v1/mailboxes/alice@example.com/token
+  curl -s -H "Authorization: Bearer $ADMIN_TOKEN" http://%[2]s/admin/v1/mailboxes/alice@example.com
+
+`, cfg.Listen, cfg.Admin.Listen, cfg.Metrics.Listen, cfg.Admin.Token)
+}
+
+// disableCoreDumps sets the core file size limit to zero, so a crash never
+// writes process memory, with any key being used at that moment, to disk.
+func disableCoreDumps(log *slog.Logger) {
+	if err := syscall.Setrlimit(syscall.RLIMIT_CORE, &syscall.Rlimit{Cur: 0, Max: 0}); err != nil {
+		log.Warn("could not disable core dumps", "error", err)
+	}
+}

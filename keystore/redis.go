@@ -1,0 +1,51 @@
+package keystore
+
+import (
+	"crypto/tls"
+	"fmt"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/byokproxy/byokproxy/config"
+)
+
+// OpenRedis returns a client for the configured topology: redis.url for one
+// node, redis.addrs with redis.master_name for Sentinel, and redis.addrs
+// alone for a Cluster. Username, password, TLS and timeout apply to all.
+func OpenRedis(c config.Redis) (redis.UniversalClient, error) {
+	var tlsConfig *tls.Config
+	if c.TLS {
+		tlsConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+	}
+	if len(c.Addrs) > 0 {
+		return redis.NewUniversalClient(&redis.UniversalOptions{
+			Addrs:        c.Addrs,
+			MasterName:   c.MasterName,
+			Username:     c.Username,
+			Password:     c.Password,
+			TLSConfig:    tlsConfig,
+			DialTimeout:  c.Timeout,
+			ReadTimeout:  c.Timeout,
+			WriteTimeout: c.Timeout,
+		}), nil
+	}
+	opts, err := redis.ParseURL(c.URL)
+	if err != nil {
+		return nil, fmt.Errorf("redis.url: %w", err)
+	}
+	if c.Username != "" {
+		opts.Username = c.Username
+	}
+	if c.Password != "" {
+		opts.Password = c.Password
+	}
+	if tlsConfig != nil && opts.TLSConfig == nil {
+		opts.TLSConfig = tlsConfig
+	}
+	if c.Timeout > 0 {
+		opts.DialTimeout = c.Timeout
+		opts.ReadTimeout = c.Timeout
+		opts.WriteTimeout = c.Timeout
+	}
+	return redis.NewClient(opts), nil
+}

@@ -1,0 +1,395 @@
+// Package keystore keeps each mailbox's provider keys, key sources, token
+// generation and allowance in Redis, and is the only package that ever holds
+// a plaintext provider key.
+//
+// A stored key is an age ciphertext (X25519, standard age format) whose
+// payload names the mailbox and provider as well as the key, so a ciphertext
+// copied to another mailbox or provider is detected and never used. The
+// plaintext exists only inside Resolve's caller for the length of one
+// request, as a [Secret] that never prints itself.
+package keystore
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/byokproxy/byokproxy/mailbox"
+	"github.com/byokproxy/byokproxy/provider"
+)
+
+// Key sources, as the admin API names them.
+const (
+	SourceShared = "shared"
+	SourceBYOK   = "byok"
+)
+
+// Errors that callers branch on. Messages never contain key material.
+var (
+	// ErrUnavailable wraps a Redis failure.
+	ErrUnavailable = errors.New("key store unavailable")
+	// ErrNoKey means byok was chosen, or a test requested, with no key stored.
+	ErrNoKey = errors.New("no key stored")
+	// ErrDecrypt means a stored ciphertext could not be decrypted with any
+	// identity.
+	ErrDecrypt = errors.New("stored key cannot be decrypted")
+	// ErrWrongBinding means a ciphertext names another mailbox or provider.
+	ErrWrongBinding = errors.New("stored key is bound to another mailbox or provider")
+	// ErrBadKey means a key does not have its provider's format.
+	ErrBadKey = errors.New("invalid key format")
+)
+
+// Store reads and writes the Redis side of the key store.
+type Store struct {
+	rdb    redis.UniversalClient
+	layout Layout
+	ids    *Identities
+	now    func() time.Time
+}
+
+// New returns a store on rdb under prefix, encrypting to ids.
+func New(rdb redis.UniversalClient, prefix string, ids *Identities) *Store {
+	return &Store{rdb: rdb, layout: Layout{Prefix: prefix}, ids: ids, now: time.Now}
+}
+
+// Layout returns the key layout of the store.
+func (s *Store) Layout() Layout { return s.layout }
+
+// Client returns the Redis client of the store.
+func (s *Store) Client() redis.UniversalClient { return s.rdb }
+
+// Identities returns the identities the store decrypts with.
+func (s *Store) Identities() *Identities { return s.ids }
+
+// SetIdentities replaces the identities, for a reload.
+func (s *Store) SetIdentities(ids *Identities) { s.ids = ids }
+
+// Record is everything the request path needs about one mailbox and provider,
+// read in a single round trip.
+type Record struct {
+	// Generation is the mailbox's current token generation.
+	Generation int64
+	// Source is SourceShared or SourceBYOK.
+	Source string
+	// Ciphertext is the stored key's age ciphertext, nil without a key.
+	Ciphertext []byte
+	// Last4 is the stored key's last four characters.
+	Last4 string
+	// Limit is the mailbox's own allowance, or nil to use the default.
+	Limit *int64
+	// UsedShared is the shared tokens counted this month.
+	UsedShared int64
+}
+
+// Read returns the record of mailbox id and provider, with this month's
+// shared usage. It costs one Redis round trip.
+func (s *Store) Read(ctx context.Context, id mailbox.ID, prov string) (*Record, error) {
+	pipe := s.rdb.Pipeline()
+	fields := pipe.HMGet(ctx, s.layout.Mailbox(string(id)),
+		fieldGeneration, fieldSource(prov), fieldCipher(prov), fieldLast4(prov), fieldLimit)
+	used := pipe.HGet(ctx, s.layout.Usage(string(id), Month(s.now())), UsageTotalField)
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	v := fields.Val()
+	rec := &Record{Source: SourceShared}
+	rec.Generation = parseInt(v[0])
+	if src, _ := v[1].(string); src == SourceBYOK {
+		rec.Source = SourceBYOK
+	}
+	if ct, _ := v[2].(string); ct != "" {
+		rec.Ciphertext = []byte(ct)
+	}
+	rec.Last4, _ = v[3].(string)
+	if lim, ok := v[4].(string); ok {
+		n, err := strconv.ParseInt(lim, 10, 64)
+		if err == nil {
+			rec.Limit = &n
+		}
+	}
+	rec.UsedShared, _ = strconv.ParseInt(used.Val(), 10, 64)
+	return rec, nil
+}
+
+func parseInt(v any) int64 {
+	s, _ := v.(string)
+	n, _ := strconv.ParseInt(s, 10, 64)
+	return n
+}
+
+// Open decrypts a record's ciphertext for mailbox id and provider. The caller
+// must Wipe the returned secret when the request is done.
+func (s *Store) Open(rec *Record, id mailbox.ID, prov string) (*Secret, error) {
+	if len(rec.Ciphertext) == 0 {
+		return nil, ErrNoKey
+	}
+	plain, err := s.ids.decrypt(rec.Ciphertext)
+	if err != nil {
+		return nil, ErrDecrypt
+	}
+	key, err := unbind(plain, id, prov)
+	if err != nil {
+		clear(plain)
+		return nil, err
+	}
+	return key, nil
+}
+
+// The payload of a stored ciphertext binds the key to its owner:
+//
+//	byokproxy-key/v1\n<mailbox>\n<provider>\n<key>
+//
+// Mailbox ids and provider names never contain a newline.
+const payloadHeader = "byokproxy-key/v1\n"
+
+func bind(key []byte, id mailbox.ID, prov string) []byte {
+	b := make([]byte, 0, len(payloadHeader)+len(id)+len(prov)+len(key)+2)
+	b = append(b, payloadHeader...)
+	b = append(b, id...)
+	b = append(b, '\n')
+	b = append(b, prov...)
+	b = append(b, '\n')
+	return append(b, key...)
+}
+
+// unbind checks the payload's owner and returns its key, which shares plain's
+// memory.
+func unbind(plain []byte, id mailbox.ID, prov string) (*Secret, error) {
+	rest, ok := bytes.CutPrefix(plain, []byte(payloadHeader))
+	if !ok {
+		return nil, ErrWrongBinding
+	}
+	owner, rest, ok1 := bytes.Cut(rest, []byte{'\n'})
+	gotProv, key, ok2 := bytes.Cut(rest, []byte{'\n'})
+	if !ok1 || !ok2 || string(owner) != string(id) || string(gotProv) != prov {
+		return nil, ErrWrongBinding
+	}
+	return NewSecret(key), nil
+}
+
+// Month returns the calendar month of t in UTC as YYYY-MM, the unit of
+// usage counters.
+func Month(t time.Time) string {
+	return t.UTC().Format("2006-01")
+}
+
+// Status is the admin view of one mailbox's provider.
+type Status struct {
+	Source    string     `json:"source"`
+	HasKey    bool       `json:"has_key"`
+	Last4     string     `json:"last4"`
+	UpdatedAt *time.Time `json:"updated_at"`
+}
+
+// Mailbox returns the status of every provider of mailbox id. A mailbox with
+// nothing stored reports shared and no key.
+func (s *Store) Mailbox(ctx context.Context, id mailbox.ID) (map[string]Status, error) {
+	all, err := s.rdb.HGetAll(ctx, s.layout.Mailbox(string(id))).Result()
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	out := make(map[string]Status, len(provider.Names))
+	for _, p := range provider.Names {
+		out[p] = statusOf(all, p)
+	}
+	return out, nil
+}
+
+// ProviderStatus returns the status of one provider of mailbox id.
+func (s *Store) ProviderStatus(ctx context.Context, id mailbox.ID, prov string) (Status, error) {
+	all, err := s.Mailbox(ctx, id)
+	if err != nil {
+		return Status{}, err
+	}
+	return all[prov], nil
+}
+
+func statusOf(fields map[string]string, prov string) Status {
+	st := Status{Source: SourceShared}
+	if fields[fieldSource(prov)] == SourceBYOK {
+		st.Source = SourceBYOK
+	}
+	st.HasKey = fields[fieldCipher(prov)] != ""
+	st.Last4 = fields[fieldLast4(prov)]
+	if upd, err := time.Parse(time.RFC3339, fields[fieldUpdated(prov)]); err == nil {
+		upd = upd.UTC()
+		st.UpdatedAt = &upd
+	}
+	return st
+}
+
+// PutKey validates key for the provider, encrypts it bound to mailbox id and
+// provider, and overwrites any earlier ciphertext in one atomic write. It
+// does not change the source. PutKey wipes key before it returns.
+func (s *Store) PutKey(ctx context.Context, id mailbox.ID, prov string, key []byte) (Status, error) {
+	defer clear(key)
+	spec := provider.Lookup(prov)
+	if spec == nil {
+		return Status{}, fmt.Errorf("unknown provider %q", prov)
+	}
+	if !spec.ValidKey(key) {
+		return Status{}, fmt.Errorf("%w: %s", ErrBadKey, spec.KeyRule)
+	}
+	payload := bind(key, id, prov)
+	ct, err := s.ids.encrypt(payload)
+	clear(payload)
+	if err != nil {
+		return Status{}, err
+	}
+	last4 := string(key[len(key)-4:])
+	now := s.now().UTC().Truncate(time.Second)
+	// One HSET of several fields is atomic, so a concurrent reader sees the
+	// old ciphertext and last four or the new ones, never a mix.
+	err = s.rdb.HSet(ctx, s.layout.Mailbox(string(id)),
+		fieldCipher(prov), ct,
+		fieldLast4(prov), last4,
+		fieldUpdated(prov), now.Format(time.RFC3339)).Err()
+	if err != nil {
+		return Status{}, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	return s.ProviderStatus(ctx, id, prov)
+}
+
+// PutSealedKey stores a key that the client encrypted to the proxy's
+// recipient: the armored (or binary) age ciphertext of the bare key. The proxy
+// decrypts it once to check its format and take its last four, then stores
+// its own ciphertext bound to mailbox and provider.
+func (s *Store) PutSealedKey(ctx context.Context, id mailbox.ID, prov string, sealed []byte) (Status, error) {
+	plain, err := s.ids.decrypt(sealed)
+	if err != nil {
+		return Status{}, fmt.Errorf("%w: the ciphertext does not decrypt with this proxy's identity; encrypt the bare key to the recipient from GET /admin/v1/recipient", ErrBadKey)
+	}
+	// Pasted keys often end in a newline.
+	key := bytes.TrimSpace(plain)
+	st, err := s.PutKey(ctx, id, prov, key)
+	clear(plain)
+	return st, err
+}
+
+var deleteKeyScript = redis.NewScript(`
+redis.call('HDEL', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+return 1
+`)
+
+// DeleteKey removes the provider's key of mailbox id and sets its source back
+// to shared, atomically.
+func (s *Store) DeleteKey(ctx context.Context, id mailbox.ID, prov string) error {
+	err := deleteKeyScript.Run(ctx, s.rdb, []string{s.layout.Mailbox(string(id))},
+		fieldCipher(prov), fieldLast4(prov), fieldUpdated(prov), fieldSource(prov)).Err()
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	return nil
+}
+
+// setSourceScript refuses byok without a stored key inside Redis, so a key
+// removed concurrently cannot leave a mailbox on byok with nothing to use.
+var setSourceScript = redis.NewScript(`
+if ARGV[2] == 'byok' and redis.call('HEXISTS', KEYS[1], ARGV[3]) == 0 then
+  return 0
+end
+if ARGV[2] == 'byok' then
+  redis.call('HSET', KEYS[1], ARGV[1], 'byok')
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 1
+`)
+
+// SetSource selects the provider's source for mailbox id. Selecting byok
+// without a stored key returns ErrNoKey.
+func (s *Store) SetSource(ctx context.Context, id mailbox.ID, prov, source string) (Status, error) {
+	if source != SourceShared && source != SourceBYOK {
+		return Status{}, fmt.Errorf("invalid source %q: use %q or %q", source, SourceShared, SourceBYOK)
+	}
+	ok, err := setSourceScript.Run(ctx, s.rdb, []string{s.layout.Mailbox(string(id))},
+		fieldSource(prov), source, fieldCipher(prov)).Int()
+	if err != nil {
+		return Status{}, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	if ok == 0 {
+		return Status{}, ErrNoKey
+	}
+	return s.ProviderStatus(ctx, id, prov)
+}
+
+// Generation returns the mailbox's current token generation.
+func (s *Store) Generation(ctx context.Context, id mailbox.ID) (int64, error) {
+	v, err := s.rdb.HGet(ctx, s.layout.Mailbox(string(id)), fieldGeneration).Int64()
+	if errors.Is(err, redis.Nil) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	return v, nil
+}
+
+// Revoke raises the mailbox's token generation, so every token issued before
+// stops working, and returns the new generation.
+func (s *Store) Revoke(ctx context.Context, id mailbox.ID) (int64, error) {
+	v, err := s.rdb.HIncrBy(ctx, s.layout.Mailbox(string(id)), fieldGeneration, 1).Result()
+	if err != nil {
+		return 0, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	return v, nil
+}
+
+// deleteMailboxScript clears the mailbox hash and its response ids but keeps
+// a raised generation, so no token issued before the deletion can ever be
+// valid again.
+var deleteMailboxScript = redis.NewScript(`
+local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[1], 'gen', gen)
+return gen
+`)
+
+// DeleteMailbox removes every key, source, limit and response id of mailbox
+// id in one atomic step and revokes its tokens for good. Usage counters stay.
+func (s *Store) DeleteMailbox(ctx context.Context, id mailbox.ID) error {
+	err := deleteMailboxScript.Run(ctx, s.rdb,
+		[]string{s.layout.Mailbox(string(id)), s.layout.Responses(string(id))}).Err()
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	return nil
+}
+
+// SetLimit sets the mailbox's own monthly token allowance (0 is unlimited),
+// or removes it with nil so the default applies.
+func (s *Store) SetLimit(ctx context.Context, id mailbox.ID, limit *int64) error {
+	key := s.layout.Mailbox(string(id))
+	var err error
+	if limit == nil {
+		err = s.rdb.HDel(ctx, key, fieldLimit).Err()
+	} else {
+		err = s.rdb.HSet(ctx, key, fieldLimit, *limit).Err()
+	}
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	return nil
+}
+
+// Limit returns the mailbox's own allowance, or nil if it has none.
+func (s *Store) Limit(ctx context.Context, id mailbox.ID) (*int64, error) {
+	v, err := s.rdb.HGet(ctx, s.layout.Mailbox(string(id)), fieldLimit).Int64()
+	if errors.Is(err, redis.Nil) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	return &v, nil
+}
+
+// Ping checks that Redis answers.
+func (s *Store) Ping(ctx context.Context) error {
+	return s.rdb.Ping(ctx).Err()
+}

@@ -1,0 +1,134 @@
+package keystore
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/byokproxy/byokproxy/mailbox"
+)
+
+// UsageRecord is the usage of one request, counted once.
+type UsageRecord struct {
+	RequestID    string
+	Mailbox      string
+	Provider     string
+	Source       string // SourceShared or SourceBYOK
+	InputTokens  int64
+	OutputTokens int64
+	Time         time.Time
+}
+
+// seenTTL is how long a request's usage is remembered as counted, so a batch
+// retried after a lost reply does not count it twice.
+const seenTTL = 7 * 24 * time.Hour
+
+// recordUsageScript adds one request's usage unless that request was counted
+// already. KEYS: usage hash, seen marker. ARGV: field prefix, input, output,
+// 1 to add to the shared total, expiry (unix seconds), seen TTL (seconds).
+const recordUsageScript = `
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[6]) then
+  return 0
+end
+redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':requests', 1)
+redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':input', ARGV[2])
+redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':output', ARGV[3])
+if ARGV[4] == '1' then
+  redis.call('HINCRBY', KEYS[1], 'total', ARGV[2] + ARGV[3])
+end
+redis.call('EXPIREAT', KEYS[1], ARGV[5])
+return 1
+`
+
+// QueueUsage adds the increment of u to pipe. The counters of a month expire
+// retentionMonths after the month ends.
+func (l Layout) QueueUsage(ctx context.Context, pipe redis.Pipeliner, u UsageRecord, retentionMonths int) {
+	month := Month(u.Time)
+	shared := "0"
+	if u.Source == SourceShared {
+		shared = "1"
+	}
+	start := time.Date(u.Time.UTC().Year(), u.Time.UTC().Month(), 1, 0, 0, 0, 0, time.UTC)
+	expireAt := start.AddDate(0, retentionMonths+1, 0).Unix()
+	pipe.Eval(ctx, recordUsageScript,
+		[]string{l.Usage(u.Mailbox, month), l.Seen(u.Mailbox, u.RequestID)},
+		u.Provider+":"+u.Source, u.InputTokens, u.OutputTokens, shared, expireAt, int64(seenTTL/time.Second))
+}
+
+// Counts are the usage counters of one provider and source.
+type Counts struct {
+	Requests     int64 `json:"requests"`
+	InputTokens  int64 `json:"input_tokens"`
+	OutputTokens int64 `json:"output_tokens"`
+}
+
+// MonthUsage is a mailbox's usage in one month.
+type MonthUsage struct {
+	// Providers maps provider, then source, to counts.
+	Providers map[string]map[string]Counts
+	// SharedTotal is the input plus output tokens on the shared source.
+	SharedTotal int64
+}
+
+// Usage returns mailbox id's usage in month (YYYY-MM).
+func (s *Store) Usage(ctx context.Context, id mailbox.ID, month string) (MonthUsage, error) {
+	fields, err := s.rdb.HGetAll(ctx, s.layout.Usage(string(id), month)).Result()
+	if err != nil {
+		return MonthUsage{}, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	out := MonthUsage{Providers: map[string]map[string]Counts{}}
+	for field, value := range fields {
+		n, _ := strconv.ParseInt(value, 10, 64)
+		if field == UsageTotalField {
+			out.SharedTotal = n
+			continue
+		}
+		parts := strings.Split(field, ":")
+		if len(parts) != 3 {
+			continue
+		}
+		bySource := out.Providers[parts[0]]
+		if bySource == nil {
+			bySource = map[string]Counts{}
+			out.Providers[parts[0]] = bySource
+		}
+		c := bySource[parts[1]]
+		switch parts[2] {
+		case "requests":
+			c.Requests = n
+		case "input":
+			c.InputTokens = n
+		case "output":
+			c.OutputTokens = n
+		}
+		bySource[parts[1]] = c
+	}
+	return out, nil
+}
+
+// QueueResponse adds to pipe that mailbox id created response respID on the
+// shared key, remembered for ttl.
+func (l Layout) QueueResponse(ctx context.Context, pipe redis.Pipeliner, id, respID string, now time.Time, ttl time.Duration) {
+	key := l.Responses(id)
+	expiry := float64(now.Add(ttl).Unix())
+	pipe.ZAdd(ctx, key, redis.Z{Score: expiry, Member: respID})
+	pipe.ZRemRangeByScore(ctx, key, "-inf", strconv.FormatInt(now.Unix(), 10))
+	pipe.ExpireAt(ctx, key, now.Add(ttl))
+}
+
+// OwnsResponse reports whether mailbox id created response respID on the
+// shared key within the remembered period.
+func (s *Store) OwnsResponse(ctx context.Context, id mailbox.ID, respID string) (bool, error) {
+	score, err := s.rdb.ZScore(ctx, s.layout.Responses(string(id)), respID).Result()
+	if err == redis.Nil {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	return score > float64(s.now().Unix()), nil
+}

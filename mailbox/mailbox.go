@@ -1,0 +1,137 @@
+// Package mailbox validates mailbox ids and issues and verifies mailbox
+// tokens: the credential an application sends in place of a provider key.
+//
+// A token is "bp1.<id>.<generation>.<mac>", where <id> is the mailbox id in
+// unpadded base64url, <generation> is a decimal counter and <mac> is the
+// unpadded base64url HMAC-SHA256 of the id and generation under a token
+// secret. It uses only A-Z a-z 0-9 - _ and ".", so it fits an HTTP header, a
+// query string and the password of a proxy URL. The generation ties a token
+// to the mailbox's current generation in Redis; raising that revokes every
+// older token.
+package mailbox
+
+import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+)
+
+// MaxIDLength is the longest mailbox id accepted.
+const MaxIDLength = 128
+
+// IDRule describes a valid mailbox id, for error messages.
+const IDRule = "a mailbox id is 1 to 128 characters of A-Z a-z 0-9 - _ . @ +"
+
+// ID is a validated mailbox id. Only ParseID makes one, so a value of this
+// type is always safe to use in a Redis key, a log line or a URL path.
+type ID string
+
+// ParseID validates s as a mailbox id.
+func ParseID(s string) (ID, error) {
+	if len(s) == 0 || len(s) > MaxIDLength {
+		return "", errors.New("invalid mailbox id: " + IDRule)
+	}
+	for i := 0; i < len(s); i++ {
+		if !idByte(s[i]) {
+			return "", errors.New("invalid mailbox id: " + IDRule)
+		}
+	}
+	return ID(s), nil
+}
+
+func idByte(c byte) bool {
+	switch {
+	case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		return true
+	}
+	return c == '-' || c == '_' || c == '.' || c == '@' || c == '+'
+}
+
+// ErrInvalidToken is returned for a token that is malformed or whose MAC
+// matches none of the secrets. It does not say which, so a caller cannot probe
+// for valid mailbox ids.
+var ErrInvalidToken = errors.New("invalid mailbox token")
+
+const tokenVersion = "bp1"
+
+// Signer issues and verifies tokens. The first secret signs; every secret
+// verifies, so a new secret can be put first while tokens signed with the
+// old one keep working until it is removed.
+type Signer struct {
+	secrets [][]byte
+}
+
+// NewSigner returns a signer over secrets, of which there must be at least
+// one.
+func NewSigner(secrets []string) (*Signer, error) {
+	if len(secrets) == 0 {
+		return nil, errors.New("mailbox: no token secret")
+	}
+	s := &Signer{}
+	for _, secret := range secrets {
+		s.secrets = append(s.secrets, []byte(secret))
+	}
+	return s, nil
+}
+
+// Issue returns the token of mailbox id at generation gen.
+func (s *Signer) Issue(id ID, gen int64) string {
+	encoded := base64.RawURLEncoding.EncodeToString([]byte(id))
+	genText := strconv.FormatInt(gen, 10)
+	mac := sign(s.secrets[0], encoded, genText)
+	return tokenVersion + "." + encoded + "." + genText + "." + base64.RawURLEncoding.EncodeToString(mac)
+}
+
+// Verify checks token and returns the mailbox and generation it names. The
+// caller must still compare the generation with the mailbox's current one.
+func (s *Signer) Verify(token string) (ID, int64, error) {
+	// The four parts are split by hand so a long hostile token costs no
+	// allocation beyond the decoded id.
+	rest, ok := strings.CutPrefix(token, tokenVersion+".")
+	if !ok || len(token) > 512 {
+		return "", 0, ErrInvalidToken
+	}
+	encoded, rest, ok1 := strings.Cut(rest, ".")
+	genText, macText, ok2 := strings.Cut(rest, ".")
+	if !ok1 || !ok2 {
+		return "", 0, ErrInvalidToken
+	}
+	gen, err := strconv.ParseInt(genText, 10, 64)
+	if err != nil || gen < 0 || strconv.FormatInt(gen, 10) != genText {
+		return "", 0, ErrInvalidToken
+	}
+	mac, err := base64.RawURLEncoding.DecodeString(macText)
+	if err != nil || len(mac) != sha256.Size {
+		return "", 0, ErrInvalidToken
+	}
+	valid := false
+	for _, secret := range s.secrets {
+		// Every secret is tried, so the time taken does not reveal which one
+		// signed the token.
+		if hmac.Equal(mac, sign(secret, encoded, genText)) {
+			valid = true
+		}
+	}
+	if !valid {
+		return "", 0, ErrInvalidToken
+	}
+	raw, err := base64.RawURLEncoding.DecodeString(encoded)
+	if err != nil {
+		return "", 0, ErrInvalidToken
+	}
+	id, err := ParseID(string(raw))
+	if err != nil {
+		return "", 0, ErrInvalidToken
+	}
+	return id, gen, nil
+}
+
+func sign(secret []byte, encodedID, gen string) []byte {
+	h := hmac.New(sha256.New, secret)
+	fmt.Fprintf(h, "byokproxy mailbox token v1\x00%s\x00%s", encodedID, gen)
+	return h.Sum(nil)
+}

@@ -1,0 +1,107 @@
+package mailbox
+
+import (
+	"errors"
+	"regexp"
+	"strings"
+	"testing"
+)
+
+func TestParseIDRules(t *testing.T) {
+	valid := []string{"a", "alice@example.com", "user+tag@x.io", "A-Z_0.9", strings.Repeat("x", 128)}
+	for _, s := range valid {
+		if _, err := ParseID(s); err != nil {
+			t.Errorf("ParseID(%q) = %v, want nil", s, err)
+		}
+	}
+	invalid := []string{"", strings.Repeat("x", 129), "a b", "a/b", "a{b}", "a:b", "é", "a\x00", "a%2f"}
+	for _, s := range invalid {
+		if _, err := ParseID(s); err == nil {
+			t.Errorf("ParseID(%q) = nil, want an error", s)
+		}
+	}
+}
+
+func TestTokenRoundTrip(t *testing.T) {
+	s, err := NewSigner([]string{"first-secret-0123456789"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := ID("alice+work@example.com")
+	token := s.Issue(id, 7)
+	if !regexp.MustCompile(`^[A-Za-z0-9._-]+$`).MatchString(token) {
+		t.Fatalf("token %q has characters outside A-Z a-z 0-9 - _ .", token)
+	}
+	gotID, gotGen, err := s.Verify(token)
+	if err != nil {
+		t.Fatalf("Verify: %v", err)
+	}
+	if gotID != id {
+		t.Errorf("id = %q, want %q", gotID, id)
+	}
+	if gotGen != 7 {
+		t.Errorf("generation = %d, want 7", gotGen)
+	}
+}
+
+func TestTokenSecretRotation(t *testing.T) {
+	old, _ := NewSigner([]string{"old-secret-0123456789"})
+	rotated, _ := NewSigner([]string{"new-secret-0123456789", "old-secret-0123456789"})
+	retired, _ := NewSigner([]string{"new-secret-0123456789"})
+
+	token := old.Issue("bob", 0)
+	if _, _, err := rotated.Verify(token); err != nil {
+		t.Errorf("token of the old secret rejected during rotation: %v", err)
+	}
+	if _, _, err := retired.Verify(token); !errors.Is(err, ErrInvalidToken) {
+		t.Errorf("token of a removed secret: err = %v, want ErrInvalidToken", err)
+	}
+	if _, _, err := old.Verify(rotated.Issue("bob", 0)); err == nil {
+		t.Error("a signer without the new secret accepted a token signed with it")
+	}
+}
+
+func TestTokenTampering(t *testing.T) {
+	s, _ := NewSigner([]string{"secret-0123456789abcdef"})
+	token := s.Issue("alice", 3)
+	other := s.Issue("mallory", 3)
+	parts := strings.Split(token, ".")
+	otherParts := strings.Split(other, ".")
+
+	cases := map[string]string{
+		"empty":              "",
+		"no version":         strings.TrimPrefix(token, "bp1."),
+		"other version":      "bp2." + strings.TrimPrefix(token, "bp1."),
+		"swapped mailbox":    strings.Join([]string{parts[0], otherParts[1], parts[2], parts[3]}, "."),
+		"raised generation":  strings.Join([]string{parts[0], parts[1], "4", parts[3]}, "."),
+		"leading zero":       strings.Join([]string{parts[0], parts[1], "03", parts[3]}, "."),
+		"negative":           strings.Join([]string{parts[0], parts[1], "-3", parts[3]}, "."),
+		"short mac":          strings.Join([]string{parts[0], parts[1], parts[2], parts[3][:20]}, "."),
+		"extra part":         token + ".x",
+		"provider key shape": "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789",
+		"huge":               "bp1." + strings.Repeat("A", 4096),
+	}
+	for name, bad := range cases {
+		if _, _, err := s.Verify(bad); !errors.Is(err, ErrInvalidToken) {
+			t.Errorf("%s: err = %v, want ErrInvalidToken", name, err)
+		}
+	}
+}
+
+func FuzzVerify(f *testing.F) {
+	s, _ := NewSigner([]string{"fuzz-secret-0123456789"})
+	f.Add(s.Issue("alice", 0))
+	f.Add(s.Issue("a@b.c", 12345))
+	f.Add("bp1...")
+	f.Add("bp1.YQ.0.")
+	f.Fuzz(func(t *testing.T, token string) {
+		id, gen, err := s.Verify(token)
+		if err != nil {
+			return
+		}
+		// A token that verifies must be exactly the one Issue makes.
+		if again := s.Issue(id, gen); again != token {
+			t.Fatalf("Verify accepted %q, but Issue makes %q", token, again)
+		}
+	})
+}

@@ -1,0 +1,90 @@
+// Package metrics defines byokproxy's Prometheus metrics. No metric has a
+// mailbox label: mailboxes are unbounded, so per-mailbox usage lives in Redis
+// and is read through the admin API.
+package metrics
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Key error reasons, the values of the reason label of KeyErrors.
+const (
+	ReasonNoKey            = "no_key"
+	ReasonDecryptFailed    = "decrypt_failed"
+	ReasonWrongBinding     = "wrong_binding"
+	ReasonStoreUnavailable = "store_unavailable"
+)
+
+// Metrics holds every collector of one proxy process.
+type Metrics struct {
+	Requests          *prometheus.CounterVec
+	Tokens            *prometheus.CounterVec
+	Duration          *prometheus.HistogramVec
+	UpstreamTTFB      *prometheus.HistogramVec
+	InFlight          *prometheus.GaugeVec
+	KeyErrors         *prometheus.CounterVec
+	MeteredRejections *prometheus.CounterVec
+	AuditDropped      prometheus.Counter
+}
+
+// Buckets span 5 ms to 10 minutes: a cached token count answers in a few
+// milliseconds, while a long generation can stream for minutes.
+var Buckets = []float64{
+	0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,
+}
+
+// New creates the collectors and registers them, with the Go and process
+// collectors, on reg.
+func New(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		Requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "byokproxy_requests_total",
+			Help: "Proxied requests by provider, key source and HTTP status sent to the client.",
+		}, []string{"provider", "source", "code"}),
+		Tokens: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "byokproxy_tokens_total",
+			Help: "Tokens reported by providers, by key source and direction (input or output).",
+		}, []string{"provider", "source", "direction"}),
+		Duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "byokproxy_request_duration_seconds",
+			Help:    "Time from receiving a request to the end of its response.",
+			Buckets: Buckets,
+		}, []string{"provider", "source"}),
+		UpstreamTTFB: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "byokproxy_upstream_ttfb_seconds",
+			Help:    "Time from sending a request upstream to the provider's first response byte.",
+			Buckets: Buckets,
+		}, []string{"provider"}),
+		InFlight: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "byokproxy_in_flight_requests",
+			Help: "Requests being proxied now.",
+		}, []string{"provider"}),
+		KeyErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "byokproxy_key_errors_total",
+			Help: "Requests that could not get a key, by reason (no_key, decrypt_failed, wrong_binding, store_unavailable).",
+		}, []string{"provider", "reason"}),
+		MeteredRejections: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "byokproxy_metered_rejections_total",
+			Help: "Shared-key requests rejected because the mailbox's monthly allowance was used up.",
+		}, []string{"provider"}),
+		AuditDropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "byokproxy_audit_events_dropped_total",
+			Help: "Audit events dropped because the delivery queue was full.",
+		}),
+	}
+	reg.MustRegister(m.Requests, m.Tokens, m.Duration, m.UpstreamTTFB, m.InFlight,
+		m.KeyErrors, m.MeteredRejections, m.AuditDropped,
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// SourceLabel maps a key source to its metric and audit name: requests on the
+// shared source are "metered".
+func SourceLabel(source string) string {
+	if source == "byok" {
+		return "byok"
+	}
+	return "metered"
+}

@@ -1,0 +1,93 @@
+package proxy
+
+import (
+	"net/http"
+	"strings"
+
+	"github.com/byokproxy/byokproxy/provider"
+)
+
+// sharedEndpoint reports whether method and path (below the provider prefix,
+// without a leading slash) may use the shared key, and returns the model the
+// path names (Google puts it there). Everything else on the shared key
+// (files, batches, fine-tuning, stored responses, audio, images, Realtime)
+// could reach what another mailbox created under the same platform key, so
+// only stateless generation and model listing pass.
+func sharedEndpoint(prov, method, path string) (allowed bool, pathModel string) {
+	switch prov {
+	case provider.OpenAI:
+		rest, ok := strings.CutPrefix(path, "v1/")
+		if !ok {
+			return false, ""
+		}
+		if method == http.MethodPost {
+			switch rest {
+			case "chat/completions", "completions", "responses", "embeddings", "moderations":
+				return true, ""
+			}
+			return false, ""
+		}
+		return method == http.MethodGet && modelListing(rest), ""
+	case provider.Anthropic:
+		rest, ok := strings.CutPrefix(path, "v1/")
+		if !ok {
+			return false, ""
+		}
+		if method == http.MethodPost {
+			return rest == "messages" || rest == "messages/count_tokens", ""
+		}
+		return method == http.MethodGet && modelListing(rest), ""
+	case provider.Google:
+		rest, ok := strings.CutPrefix(path, "v1beta/")
+		if !ok {
+			rest, ok = strings.CutPrefix(path, "v1/")
+		}
+		if !ok {
+			return false, ""
+		}
+		if method == http.MethodGet {
+			return modelListing(rest), ""
+		}
+		if method != http.MethodPost {
+			return false, ""
+		}
+		name, ok := strings.CutPrefix(rest, "models/")
+		if !ok {
+			return false, ""
+		}
+		model, verb, ok := strings.Cut(name, ":")
+		if !ok || model == "" || strings.Contains(model, "/") {
+			return false, ""
+		}
+		switch verb {
+		case "generateContent", "streamGenerateContent", "countTokens", "embedContent", "batchEmbedContents":
+			return true, model
+		}
+		return false, ""
+	}
+	return false, ""
+}
+
+// modelListing matches "models" and "models/{id}" with a single-segment id.
+func modelListing(rest string) bool {
+	if rest == "models" {
+		return true
+	}
+	id, ok := strings.CutPrefix(rest, "models/")
+	return ok && id != "" && !strings.Contains(id, "/") && !strings.Contains(id, ":")
+}
+
+// googlePathModel returns the model named in a Google path such as
+// "v1beta/models/gemini-2.5-flash:generateContent", on any key source.
+func googlePathModel(path string) string {
+	i := strings.Index(path, "models/")
+	if i < 0 {
+		return ""
+	}
+	name := path[i+len("models/"):]
+	model, _, _ := strings.Cut(name, ":")
+	if strings.Contains(model, "/") {
+		return ""
+	}
+	return model
+}

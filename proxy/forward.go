@@ -1,0 +1,323 @@
+package proxy
+
+import (
+	"bytes"
+	"compress/gzip"
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptrace"
+	"net/http/httputil"
+	"net/url"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/byokproxy/byokproxy/audit"
+	"github.com/byokproxy/byokproxy/keystore"
+	"github.com/byokproxy/byokproxy/metrics"
+	"github.com/byokproxy/byokproxy/provider"
+	"github.com/byokproxy/byokproxy/usage"
+)
+
+// forward sends the request upstream and streams the response back, then
+// records the exchange.
+func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, log *slog.Logger) {
+	name := x.up.spec.Name
+	source := metrics.SourceLabel(x.source)
+	h.metrics.InFlight.WithLabelValues(name).Inc()
+
+	// Once the response header is flushed, the HTTP/1 server closes the
+	// request body unless full duplex is on, and the transport then drops
+	// the upstream connection, cutting the stream (golang/go#40747). Not
+	// every ResponseWriter supports it (HTTP/2 is always full duplex).
+	http.NewResponseController(w).EnableFullDuplex()
+
+	trace := &httptrace.ClientTrace{
+		GotFirstResponseByte: func() { x.ttfb = time.Now() },
+	}
+	ctx := context.WithValue(r.Context(), exchangeKey{}, x)
+	ctx = httptrace.WithClientTrace(ctx, trace)
+	out := r.WithContext(ctx)
+
+	// finish runs even when the reverse proxy aborts the handler with
+	// http.ErrAbortHandler after an upstream breaks off mid-stream.
+	defer func() {
+		h.metrics.InFlight.WithLabelValues(name).Dec()
+		if r.Context().Err() != nil && x.errText == "" {
+			x.cancelled = true
+			x.errText = "client disconnected"
+		}
+		h.finish(x, source, log)
+	}()
+	x.up.proxy.ServeHTTP(w, out)
+}
+
+// rewrite builds the upstream request: the configured upstream only, the
+// client's credentials removed, the key injected.
+func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
+	x := exchangeOf(pr.In.Context())
+	out := pr.Out
+	base := x.up.base
+
+	// The target is always the configured upstream: the client's Host
+	// header, absolute-form target or path cannot change the host.
+	out.URL.Scheme = base.Scheme
+	out.URL.Host = base.Host
+	out.URL.Path = strings.TrimSuffix(base.Path, "/") + "/" + x.rest
+	out.URL.RawPath = ""
+	query := pr.In.URL.Query()
+	if query.Has("key") {
+		query.Del("key")
+		out.URL.RawQuery = query.Encode()
+	}
+	out.Host = ""
+
+	for _, name := range credentialHeaders {
+		out.Header.Del(name)
+	}
+	if x.source == keystore.SourceShared && x.up.spec.Name == provider.OpenAI {
+		out.Header.Del("OpenAI-Organization")
+		out.Header.Del("OpenAI-Project")
+		if x.up.org != "" {
+			out.Header.Set("OpenAI-Organization", x.up.org)
+		}
+		if x.up.project != "" {
+			out.Header.Set("OpenAI-Project", x.up.project)
+		}
+	}
+	x.up.spec.SetAuth(out.Header, x.keyText)
+
+	if x.body != nil {
+		out.Body = io.NopCloser(bytes.NewReader(x.body))
+		out.ContentLength = int64(len(x.body))
+		out.Header.Set("Content-Length", strconv.Itoa(len(x.body)))
+		out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(x.body)), nil }
+	}
+
+	// The usage tap can decode gzip only. Without an Accept-Encoding the
+	// transport asks for gzip itself and decodes it transparently; with one,
+	// it passes the encoded body through for the tap to decode a copy.
+	if acceptsGzip(pr.In.Header) && !x.injectUsage {
+		out.Header.Set("Accept-Encoding", "gzip")
+	} else {
+		out.Header.Del("Accept-Encoding")
+	}
+}
+
+func acceptsGzip(h http.Header) bool {
+	for _, v := range h.Values("Accept-Encoding") {
+		for part := range strings.SplitSeq(v, ",") {
+			coding, params, _ := strings.Cut(strings.TrimSpace(part), ";")
+			if strings.EqualFold(strings.TrimSpace(coding), "gzip") && !strings.Contains(strings.ReplaceAll(params, " ", ""), "q=0") {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// maxErrorBody bounds an upstream error body read for scrubbing.
+const maxErrorBody = 1 << 20
+
+// modifyResponse wraps a successful response body in the usage tap, and
+// scrubs any form of the injected key from an error body.
+func (h *Handler) modifyResponse(resp *http.Response) error {
+	x := exchangeOf(resp.Request.Context())
+	x.status = resp.StatusCode
+	if x.ttfb.IsZero() {
+		x.ttfb = time.Now()
+	}
+	h.metrics.UpstreamTTFB.WithLabelValues(x.up.spec.Name).Observe(x.ttfb.Sub(x.start).Seconds())
+
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		return nil
+	}
+	if resp.StatusCode >= 400 {
+		return scrubErrorBody(resp, x)
+	}
+
+	encoding := strings.ToLower(resp.Header.Get("Content-Encoding"))
+	x.tap = usage.NewTap(x.up.spec.Name, resp.Header.Get("Content-Type"))
+	var sink io.Writer = x.tap
+	if x.source == keystore.SourceShared && x.up.spec.Name == provider.OpenAI && strings.HasSuffix(x.rest, "responses") {
+		x.sniff = &responseIDSniffer{}
+		sink = io.MultiWriter(x.tap, x.sniff)
+	}
+	body := resp.Body
+	if x.injectUsage && strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream") && encoding == "" {
+		body = usage.NewUsageChunkFilter(body)
+	}
+	resp.Body = &tapBody{ReadCloser: body, x: x, sink: usage.NewDecoder(encoding, sink)}
+	return nil
+}
+
+// tapBody copies what the client is sent to the usage tap as it passes.
+type tapBody struct {
+	io.ReadCloser
+	x    *exchange
+	sink io.WriteCloser
+	err  error
+}
+
+func (b *tapBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if n > 0 {
+		b.sink.Write(p[:n])
+	}
+	if err != nil && err != io.EOF && b.x.errText == "" {
+		b.x.errText = "upstream response cut off: " + err.Error()
+	}
+	return n, err
+}
+
+func (b *tapBody) Close() error {
+	b.sink.Close()
+	return b.ReadCloser.Close()
+}
+
+// maskedKey matches the masked key forms providers put in error messages,
+// such as "sk-abc1*****************wxyz": they keep the key's first and last
+// characters, and the last ones are all a caller should ever see again.
+var maskedKey = regexp.MustCompile(`[A-Za-z0-9_\-]*\*{3,}[A-Za-z0-9_\-]*`)
+
+// scrubErrorBody replaces every form of the injected key in an upstream
+// error body: raw, percent-encoded and masked.
+func scrubErrorBody(resp *http.Response, x *exchange) error {
+	raw, err := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody))
+	resp.Body.Close()
+	if err != nil {
+		x.errText = "reading upstream error body: " + err.Error()
+	}
+	if strings.EqualFold(resp.Header.Get("Content-Encoding"), "gzip") {
+		if zr, zerr := gzip.NewReader(bytes.NewReader(raw)); zerr == nil {
+			if decoded, derr := io.ReadAll(io.LimitReader(zr, maxErrorBody)); derr == nil {
+				raw = decoded
+			}
+		}
+		resp.Header.Del("Content-Encoding")
+	}
+	clean := scrubKey(raw, x.keyText)
+	resp.Body = io.NopCloser(bytes.NewReader(clean))
+	resp.ContentLength = int64(len(clean))
+	resp.Header.Set("Content-Length", strconv.Itoa(len(clean)))
+	if x.errText == "" {
+		x.errText = "upstream status " + strconv.Itoa(resp.StatusCode)
+	}
+	return nil
+}
+
+func scrubKey(body []byte, key string) []byte {
+	if key == "" {
+		return body
+	}
+	const mask = "[REDACTED]"
+	for _, form := range []string{key, url.QueryEscape(key), url.PathEscape(key)} {
+		body = bytes.ReplaceAll(body, []byte(form), []byte(mask))
+	}
+	return maskedKey.ReplaceAll(body, []byte(mask))
+}
+
+// upstreamError answers when the upstream could not be reached or did not
+// send response headers in time.
+func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err error) {
+	x := exchangeOf(r.Context())
+	log := h.log.With("request_id", x.id, "provider", x.up.spec.Name, "mailbox", string(x.mailbox))
+	var tooBig *http.MaxBytesError
+	switch {
+	case r.Context().Err() != nil:
+		// The client went away; nobody reads an answer.
+		x.cancelled = true
+		x.status = 499
+		x.errText = "client disconnected"
+		return
+	case errors.As(err, &tooBig):
+		x.errText = "request body over the limit"
+		x.up.spec.WriteError(w, provider.TooLarge, "request body exceeds the limit of "+strconv.FormatInt(tooBig.Limit, 10)+" bytes", 0)
+		x.status = http.StatusRequestEntityTooLarge
+	case isTimeout(err):
+		x.errText = "upstream timed out"
+		x.up.spec.WriteError(w, provider.GatewayTimeout, x.up.spec.Title+" did not answer in time", 0)
+		x.status = http.StatusGatewayTimeout
+	default:
+		x.errText = "upstream unreachable"
+		x.up.spec.WriteError(w, provider.BadGateway, x.up.spec.Title+" could not be reached", 0)
+		x.status = http.StatusBadGateway
+	}
+	// The transport's error can quote the request URL, which never holds a
+	// key: the key travels in a header only.
+	log.Warn("upstream request failed", "error", err, "status", x.status)
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout() || errors.Is(err, context.DeadlineExceeded)
+}
+
+// finish records a forwarded exchange: metrics, usage and audit event.
+func (h *Handler) finish(x *exchange, source string, log *slog.Logger) {
+	name := x.up.spec.Name
+	status := x.status
+	if status == 0 {
+		status = http.StatusBadGateway
+	}
+	var counts usage.Counts
+	if x.tap != nil {
+		counts = x.tap.Counts()
+		if counts.Model != "" && x.model == "" {
+			x.model = counts.Model
+		}
+	}
+	h.metrics.Requests.WithLabelValues(name, source, strconv.Itoa(status)).Inc()
+	h.metrics.Duration.WithLabelValues(name, source).Observe(time.Since(x.start).Seconds())
+	if counts.InputTokens > 0 {
+		h.metrics.Tokens.WithLabelValues(name, source, "input").Add(float64(counts.InputTokens))
+	}
+	if counts.OutputTokens > 0 {
+		h.metrics.Tokens.WithLabelValues(name, source, "output").Add(float64(counts.OutputTokens))
+	}
+
+	entry := audit.Entry{Event: h.event(x, &counts)}
+	if counts.InputTokens > 0 || counts.OutputTokens > 0 || status < 400 {
+		entry.Usage = &keystore.UsageRecord{
+			RequestID: x.id, Mailbox: string(x.mailbox), Provider: name, Source: x.source,
+			InputTokens: counts.InputTokens, OutputTokens: counts.OutputTokens, Time: x.start,
+		}
+	}
+	if x.sniff != nil && status < 400 {
+		entry.ResponseID = x.sniff.id
+	}
+	h.audit.Record(entry)
+
+	level := slog.LevelInfo
+	if x.errText != "" {
+		level = slog.LevelWarn
+	}
+	log.Log(context.Background(), level, "request done",
+		"source", x.source, "status", status, "model", x.model, "stream", x.stream,
+		"input_tokens", counts.InputTokens, "output_tokens", counts.OutputTokens,
+		"duration_ms", time.Since(x.start).Milliseconds(), "error", x.errText)
+}
+
+// event builds the audit event of an exchange.
+func (h *Handler) event(x *exchange, counts *usage.Counts) audit.Event {
+	kind := audit.KindMetered
+	if x.source == keystore.SourceBYOK {
+		kind = audit.KindBYOK
+	}
+	e := audit.Event{
+		Time: x.start, Kind: kind, RequestID: x.id, Mailbox: string(x.mailbox),
+		Provider: x.up.spec.Name, KeyLast4: x.last4, Model: x.model,
+		Method: x.method, Path: "/" + x.up.spec.Name + "/" + x.rest, Status: x.status,
+		Stream: x.stream, DurationMS: time.Since(x.start).Milliseconds(), Error: x.errText,
+	}
+	if counts != nil {
+		e.InputTokens = counts.InputTokens
+		e.OutputTokens = counts.OutputTokens
+	}
+	return e
+}

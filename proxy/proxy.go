@@ -1,0 +1,270 @@
+// Package proxy is byokproxy's request path: it routes /{provider}/... to the
+// provider's configured upstream, identifies the mailbox from its token,
+// resolves the mailbox's key source, swaps the client's credentials for the
+// provider key, streams the response back as it arrives, and reads token
+// usage from a copy of it for metering, audit and metrics.
+package proxy
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/byokproxy/byokproxy/audit"
+	"github.com/byokproxy/byokproxy/config"
+	"github.com/byokproxy/byokproxy/keystore"
+	"github.com/byokproxy/byokproxy/mailbox"
+	"github.com/byokproxy/byokproxy/metrics"
+	"github.com/byokproxy/byokproxy/provider"
+)
+
+// Options are the parts a Handler is built from.
+type Options struct {
+	Config  *config.Config
+	Store   *keystore.Store
+	Signer  *mailbox.Signer
+	Audit   *audit.Writer
+	Metrics *metrics.Metrics
+	Logger  *slog.Logger
+}
+
+// Handler serves the provider routes, /healthz and /readyz.
+type Handler struct {
+	store   *keystore.Store
+	audit   *audit.Writer
+	metrics *metrics.Metrics
+	log     *slog.Logger
+
+	// settings holds what a reload may replace: signer, limits, upstreams
+	// and shared keys. Requests load it once and use that value throughout.
+	settings atomic.Pointer[settings]
+}
+
+type settings struct {
+	signer             *mailbox.Signer
+	trustMailboxHeader bool
+	maxBodyBytes       int64
+	maxHeaderBytes     int
+	monthlyLimit       int64
+	upstreams          map[string]*upstream
+}
+
+// upstream is one provider's configured target.
+type upstream struct {
+	spec      *provider.Spec
+	base      *url.URL
+	sharedKey string
+	models    map[string]bool
+	org       string
+	project   string
+	proxy     *httputil.ReverseProxy
+}
+
+// New returns a handler for opts.
+func New(opts Options) (*Handler, error) {
+	h := &Handler{store: opts.Store, audit: opts.Audit, metrics: opts.Metrics, log: opts.Logger}
+	if h.log == nil {
+		h.log = slog.New(slog.DiscardHandler)
+	}
+	if err := h.Apply(opts.Config, opts.Signer); err != nil {
+		return nil, err
+	}
+	return h, nil
+}
+
+// Apply installs a new configuration for the requests that start after it.
+// Requests in flight finish with the configuration they started with.
+func (h *Handler) Apply(cfg *config.Config, signer *mailbox.Signer) error {
+	s := &settings{
+		signer:             signer,
+		trustMailboxHeader: cfg.Auth.TrustMailboxHeader,
+		maxBodyBytes:       cfg.Limits.MaxBodyBytes,
+		maxHeaderBytes:     cfg.Limits.MaxHeaderBytes,
+		monthlyLimit:       cfg.Metering.MonthlyTokenLimit,
+		upstreams:          map[string]*upstream{},
+	}
+	for _, name := range provider.Names {
+		pc := cfg.Provider(name)
+		if pc == nil {
+			continue
+		}
+		up, err := h.newUpstream(provider.Lookup(name), pc, cfg.Upstream.Timeout)
+		if err != nil {
+			return err
+		}
+		s.upstreams[name] = up
+	}
+	h.settings.Store(s)
+	return nil
+}
+
+func (h *Handler) newUpstream(spec *provider.Spec, pc *config.Provider, timeout time.Duration) (*upstream, error) {
+	base, err := url.Parse(pc.Upstream)
+	if err != nil {
+		return nil, fmt.Errorf("providers.%s.upstream: %w", spec.Name, err)
+	}
+	transport, err := newTransport(pc.CAFile, timeout)
+	if err != nil {
+		return nil, fmt.Errorf("providers.%s.ca_file: %w", spec.Name, err)
+	}
+	up := &upstream{
+		spec: spec, base: base, sharedKey: pc.SharedKey,
+		org: pc.Organization, project: pc.Project,
+	}
+	if len(pc.SharedModels) > 0 {
+		up.models = map[string]bool{}
+		for _, m := range pc.SharedModels {
+			up.models[m] = true
+		}
+	}
+	up.proxy = &httputil.ReverseProxy{
+		Rewrite:        h.rewrite,
+		Transport:      transport,
+		FlushInterval:  -1,
+		ModifyResponse: h.modifyResponse,
+		ErrorHandler:   h.upstreamError,
+		ErrorLog:       slog.NewLogLogger(h.log.Handler(), slog.LevelDebug),
+	}
+	return up, nil
+}
+
+// newTransport returns the transport of one upstream. The default transport
+// keeps two idle connections per host, so under load it would keep opening
+// new ones; a proxy talks to one host per provider and keeps many.
+func newTransport(caFile string, headerTimeout time.Duration) (*http.Transport, error) {
+	t := &http.Transport{
+		Proxy: nil, // requests go to the configured upstream, never through an environment proxy
+		DialContext: (&net.Dialer{
+			Timeout:   10 * time.Second,
+			KeepAlive: 30 * time.Second,
+		}).DialContext,
+		ForceAttemptHTTP2:     true,
+		MaxIdleConns:          1024,
+		MaxIdleConnsPerHost:   512,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   10 * time.Second,
+		ResponseHeaderTimeout: headerTimeout,
+		ExpectContinueTimeout: time.Second,
+	}
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, err
+		}
+		pool, err := x509.SystemCertPool()
+		if err != nil || pool == nil {
+			pool = x509.NewCertPool()
+		}
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, errors.New("no PEM certificate found in " + caFile)
+		}
+		t.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	}
+	return t, nil
+}
+
+// ServeHTTP routes a request.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	switch r.URL.Path {
+	case "/healthz":
+		w.Header().Set("Content-Type", "text/plain")
+		w.Write([]byte("ok\n"))
+		return
+	case "/readyz":
+		h.ready(w, r)
+		return
+	}
+	h.serveProvider(w, r)
+}
+
+// ready answers 200 when Redis answers and an identity is loaded.
+func (h *Handler) ready(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+	defer cancel()
+	w.Header().Set("Content-Type", "text/plain")
+	if h.store.Identities() == nil || h.store.Identities().Len() == 0 {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		w.Write([]byte("no age identity loaded\n"))
+		return
+	}
+	if err := h.store.Ping(ctx); err != nil {
+		h.log.Warn("readiness check failed: redis unreachable", "error", err)
+		w.WriteHeader(http.StatusServiceUnavailable)
+		w.Write([]byte("redis unreachable\n"))
+		return
+	}
+	w.Write([]byte("ok\n"))
+}
+
+// newRequestID returns the client's X-Request-Id when it is short and plain,
+// so a caller can correlate its logs, and a random id otherwise.
+func newRequestID(r *http.Request) string {
+	if id := r.Header.Get("X-Request-Id"); id != "" && len(id) <= 64 && plainID(id) {
+		return id
+	}
+	b := make([]byte, 12)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func plainID(s string) bool {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+			return false
+		}
+	}
+	return true
+}
+
+// splitRoute returns the provider name and the rest of the path (no leading
+// slash) of a request path such as /openai/v1/chat/completions.
+func splitRoute(path string) (prov, rest string, ok bool) {
+	trimmed, found := strings.CutPrefix(path, "/")
+	if !found {
+		return "", "", false
+	}
+	prov, rest, _ = strings.Cut(trimmed, "/")
+	return prov, rest, prov != ""
+}
+
+// unsafePath reports a path that could address something other than what
+// it seems to once the upstream decodes it: dot segments, and encoded dots,
+// slashes or backslashes.
+func unsafePath(r *http.Request) bool {
+	raw := strings.ToLower(r.URL.EscapedPath())
+	if strings.Contains(raw, "%2e") || strings.Contains(raw, "%2f") || strings.Contains(raw, "%5c") ||
+		strings.Contains(raw, "\\") || strings.Contains(raw, "//") {
+		return true
+	}
+	for seg := range strings.SplitSeq(r.URL.Path, "/") {
+		if seg == "." || seg == ".." {
+			return true
+		}
+	}
+	return false
+}
+
+// headerBytes estimates the size of the request's header section.
+func headerBytes(r *http.Request) int {
+	n := len(r.Method) + len(r.RequestURI) + 12
+	for k, vs := range r.Header {
+		for _, v := range vs {
+			n += len(k) + len(v) + 4
+		}
+	}
+	return n
+}

@@ -1,0 +1,287 @@
+package proxy
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/byokproxy/byokproxy/audit"
+	"github.com/byokproxy/byokproxy/keystore"
+	"github.com/byokproxy/byokproxy/mailbox"
+	"github.com/byokproxy/byokproxy/metrics"
+	"github.com/byokproxy/byokproxy/provider"
+	"github.com/byokproxy/byokproxy/usage"
+)
+
+// exchange is the state of one proxied request, shared between the handler,
+// the reverse proxy's hooks and the response tap through the request context.
+type exchange struct {
+	id      string
+	start   time.Time
+	up      *upstream
+	method  string
+	rest    string // path below the provider prefix, without a leading slash
+	mailbox mailbox.ID
+	source  string // keystore.SourceShared or keystore.SourceBYOK
+	last4   string
+	key     *keystore.Secret
+	keyText string // the key as the header holds it, for scrubbing error bodies
+
+	model       string
+	stream      bool
+	body        []byte // the request body read before forwarding, or nil
+	injectUsage bool   // the proxy added stream_options.include_usage
+	// previousResponse is the Responses API previous_response_id, if any.
+	previousResponse string
+
+	status    int
+	errText   string
+	ttfb      time.Time
+	tap       *usage.Tap
+	sniff     *responseIDSniffer
+	cancelled bool
+}
+
+type exchangeKey struct{}
+
+func exchangeOf(ctx context.Context) *exchange {
+	x, _ := ctx.Value(exchangeKey{}).(*exchange)
+	return x
+}
+
+func (h *Handler) serveProvider(w http.ResponseWriter, r *http.Request) {
+	s := h.settings.Load()
+	x := &exchange{id: newRequestID(r), start: time.Now(), method: r.Method}
+	w.Header().Set("X-Request-Id", x.id)
+
+	name, rest, _ := splitRoute(r.URL.Path)
+	up := s.upstreams[name]
+	if up == nil {
+		spec := provider.Guess(r)
+		spec.WriteError(w, provider.NotFound, fmt.Sprintf("unknown provider prefix %q: use /anthropic/, /openai/ or /google/", "/"+name+"/"), 0)
+		h.log.Info("request for unknown provider", "request_id", x.id, "path", r.URL.Path)
+		return
+	}
+	x.up, x.rest = up, rest
+	spec := up.spec
+	log := h.log.With("request_id", x.id, "provider", spec.Name)
+
+	// Check the request's shape before any store access, so hostile input
+	// costs no Redis round trip.
+	if headerBytes(r) > s.maxHeaderBytes {
+		h.reject(w, x, log, provider.HeadersTooLarge, fmt.Sprintf("request headers exceed %d bytes", s.maxHeaderBytes), 0)
+		return
+	}
+	if r.ContentLength > s.maxBodyBytes {
+		h.reject(w, x, log, provider.TooLarge, fmt.Sprintf("request body of %d bytes exceeds the limit of %d bytes", r.ContentLength, s.maxBodyBytes), 0)
+		return
+	}
+	if unsafePath(r) {
+		h.reject(w, x, log, provider.BadRequest, "invalid request path: dot segments and encoded slashes or dots are not allowed", 0)
+		return
+	}
+
+	// Identify the mailbox. A token, when present, wins over X-Mailbox-Id.
+	token, err := mailboxToken(r)
+	if err != nil {
+		h.reject(w, x, log, provider.Unauthenticated, err.Error(), 0)
+		return
+	}
+	var gen int64 = -1
+	switch {
+	case token != "":
+		x.mailbox, gen, err = s.signer.Verify(token)
+		if err != nil {
+			h.reject(w, x, log, provider.Unauthenticated, "invalid mailbox token: use the token issued by the byokproxy admin API", 0)
+			return
+		}
+	case s.trustMailboxHeader && r.Header.Get("X-Mailbox-Id") != "":
+		x.mailbox, err = mailbox.ParseID(r.Header.Get("X-Mailbox-Id"))
+		if err != nil {
+			h.reject(w, x, log, provider.BadRequest, err.Error(), 0)
+			return
+		}
+	default:
+		h.reject(w, x, log, provider.Unauthenticated, "missing mailbox token: send it where the SDK sends an API key", 0)
+		return
+	}
+	log = log.With("mailbox", string(x.mailbox))
+
+	// Read the mailbox's record: generation, source, ciphertext, limit and
+	// usage come back in one round trip.
+	rec, err := h.store.Read(r.Context(), x.mailbox, spec.Name)
+	if err != nil {
+		h.metrics.KeyErrors.WithLabelValues(spec.Name, metrics.ReasonStoreUnavailable).Inc()
+		log.Error("key store read failed", "error", err)
+		h.rejectAudited(w, x, log, provider.Unavailable, "the key store is unavailable; retry shortly", 0)
+		return
+	}
+	if gen >= 0 && gen != rec.Generation {
+		h.reject(w, x, log, provider.Unauthenticated, "mailbox token revoked: request a new token from the byokproxy admin API", 0)
+		return
+	}
+	x.source = rec.Source
+
+	if !h.readBody(w, r, x, s, log) {
+		return
+	}
+	if x.source == keystore.SourceBYOK {
+		if !h.openKey(w, x, rec, log) {
+			return
+		}
+	} else if !h.admitShared(w, r, x, rec, s, log) {
+		return
+	}
+	defer x.key.Wipe()
+
+	h.forward(w, r, x, log)
+}
+
+// openKey decrypts the mailbox's own key for this request.
+func (h *Handler) openKey(w http.ResponseWriter, x *exchange, rec *keystore.Record, log *slog.Logger) bool {
+	key, err := h.store.Open(rec, x.mailbox, x.up.spec.Name)
+	if err != nil {
+		reason := metrics.ReasonDecryptFailed
+		msg := "the stored key cannot be used; store the key again"
+		switch {
+		case errors.Is(err, keystore.ErrNoKey):
+			reason = metrics.ReasonNoKey
+			msg = "no key is stored for this mailbox and provider; store one or switch the source to shared"
+		case errors.Is(err, keystore.ErrWrongBinding):
+			reason = metrics.ReasonWrongBinding
+		}
+		h.metrics.KeyErrors.WithLabelValues(x.up.spec.Name, reason).Inc()
+		log.Error("stored key rejected", "reason", reason, "error", err)
+		h.rejectAudited(w, x, log, provider.Unavailable, msg, 0)
+		return false
+	}
+	x.key = key
+	x.last4 = rec.Last4
+	x.keyText = string(key.Bytes())
+	return true
+}
+
+// admitShared applies the shared key's rules: configured key, endpoint and
+// model allowlists, response ownership and the monthly allowance.
+func (h *Handler) admitShared(w http.ResponseWriter, r *http.Request, x *exchange, rec *keystore.Record, s *settings, log *slog.Logger) bool {
+	up := x.up
+	if up.sharedKey == "" {
+		h.rejectAudited(w, x, log, provider.Forbidden, "no shared key is configured for "+up.spec.Title+"; store your own key", 0)
+		return false
+	}
+	allowed, pathModel := sharedEndpoint(up.spec.Name, r.Method, x.rest)
+	if !allowed {
+		h.rejectAudited(w, x, log, provider.Forbidden, fmt.Sprintf("%s /%s is not available on the shared key; use your own key for it", r.Method, x.rest), 0)
+		return false
+	}
+	if pathModel != "" {
+		x.model = pathModel
+	}
+	if up.models != nil && r.Method == http.MethodPost && !up.models[x.model] {
+		h.rejectAudited(w, x, log, provider.Forbidden, fmt.Sprintf("model %q is not available on the shared key", x.model), 0)
+		return false
+	}
+	if prev := x.previousResponse; prev != "" {
+		owned, err := h.store.OwnsResponse(r.Context(), x.mailbox, prev)
+		if err != nil {
+			h.metrics.KeyErrors.WithLabelValues(up.spec.Name, metrics.ReasonStoreUnavailable).Inc()
+			log.Error("response ownership check failed", "error", err)
+			h.rejectAudited(w, x, log, provider.Unavailable, "the key store is unavailable; retry shortly", 0)
+			return false
+		}
+		if !owned {
+			h.rejectAudited(w, x, log, provider.Forbidden, "previous_response_id names a response this mailbox did not create on the shared key", 0)
+			return false
+		}
+	}
+	limit := s.monthlyLimit
+	if rec.Limit != nil {
+		limit = *rec.Limit
+	}
+	if limit > 0 && rec.UsedShared >= limit {
+		h.metrics.MeteredRejections.WithLabelValues(up.spec.Name).Inc()
+		reset := nextMonth(time.Now())
+		msg := fmt.Sprintf("the monthly allowance of %d tokens on the shared key is used up; it resets at %s, or store your own key",
+			limit, reset.Format(time.RFC3339))
+		h.rejectAudited(w, x, log, provider.QuotaExceeded, msg, time.Until(reset))
+		return false
+	}
+	x.key = keystore.NewSecret([]byte(up.sharedKey))
+	x.keyText = up.sharedKey
+	return true
+}
+
+func nextMonth(now time.Time) time.Time {
+	now = now.UTC()
+	return time.Date(now.Year(), now.Month()+1, 1, 0, 0, 0, 0, time.UTC)
+}
+
+// readBody reads a JSON generation request's body, bounded by the body
+// limit, for its model and stream flag; other bodies stream through.
+func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, s *settings, log *slog.Logger) bool {
+	r.Body = http.MaxBytesReader(w, r.Body, s.maxBodyBytes)
+	spec := x.up.spec
+	if spec.Name == provider.Google {
+		x.model = googlePathModel(x.rest)
+		x.stream = isGoogleStream(x.rest)
+	}
+	if !needsBody(spec.Name, r.Method, x.rest, r.Header) {
+		return true
+	}
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			h.rejectAudited(w, x, log, provider.TooLarge, fmt.Sprintf("request body exceeds the limit of %d bytes", s.maxBodyBytes), 0)
+			return false
+		}
+		log.Warn("reading request body failed", "error", err)
+		h.rejectAudited(w, x, log, provider.BadRequest, "the request body could not be read", 0)
+		return false
+	}
+	x.body = body
+	var info requestInfo
+	if err := json.Unmarshal(body, &info); err != nil {
+		// The provider explains a malformed body better than the proxy can,
+		// except where the proxy needs the body's content.
+		if x.source == keystore.SourceShared {
+			h.rejectAudited(w, x, log, provider.BadRequest, "the request body is not valid JSON", 0)
+			return false
+		}
+		return true
+	}
+	x.model = info.Model
+	x.stream = info.Stream
+	if spec.Name == provider.OpenAI && info.Stream && strings.HasSuffix(x.rest, "chat/completions") && !info.includeUsage() {
+		if patched, err := withIncludeUsage(body); err == nil {
+			x.body = patched
+			x.injectUsage = true
+		}
+	}
+	x.previousResponse = info.PreviousResponseID
+	return true
+}
+
+// reject answers an error before any mailbox is known: no audit event, since
+// it has no mailbox to belong to.
+func (h *Handler) reject(w http.ResponseWriter, x *exchange, log *slog.Logger, kind provider.ErrorKind, msg string, retry time.Duration) {
+	x.up.spec.WriteError(w, kind, msg, retry)
+	x.status = kind.Status()
+	x.errText = msg
+	source := metrics.SourceLabel(x.source)
+	h.metrics.Requests.WithLabelValues(x.up.spec.Name, source, strconv.Itoa(x.status)).Inc()
+	log.Info("request rejected", "status", x.status, "error", msg)
+}
+
+// rejectAudited answers an error for a known mailbox and records it.
+func (h *Handler) rejectAudited(w http.ResponseWriter, x *exchange, log *slog.Logger, kind provider.ErrorKind, msg string, retry time.Duration) {
+	h.reject(w, x, log, kind, msg, retry)
+	h.audit.Record(audit.Entry{Event: h.event(x, nil)})
+}
