@@ -148,11 +148,13 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 		x.sniff = &responseIDSniffer{}
 		sink = io.MultiWriter(x.tap, x.sniff)
 	}
-	body := resp.Body
+	var body io.ReadCloser = &tapBody{ReadCloser: resp.Body, x: x, sink: usage.NewDecoder(encoding, sink)}
+	// The tap reads the upstream bytes before the filter removes the usage
+	// chunk that the proxy requested for itself.
 	if x.injectUsage && strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream") && encoding == "" {
 		body = usage.NewUsageChunkFilter(body)
 	}
-	resp.Body = &tapBody{ReadCloser: body, x: x, sink: usage.NewDecoder(encoding, sink)}
+	resp.Body = body
 	return nil
 }
 
