@@ -394,7 +394,7 @@ func proxyToken(h http.Header) (token string, present bool, err error) {
 	case strings.EqualFold(scheme, "Basic"):
 		raw, err := base64.StdEncoding.DecodeString(cred)
 		if err != nil {
-			return "", true, errors.New("Proxy-Authorization is not valid Basic credentials")
+			return "", true, errors.New("invalid Basic credentials in Proxy-Authorization")
 		}
 		user, password, _ := strings.Cut(string(raw), ":")
 		token = password
@@ -404,10 +404,10 @@ func proxyToken(h http.Header) (token string, present bool, err error) {
 	case strings.EqualFold(scheme, "Bearer"):
 		token = cred
 	default:
-		return "", true, errors.New("Proxy-Authorization must use the Basic or Bearer scheme")
+		return "", true, errors.New("unsupported Proxy-Authorization scheme: use Basic or Bearer")
 	}
 	if token == "" {
-		return "", true, errors.New("Proxy-Authorization carries no mailbox token")
+		return "", true, errors.New("no mailbox token in Proxy-Authorization")
 	}
 	return token, true, nil
 }
