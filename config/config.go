@@ -174,7 +174,7 @@ func Defaults() *Config {
 			MaxHeaderBytes: 1 << 20,
 		},
 		// Non-streaming model calls send their response headers only when the
-		// whole answer is ready, so this wait covers a long generation.
+		// whole response is ready, so this wait covers a long generation.
 		Upstream: Upstream{Timeout: 10 * time.Minute},
 		Metering: Metering{
 			RetentionMonths: 13,

@@ -243,7 +243,7 @@ func TestPreviousResponseOwnership(t *testing.T) {
 
 func TestRevokedTokenOnOtherReplica(t *testing.T) {
 	a := teststack.Start(t)
-	b := teststack.StartOn(t, a.Redis, a.Prefix)
+	b := a.Replica(t)
 	old := a.Token(t, "revoke@example.com")
 	c := nonStream[provider.OpenAI]
 	if resp, _ := b.Do(t, "POST", c.path, old, c.body); resp.StatusCode != 200 {

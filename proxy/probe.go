@@ -129,4 +129,3 @@ func providerMessage(body []byte, status string) string {
 func scrubText(s, key string) string {
 	return string(scrubKey([]byte(s), key))
 }
-

@@ -80,9 +80,20 @@ func Start(t testing.TB, opts ...Option) *Stack {
 	return StartOn(t, srv, srv.Prefix(t), opts...)
 }
 
-// StartOn runs a stack on an existing Redis under prefix, so two stacks can
-// share one store like two replicas.
+// Replica runs a second stack on the same Redis, prefix and identity, like
+// another replica of the same deployment.
+func (s *Stack) Replica(t testing.TB, opts ...Option) *Stack {
+	t.Helper()
+	return startOn(t, s.Redis, s.Prefix, s.Store.Identities(), opts...)
+}
+
+// StartOn runs a stack on an existing Redis under prefix.
 func StartOn(t testing.TB, srv *redistest.Server, prefix string, opts ...Option) *Stack {
+	t.Helper()
+	return startOn(t, srv, prefix, nil, opts...)
+}
+
+func startOn(t testing.TB, srv *redistest.Server, prefix string, ids *keystore.Identities, opts ...Option) *Stack {
 	t.Helper()
 	s := &Stack{Redis: srv, Prefix: prefix, Upstreams: map[string]*upstreamtest.Server{}, logs: &SyncBuffer{}}
 	s.RDB = srv.Client(t)
@@ -112,9 +123,12 @@ func StartOn(t testing.TB, srv *redistest.Server, prefix string, opts ...Option)
 	s.AdminToken = cfg.Admin.Token
 
 	log := slog.New(slog.NewJSONHandler(s.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	ids, err := keystore.GenerateIdentities()
-	if err != nil {
-		t.Fatal(err)
+	var err error
+	if ids == nil {
+		ids, err = keystore.GenerateIdentities()
+		if err != nil {
+			t.Fatal(err)
+		}
 	}
 	s.Store = keystore.New(s.RDB, prefix, ids)
 	s.Registry = prometheus.NewRegistry()

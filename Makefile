@@ -1,0 +1,77 @@
+# Targets: run, build, deps, test, lint, clean. See the README for the quick start.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+# The exact test command, quoted by the README and .ci/run. The tests start
+# their own redis-server, so none needs to be running.
+TEST_CMD := go test -race -count=1 -timeout 20m ./...
+
+# Folders whose npm packages the tests use.
+NPM_DIRS := e2e/sdk ui
+
+GOBIN_DIR := $(shell go env GOPATH 2>/dev/null)/bin
+STATICCHECK := $(GOBIN_DIR)/staticcheck
+
+.PHONY: run build deps test lint clean
+
+run:
+	go run ./cmd/byokproxy serve --dev
+
+build:
+	CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o bin/byokproxy ./cmd/byokproxy
+
+# Installs what the tests need and this machine lacks. Go, Node.js and npm
+# must already be installed. redis-server and chromium are installed with
+# apt-get on Debian when running as root. A policy-rc.d that forbids service
+# starts keeps the package from starting a redis-server, since the tests start
+# their own.
+deps:
+	@command -v go >/dev/null || { echo "make deps: go not found; install Go 1.26 from https://go.dev/dl/" >&2; exit 1; }
+	@command -v node >/dev/null || { echo "make deps: node not found; install Node.js (it includes npm)" >&2; exit 1; }
+	@command -v npm >/dev/null || { echo "make deps: npm not found; install npm (it comes with Node.js)" >&2; exit 1; }
+	@missing=""; \
+	for pkg in redis-server chromium; do \
+		command -v "$$pkg" >/dev/null || missing="$$missing $$pkg"; \
+	done; \
+	missing="$${missing# }"; \
+	if [ -n "$$missing" ]; then \
+		if [ ! -f /etc/debian_version ] || [ "$$(id -u)" -ne 0 ]; then \
+			echo "make deps: $$missing not found; install it with your package manager (Debian: apt-get install $$missing)" >&2; \
+			exit 1; \
+		fi; \
+		echo "make deps: installing $$missing with apt-get"; \
+		policy=/usr/sbin/policy-rc.d; \
+		if [ ! -e "$$policy" ]; then \
+			trap 'rm -f "$$policy"' EXIT; \
+			printf '#!/bin/sh\nexit 101\n' > "$$policy"; chmod 755 "$$policy"; \
+		fi; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update; \
+		apt-get install -y $$missing; \
+	fi
+	@for dir in $(NPM_DIRS); do \
+		[ -f "$$dir/package-lock.json" ] || continue; \
+		if [ ! -d "$$dir/node_modules" ] || [ "$$dir/package-lock.json" -nt "$$dir/node_modules" ]; then \
+			echo "make deps: npm ci in $$dir"; \
+			(cd "$$dir" && npm ci && touch node_modules); \
+		fi; \
+	done
+
+test: deps
+	$(TEST_CMD)
+
+lint:
+	@unformatted="$$(find . -name '*.go' -not -path '*/node_modules/*' -not -path './.git/*' -print0 | xargs -0 -r gofmt -l)"; \
+	if [ -n "$$unformatted" ]; then \
+		echo "gofmt would change these files:" >&2; echo "$$unformatted" >&2; exit 1; \
+	fi
+	go vet ./...
+	@if [ ! -x "$(STATICCHECK)" ]; then \
+		echo "installing staticcheck into $(GOBIN_DIR)"; \
+		go install honnef.co/go/tools/cmd/staticcheck@latest; \
+	fi
+	$(STATICCHECK) ./...
+
+clean:
+	rm -rf bin/ e2e/artifacts/ coverage.out coverage.html

@@ -1,0 +1,132 @@
+// The official Google Gen AI Node SDK (@google/genai) against byokproxy:
+// generateContent and streamGenerateContent (which the SDK calls with
+// alt=sse), on the shared and the BYOK source.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { GoogleGenAI, ApiError } from '@google/genai';
+import * as h from './helpers.mjs';
+
+const PROVIDER = 'google';
+const MODEL = 'gemini-2.5-flash';
+
+function client(token) {
+  return new GoogleGenAI({
+    apiKey: token,
+    httpOptions: { baseUrl: `${h.PROXY_URL}/google`, timeout: h.SDK_TIMEOUT_MS },
+  });
+}
+
+const reply = await h.reply();
+
+function chunkTexts(chunks) {
+  return chunks.map((c) => c.text ?? '');
+}
+
+async function checkGenerate({ byok }) {
+  const mb = await h.newMailbox(byok ? 'gg-byok' : 'gg-shared');
+  if (byok) await h.useByok(mb.id, PROVIDER);
+  const marker = h.uniqueId('marker');
+
+  const res = await client(mb.token).models.generateContent({ model: MODEL, contents: `Say hello to ${marker}` });
+  assert.equal(res.text, reply.text);
+  assert.equal(res.candidates[0].finishReason, 'STOP');
+
+  const rec = await h.upstreamFor(PROVIDER, marker);
+  assert.equal(rec.path, `/v1beta/models/${MODEL}:generateContent`);
+  h.assertUpstreamKey(PROVIDER, rec, byok ? h.byokKey(PROVIDER) : h.sharedKey(PROVIDER), byok ? 'BYOK key' : 'shared key');
+  h.assertNoToken(rec, mb.token);
+  assert.equal(res.usageMetadata.promptTokenCount, rec.usage.input_tokens);
+  assert.equal(res.usageMetadata.candidatesTokenCount, rec.usage.output_tokens);
+
+  await h.expectAudit(mb.id, {
+    provider: PROVIDER, kind: byok ? 'byok' : 'metered', model: MODEL, stream: false, record: rec,
+    keyLast4: h.byokKey(PROVIDER).slice(-4),
+  });
+}
+
+async function checkStream({ byok }) {
+  const mb = await h.newMailbox(byok ? 'gg-byok-stream' : 'gg-shared-stream');
+  if (byok) await h.useByok(mb.id, PROVIDER);
+  const marker = h.uniqueId('marker');
+
+  const stream = await client(mb.token).models.generateContentStream({ model: MODEL, contents: `Say hello to ${marker}` });
+  const chunks = await h.collect(stream, 'generateContentStream chunks');
+  assert.deepEqual(chunkTexts(chunks), reply.deltas, 'text deltas differ or arrived out of order');
+  assert.equal(chunks.at(-1).candidates[0].finishReason, 'STOP');
+
+  const rec = await h.upstreamFor(PROVIDER, marker);
+  assert.equal(rec.path, `/v1beta/models/${MODEL}:streamGenerateContent`);
+  assert.equal(new URLSearchParams(rec.query).get('alt'), 'sse', 'alt=sse did not reach the upstream');
+  h.assertUpstreamKey(PROVIDER, rec, byok ? h.byokKey(PROVIDER) : h.sharedKey(PROVIDER), byok ? 'BYOK key' : 'shared key');
+  h.assertNoToken(rec, mb.token);
+  assert.equal(chunks.at(-1).usageMetadata.candidatesTokenCount, rec.usage.output_tokens);
+
+  await h.expectAudit(mb.id, {
+    provider: PROVIDER, kind: byok ? 'byok' : 'metered', model: MODEL, stream: true, record: rec,
+    keyLast4: h.byokKey(PROVIDER).slice(-4),
+  });
+}
+
+test('shared generateContent', () => checkGenerate({ byok: false }));
+test('shared streamGenerateContent', () => checkStream({ byok: false }));
+test('byok generateContent', () => checkGenerate({ byok: true }));
+test('byok streamGenerateContent', () => checkStream({ byok: true }));
+
+test('countTokens on shared', async () => {
+  const mb = await h.newMailbox('gg-count');
+  const marker = h.uniqueId('marker');
+  const res = await client(mb.token).models.countTokens({ model: MODEL, contents: `Count ${marker}` });
+  const rec = await h.upstreamFor(PROVIDER, marker);
+  assert.equal(rec.path, `/v1beta/models/${MODEL}:countTokens`);
+  h.assertUpstreamKey(PROVIDER, rec, h.sharedKey(PROVIDER), 'shared key');
+  assert.ok(res.totalTokens > 0, `totalTokens = ${res.totalTokens}`);
+});
+
+test('bad token raises ApiError 401', async () => {
+  const marker = h.uniqueId('marker');
+  await assert.rejects(
+    client('not-a-valid-mailbox-token').models.generateContent({ model: MODEL, contents: `Say hello to ${marker}` }),
+    (err) => {
+      assert.ok(err instanceof ApiError, `got ${err?.constructor?.name}: ${err?.message}`);
+      assert.equal(err.status, 401);
+      return true;
+    },
+  );
+  assert.equal(await h.upstreamCount(PROVIDER, marker), 0, 'a request with a bad token reached the upstream');
+});
+
+test('stream reaches the client while the upstream holds it', async () => {
+  const mb = await h.newMailbox('gg-held');
+  const marker = h.uniqueId('marker');
+  const chunks = await h.streamWhileHeld(PROVIDER, () =>
+    client(mb.token).models.generateContentStream({ model: MODEL, contents: `Say hello to ${marker}` }));
+  assert.deepEqual(chunkTexts(chunks), reply.deltas);
+});
+
+async function checkScrubbed({ label, upstream, status }) {
+  const mb = await h.newMailbox(label);
+  await h.useByok(mb.id, PROVIDER);
+  const marker = h.uniqueId('marker');
+  const key = h.byokKey(PROVIDER);
+
+  await h.withUpstream(PROVIDER, upstream, () => assert.rejects(
+    client(mb.token).models.generateContent({ model: MODEL, contents: `Say hello to ${marker}` }),
+    (err) => {
+      assert.ok(err instanceof ApiError, `got ${err?.constructor?.name}`);
+      assert.equal(err.status, status);
+      h.assertNoKeyForm(err.message, key, 'the error the SDK raised');
+      return true;
+    },
+  ));
+  const rec = await h.upstreamFor(PROVIDER, marker);
+  assert.equal(rec.status, status, 'the error did not come from the upstream');
+}
+
+// Google rejects an invalid API key with 400 INVALID_ARGUMENT, not 401.
+test('rejected byok key scrubbed from 400', () => checkScrubbed({
+  label: 'gg-400', upstream: { echo: true, rejectByok: true }, status: 400,
+}));
+
+test('byok key scrubbed from 429', () => checkScrubbed({
+  label: 'gg-429', upstream: { echo: true, error: 429 }, status: 429,
+}));

@@ -1,0 +1,311 @@
+package proxy_test
+
+import (
+	"encoding/json"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+
+	"github.com/byokproxy/byokproxy/config"
+	"github.com/byokproxy/byokproxy/internal/teststack"
+	"github.com/byokproxy/byokproxy/provider"
+)
+
+func TestAllowanceEnforcedPerProviderShape(t *testing.T) {
+	a := teststack.Start(t, func(c *config.Config) { c.Metering.MonthlyTokenLimit = 40 })
+	// A second replica on the same store enforces the same count.
+	b := a.Replica(t, func(c *config.Config) { c.Metering.MonthlyTokenLimit = 40 })
+	m := "capped@example.com"
+	token := a.Token(t, m)
+	for _, p := range provider.Names {
+		a.UseBYOK(t, m, p)
+		if code, body := a.AdminDo(t, "PUT", "/admin/v1/mailboxes/"+m+"/providers/"+p+"/source", map[string]string{"source": "shared"}); code != 200 {
+			t.Fatalf("source shared: %d %s", code, body)
+		}
+	}
+
+	// Spend the allowance on the shared key, alternating replicas.
+	spent := 0
+	for i := 0; spent < 40 && i < 20; i++ {
+		st := a
+		if i%2 == 1 {
+			st = b
+		}
+		resp, body := st.Do(t, "POST", nonStream[provider.OpenAI].path, token, nonStream[provider.OpenAI].body)
+		if resp.StatusCode != 200 {
+			t.Fatalf("request %d before the limit: %d %s", i, resp.StatusCode, body)
+		}
+		u := st.Upstreams[provider.OpenAI].Requests()
+		last := u[len(u)-1].Usage
+		spent += last.InputTokens + last.OutputTokens
+		st.WaitAudit(t)
+	}
+
+	for _, p := range provider.Names {
+		for _, st := range []*teststack.Stack{a, b} {
+			up := st.Upstreams[p]
+			n := len(up.Requests())
+			resp, body := st.Do(t, "POST", nonStream[p].path, token, nonStream[p].body, sdkHeaders(p)...)
+			if resp.StatusCode != 429 {
+				t.Fatalf("%s over the limit: status %d, want 429: %s", p, resp.StatusCode, body)
+			}
+			if !inShape(p, body, "rate_limit_error", "insufficient_quota", "RESOURCE_EXHAUSTED") {
+				t.Errorf("%s: 429 not in the provider's shape: %s", p, body)
+			}
+			if !strings.Contains(string(body), "resets at") {
+				t.Errorf("%s: 429 message does not say when the allowance resets: %s", p, body)
+			}
+			ra, err := strconv.Atoi(resp.Header.Get("Retry-After"))
+			if err != nil || ra <= 0 || ra > 32*24*3600 {
+				t.Errorf("%s: Retry-After = %q, want seconds until the month ends", p, resp.Header.Get("Retry-After"))
+			}
+			if len(up.Requests()) != n {
+				t.Errorf("%s: request over the limit was forwarded", p)
+			}
+		}
+	}
+
+	// byok requests of the same mailbox are never capped.
+	for _, p := range provider.Names {
+		a.AdminDo(t, "PUT", "/admin/v1/mailboxes/"+m+"/providers/"+p+"/source", map[string]string{"source": "byok"})
+		resp, body := b.Do(t, "POST", nonStream[p].path, token, nonStream[p].body, sdkHeaders(p)...)
+		if resp.StatusCode != 200 {
+			t.Errorf("%s byok over the shared limit: %d %s", p, resp.StatusCode, body)
+		}
+	}
+
+	// A per-mailbox override lifts the cap; null returns to the default.
+	code, body := a.AdminDo(t, "PUT", "/admin/v1/mailboxes/"+m+"/limit", map[string]any{"monthly_token_limit": 0})
+	if code != 200 || !strings.Contains(string(body), `"monthly_token_limit":0`) {
+		t.Fatalf("limit 0: %d %s", code, body)
+	}
+	a.AdminDo(t, "PUT", "/admin/v1/mailboxes/"+m+"/providers/openai/source", map[string]string{"source": "shared"})
+	if resp, _ := a.Do(t, "POST", nonStream[provider.OpenAI].path, token, nonStream[provider.OpenAI].body); resp.StatusCode != 200 {
+		t.Errorf("unlimited override: status %d", resp.StatusCode)
+	}
+	code, body = a.AdminDo(t, "PUT", "/admin/v1/mailboxes/"+m+"/limit", map[string]any{"monthly_token_limit": nil})
+	if code != 200 || !strings.Contains(string(body), `"monthly_token_limit":40`) {
+		t.Errorf("limit null: %d %s", code, body)
+	}
+}
+
+// TestAllowanceOvershootBound checks the documented bound: usage is counted
+// when a response ends, so requests admitted while the count is below the
+// limit all complete. The overshoot is at most the usage of the requests in
+// flight at the moment the limit is crossed.
+func TestAllowanceOvershootBound(t *testing.T) {
+	const limit = 30
+	st := teststack.Start(t, func(c *config.Config) { c.Metering.MonthlyTokenLimit = limit })
+	m := "burst@example.com"
+	token := st.Token(t, m)
+	const concurrent = 8
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	admitted := 0
+	for i := 0; i < concurrent; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, _ := st.Do(t, "POST", nonStream[provider.OpenAI].path, token, nonStream[provider.OpenAI].body)
+			if resp.StatusCode == 200 {
+				mu.Lock()
+				admitted++
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	st.WaitAudit(t)
+	code, body := st.AdminDo(t, "GET", "/admin/v1/mailboxes/"+m+"/usage", nil)
+	if code != 200 {
+		t.Fatalf("usage: %d", code)
+	}
+	var u struct {
+		Remaining *int64 `json:"remaining"`
+		Providers map[string]map[string]struct {
+			Requests, InputTokens, OutputTokens int64
+		}
+	}
+	json.Unmarshal(body, &u)
+	per := st.Upstreams[provider.OpenAI].Requests()[0].Usage
+	perRequest := per.InputTokens + per.OutputTokens
+	used := admitted * perRequest
+	if used > limit+concurrent*perRequest {
+		t.Errorf("used %d tokens, over the bound limit + in-flight usage = %d", used, limit+concurrent*perRequest)
+	}
+	if admitted == 0 {
+		t.Error("no request admitted under the limit")
+	}
+	// Once the counts land, the next request is rejected.
+	if used >= limit {
+		if resp, _ := st.Do(t, "POST", nonStream[provider.OpenAI].path, token, nonStream[provider.OpenAI].body); resp.StatusCode != 429 {
+			t.Errorf("after the burst: status %d, want 429", resp.StatusCode)
+		}
+	}
+	if u.Remaining == nil || *u.Remaining != 0 && used >= limit {
+		t.Errorf("remaining = %v with %d of %d used", u.Remaining, used, limit)
+	}
+}
+
+func TestUsageReadout(t *testing.T) {
+	st := teststack.Start(t, func(c *config.Config) { c.Metering.MonthlyTokenLimit = 1000 })
+	m := "usage@example.com"
+	token := st.Token(t, m)
+	var wantIn, wantOut int64
+	for _, p := range provider.Names {
+		resp, _ := st.Do(t, "POST", nonStream[p].path, token, nonStream[p].body, sdkHeaders(p)...)
+		if resp.StatusCode != 200 {
+			t.Fatalf("%s: %d", p, resp.StatusCode)
+		}
+		u := st.Upstreams[p].Requests()[0].Usage
+		wantIn += int64(u.InputTokens)
+		wantOut += int64(u.OutputTokens)
+	}
+	st.UseBYOK(t, m, provider.Anthropic)
+	st.Do(t, "POST", nonStream[provider.Anthropic].path, token, nonStream[provider.Anthropic].body, sdkHeaders(provider.Anthropic)...)
+	st.WaitAudit(t)
+
+	code, body := st.AdminDo(t, "GET", "/admin/v1/mailboxes/"+m+"/usage", nil)
+	if code != 200 {
+		t.Fatalf("usage: %d %s", code, body)
+	}
+	type counts struct {
+		Requests     int64 `json:"requests"`
+		InputTokens  int64 `json:"input_tokens"`
+		OutputTokens int64 `json:"output_tokens"`
+	}
+	var u struct {
+		Mailbox   string                       `json:"mailbox"`
+		Month     string                       `json:"month"`
+		Limit     *int64                       `json:"limit"`
+		Remaining *int64                       `json:"remaining"`
+		Providers map[string]map[string]counts `json:"providers"`
+	}
+	if err := json.Unmarshal(body, &u); err != nil {
+		t.Fatal(err)
+	}
+	if u.Mailbox != m || u.Month != time.Now().UTC().Format("2006-01") {
+		t.Errorf("mailbox/month = %s/%s", u.Mailbox, u.Month)
+	}
+	var gotIn, gotOut int64
+	for _, p := range provider.Names {
+		s := u.Providers[p]["shared"]
+		if s.Requests != 1 {
+			t.Errorf("%s shared requests = %d, want 1", p, s.Requests)
+		}
+		gotIn += s.InputTokens
+		gotOut += s.OutputTokens
+	}
+	if gotIn != wantIn || gotOut != wantOut {
+		t.Errorf("shared tokens = %d/%d, want %d/%d", gotIn, gotOut, wantIn, wantOut)
+	}
+	if u.Providers[provider.Anthropic]["byok"].Requests != 1 {
+		t.Errorf("anthropic byok requests = %d, want 1", u.Providers[provider.Anthropic]["byok"].Requests)
+	}
+	if u.Limit == nil || *u.Limit != 1000 || u.Remaining == nil || *u.Remaining != 1000-wantIn-wantOut {
+		t.Errorf("limit/remaining = %v/%v, want 1000/%d", u.Limit, u.Remaining, 1000-wantIn-wantOut)
+	}
+	code, body = st.AdminDo(t, "GET", "/admin/v1/mailboxes/"+m+"/usage?month=2020-01", nil)
+	if code != 200 || !strings.Contains(string(body), `"requests":0`) {
+		t.Errorf("past month: %d %s", code, body)
+	}
+	if code, _ := st.AdminDo(t, "GET", "/admin/v1/mailboxes/"+m+"/usage?month=2020-1x", nil); code != 400 {
+		t.Errorf("bad month: %d, want 400", code)
+	}
+}
+
+func TestMetricsAfterKnownTraffic(t *testing.T) {
+	st := teststack.Start(t)
+	token := st.Token(t, "metrics@example.com")
+	st.UseBYOK(t, "metrics-own@example.com", provider.Google)
+	own := st.Token(t, "metrics-own@example.com")
+
+	var in, out int
+	for i := 0; i < 3; i++ {
+		st.Do(t, "POST", nonStream[provider.OpenAI].path, token, nonStream[provider.OpenAI].body)
+	}
+	for _, r := range st.Upstreams[provider.OpenAI].Requests() {
+		in += r.Usage.InputTokens
+		out += r.Usage.OutputTokens
+	}
+	st.Do(t, "POST", streaming[provider.Google].path, own, streaming[provider.Google].body)
+	g := st.Upstreams[provider.Google].Requests()[0].Usage
+	st.Do(t, "POST", nonStream[provider.OpenAI].path, "bad-token", nonStream[provider.OpenAI].body)
+
+	mfs, err := st.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var text strings.Builder
+	for _, mf := range mfs {
+		expfmt.MetricFamilyToText(&text, mf)
+	}
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(strings.NewReader(text.String()))
+	if err != nil {
+		t.Fatalf("parse /metrics text: %v", err)
+	}
+	value := func(name string, labels map[string]string) float64 {
+		mf := families[name]
+		if mf == nil {
+			return -1
+		}
+		for _, m := range mf.Metric {
+			match := true
+			for _, lp := range m.Label {
+				if want, ok := labels[lp.GetName()]; ok && want != lp.GetValue() {
+					match = false
+				}
+			}
+			if !match {
+				continue
+			}
+			if m.Counter != nil {
+				return m.Counter.GetValue()
+			}
+			if m.Histogram != nil {
+				return float64(m.Histogram.GetSampleCount())
+			}
+		}
+		return 0
+	}
+	checks := []struct {
+		name   string
+		labels map[string]string
+		want   float64
+	}{
+		{"byokproxy_requests_total", map[string]string{"provider": "openai", "source": "metered", "code": "200"}, 3},
+		{"byokproxy_requests_total", map[string]string{"provider": "openai", "source": "metered", "code": "401"}, 1},
+		{"byokproxy_requests_total", map[string]string{"provider": "google", "source": "byok", "code": "200"}, 1},
+		{"byokproxy_tokens_total", map[string]string{"provider": "openai", "source": "metered", "direction": "input"}, float64(in)},
+		{"byokproxy_tokens_total", map[string]string{"provider": "openai", "source": "metered", "direction": "output"}, float64(out)},
+		{"byokproxy_tokens_total", map[string]string{"provider": "google", "source": "byok", "direction": "input"}, float64(g.InputTokens)},
+		{"byokproxy_tokens_total", map[string]string{"provider": "google", "source": "byok", "direction": "output"}, float64(g.OutputTokens)},
+		{"byokproxy_request_duration_seconds", map[string]string{"provider": "openai", "source": "metered"}, 3},
+		{"byokproxy_upstream_ttfb_seconds", map[string]string{"provider": "openai"}, 3},
+	}
+	for _, c := range checks {
+		if got := value(c.name, c.labels); got != c.want {
+			t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)
+		}
+	}
+	for _, name := range []string{"byokproxy_in_flight_requests", "byokproxy_key_errors_total", "byokproxy_metered_rejections_total", "byokproxy_audit_events_dropped_total", "go_goroutines", "process_resident_memory_bytes"} {
+		if _, ok := families[name]; !ok && name != "byokproxy_key_errors_total" && name != "byokproxy_metered_rejections_total" {
+			t.Errorf("metric %s missing", name)
+		}
+	}
+	for name, mf := range families {
+		for _, m := range mf.Metric {
+			for _, lp := range m.Label {
+				if lp.GetName() == "mailbox" {
+					t.Errorf("metric %s has a mailbox label", name)
+				}
+			}
+		}
+	}
+}

@@ -1,0 +1,293 @@
+// Package usage reads token usage from Anthropic, OpenAI and Google AI
+// response bodies while the proxy streams them to the client.
+//
+// A Tap parses a copy of the body, so it never changes or delays a byte the
+// client gets. It understands server-sent event streams and JSON bodies
+// (including the JSON array that Gemini streams without alt=sse) and keeps
+// bounded memory whatever the body size. NewDecoder undoes a gzip or deflate
+// Content-Encoding in front of a Tap. NewUsageChunkFilter removes the
+// usage-only chunk that the proxy requests on OpenAI chat completion streams
+// when the client did not ask for it.
+package usage
+
+import (
+	"bytes"
+	"fmt"
+	"mime"
+	"strings"
+	"sync"
+)
+
+// Counts is what one response reported.
+type Counts struct {
+	InputTokens  int64  // input incl. cache reads and cache writes
+	OutputTokens int64  // output incl. reasoning/thinking tokens
+	Model        string // model named by the response, "" if none
+	Seen         bool   // true once any usage field was read
+}
+
+// tally accumulates the records of one response.
+type tally struct {
+	values [countCount]int64
+	has    [countCount]bool
+	model  string
+	seen   bool
+}
+
+// add merges a record. A field keeps its latest non-zero value, because
+// stream events report cumulative counts (Anthropic message_delta, Gemini
+// usageMetadata) and a later event may leave a field at zero or out.
+func (t *tally) add(r *record) {
+	for i := range countCount {
+		if r.set&(1<<i) == 0 {
+			continue
+		}
+		t.seen = true
+		if v := r.values[i]; v != 0 || !t.has[i] {
+			t.values[i] = v
+			t.has[i] = true
+		}
+	}
+	if r.modelLen > 0 && string(r.model[:r.modelLen]) != t.model {
+		t.model = string(r.model[:r.modelLen])
+	}
+}
+
+func (t *tally) value(f target) int64 { return t.values[f-firstCount] }
+
+// counts adds up the fields. Each provider's lookupKey table records only its
+// own fields, so a plain sum applies each provider's rule. OpenAI prompt and
+// completion tokens already include cached and reasoning tokens. Anthropic
+// input_tokens excludes cache writes and reads, which are added. Gemini's
+// promptTokenCount already includes cachedContentTokenCount but not
+// toolUsePromptTokenCount, which is added.
+func (t *tally) counts() Counts {
+	return Counts{
+		InputTokens: t.value(fPromptTokens) + t.value(fInputTokens) +
+			t.value(fCacheCreation) + t.value(fCacheRead) +
+			t.value(fGooglePrompt) + t.value(fGoogleToolPrompt),
+		OutputTokens: t.value(fCompletionTokens) + t.value(fOutputTokens) +
+			t.value(fGoogleCandidates) + t.value(fGoogleThoughts),
+		Model: t.model,
+		Seen:  t.seen,
+	}
+}
+
+// SSE line states.
+const (
+	lineField     uint8 = iota // reading the field name at the start of a line
+	lineDataSpace              // after "data:", where one space is skipped
+	lineData                   // inside the value of a data line
+	lineSkip                   // inside a line whose field is ignored
+)
+
+// maxFieldName is the longest SSE field name kept. Only "data" matters.
+const maxFieldName = 8
+
+// Tap parses a copy of a response body incrementally. Write never fails and
+// never blocks long: it always returns len(p), nil. A malformed JSON body
+// stops counting at the first error, and Counts keeps the records completed
+// before it. In an event stream, an event whose data is not one valid JSON
+// value is skipped. A panic inside Write is recovered and stops counting.
+// Write and Counts may be called from different goroutines.
+type Tap struct {
+	mu      sync.Mutex
+	sse     bool
+	stopped bool
+	// panicked holds a recovered panic, so tests can fail on it while the
+	// proxy carries on without counting.
+	panicked string
+
+	scan  scanner
+	tally tally
+
+	// Server-sent event state.
+	line      uint8
+	field     [maxFieldName]byte
+	fieldLen  int
+	fieldLong bool
+	afterCR   bool // the last line ended with '\r': a '\n' next belongs to it
+	dataLines int  // data lines of the current event
+}
+
+// NewTap returns a Tap for a response from provider ("anthropic", "openai"
+// or "google") with the given Content-Type. A text/event-stream body is read
+// as server-sent events, anything else as JSON. An unknown provider gives a
+// Tap that never counts.
+func NewTap(provider, contentType string) *Tap {
+	t := &Tap{}
+	switch strings.ToLower(provider) {
+	case "anthropic":
+		t.scan.provider = providerAnthropic
+	case "openai":
+		t.scan.provider = providerOpenAI
+	case "google":
+		t.scan.provider = providerGoogle
+	}
+	if t.scan.provider == providerUnknown {
+		t.stopped = true
+	}
+	mediaType, _, err := mime.ParseMediaType(contentType)
+	if err != nil {
+		mediaType, _, _ = strings.Cut(contentType, ";")
+		mediaType = strings.ToLower(strings.TrimSpace(mediaType))
+	}
+	t.sse = mediaType == "text/event-stream"
+	if !t.sse {
+		t.scan.recordList = true
+		t.scan.onRecord = t.tally.add
+	}
+	t.scan.reset()
+	return t
+}
+
+// Write parses p. It always returns len(p), nil.
+func (t *Tap) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.stopped {
+		return len(p), nil
+	}
+	// A bug in the parser must cost the count of one response, not the
+	// proxy process, so a panic stops counting instead of spreading.
+	defer func() {
+		if r := recover(); r != nil {
+			t.panicked = fmt.Sprint(r)
+			t.stopped = true
+		}
+	}()
+	if t.sse {
+		t.writeEvents(p)
+		return len(p), nil
+	}
+	t.scan.feed(p)
+	if t.scan.state == stError {
+		t.stopped = true
+	}
+	return len(p), nil
+}
+
+// Counts returns what the response reported so far.
+func (t *Tap) Counts() Counts {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.tally.counts()
+}
+
+// writeEvents splits p into server-sent event lines. Data lines go straight
+// to the JSON scanner, joined by '\n' as the SSE specification joins them,
+// so no event is buffered. A blank line ends the event and commits its record
+// when the data was one valid JSON value.
+func (t *Tap) writeEvents(p []byte) {
+	for i := 0; i < len(p); {
+		if t.afterCR {
+			t.afterCR = false
+			if p[i] == '\n' {
+				i++
+				continue
+			}
+		}
+		switch t.line {
+		case lineField:
+			i = t.readFieldName(p, i)
+		case lineDataSpace:
+			t.line = lineData
+			if p[i] == ' ' {
+				i++
+			}
+		case lineData:
+			end := i + lineEnd(p[i:])
+			t.scan.feed(p[i:end])
+			i = t.endLine(p, end)
+		default: // lineSkip
+			i = t.endLine(p, i+lineEnd(p[i:]))
+		}
+	}
+}
+
+// readFieldName reads the field name of a line from p[i:] and returns the
+// next index.
+func (t *Tap) readFieldName(p []byte, i int) int {
+	j := i
+	for j < len(p) && p[j] != ':' && p[j] != '\n' && p[j] != '\r' {
+		j++
+	}
+	n := copy(t.field[t.fieldLen:], p[i:j])
+	t.fieldLen += n
+	if n < j-i {
+		t.fieldLong = true
+	}
+	if j == len(p) {
+		return j
+	}
+
+	isData := !t.fieldLong && string(t.field[:t.fieldLen]) == "data"
+	if p[j] == ':' {
+		if isData {
+			t.startDataLine()
+			t.line = lineDataSpace
+		} else {
+			t.line = lineSkip
+		}
+		t.fieldLen = 0
+		t.fieldLong = false
+		return j + 1
+	}
+
+	// A line without a colon is a field with an empty value, and an empty
+	// line ends the event.
+	blank := t.fieldLen == 0 && !t.fieldLong
+	if isData {
+		t.startDataLine()
+	}
+	next := t.endLine(p, j)
+	if blank {
+		t.dispatch()
+	}
+	return next
+}
+
+func (t *Tap) startDataLine() {
+	if t.dataLines > 0 {
+		t.scan.feed(newline)
+	}
+	t.dataLines++
+}
+
+// endLine handles the line terminator at p[end], if any, and returns the
+// index after it.
+func (t *Tap) endLine(p []byte, end int) int {
+	if end == len(p) {
+		return end
+	}
+	t.line = lineField
+	t.fieldLen = 0
+	t.fieldLong = false
+	if p[end] == '\r' {
+		t.afterCR = true
+	}
+	return end + 1
+}
+
+// dispatch ends the current event.
+func (t *Tap) dispatch() {
+	if t.dataLines > 0 && t.scan.complete() && t.scan.recordDone {
+		t.tally.add(&t.scan.rec)
+	}
+	t.dataLines = 0
+	t.scan.reset()
+}
+
+var newline = []byte{'\n'}
+
+// lineEnd returns the index of the first '\r' or '\n' in p, or len(p).
+func lineEnd(p []byte) int {
+	n := bytes.IndexByte(p, '\n')
+	if n < 0 {
+		n = len(p)
+	}
+	if r := bytes.IndexByte(p[:n], '\r'); r >= 0 {
+		return r
+	}
+	return n
+}
