@@ -1,0 +1,216 @@
+package audit
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/byokproxy/byokproxy/internal/redistest"
+	"github.com/byokproxy/byokproxy/keystore"
+)
+
+func requestEntry(i int) Entry {
+	return Entry{
+		Event: Event{
+			Time: time.Now(), Kind: KindMetered, RequestID: fmt.Sprintf("req-%04d", i), Mailbox: "mb",
+			Provider: "openai", Model: "gpt-4o-mini", Method: "POST", Path: "/openai/v1/chat/completions",
+			Status: 200, InputTokens: 3, OutputTokens: 2,
+		},
+		Usage: &keystore.UsageRecord{
+			RequestID: fmt.Sprintf("req-%04d", i), Mailbox: "mb", Provider: "openai",
+			Source: keystore.SourceShared, InputTokens: 3, OutputTokens: 2, Time: time.Now(),
+		},
+	}
+}
+
+func streamIDs(t *testing.T, rdb redis.UniversalClient, key string) map[string]int {
+	t.Helper()
+	entries, err := rdb.XRange(context.Background(), key, "-", "+").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]int{}
+	for _, e := range entries {
+		var ev map[string]any
+		json.Unmarshal([]byte(fmt.Sprint(e.Values["event"])), &ev)
+		seen[fmt.Sprint(ev["request_id"])]++
+	}
+	return seen
+}
+
+func TestEventJSONFields(t *testing.T) {
+	e := requestEntry(1).Event
+	e.Kind, e.KeyLast4 = KindBYOK, "WXYZ"
+	data, _ := json.Marshal(e)
+	var m map[string]any
+	json.Unmarshal(data, &m)
+	for _, f := range []string{"time", "kind", "request_id", "mailbox", "provider", "source", "key_last4", "model", "method", "path", "status", "stream", "input_tokens", "output_tokens", "duration_ms", "error"} {
+		if _, ok := m[f]; !ok {
+			t.Errorf("byok event lacks %q: %s", f, data)
+		}
+	}
+	if m["source"] != "byok" {
+		t.Errorf("source = %v, want byok", m["source"])
+	}
+	e.Kind = KindMetered
+	data, _ = json.Marshal(e)
+	if strings.Contains(string(data), "key_last4") {
+		t.Errorf("metered event carries key_last4: %s", data)
+	}
+	change, _ := json.Marshal(Event{Time: time.Now(), Kind: KindKeySet, Mailbox: "mb", Provider: "openai", KeyLast4: "WXYZ"})
+	if !strings.Contains(string(change), `"kind":"key.set"`) || !strings.Contains(string(change), `"key_last4":"WXYZ"`) {
+		t.Errorf("change event: %s", change)
+	}
+}
+
+func TestOutageLosesNothing(t *testing.T) {
+	srv := redistest.StartOwn(t)
+	prefix := srv.Prefix(t)
+	opts, _ := redis.ParseURL(srv.URL)
+	opts.MaxRetries = -1
+	opts.DialTimeout = 200 * time.Millisecond
+	opts.ReadTimeout = 200 * time.Millisecond
+	rdb := redis.NewClient(opts)
+	t.Cleanup(func() { rdb.Close() })
+	layout := keystore.Layout{Prefix: prefix}
+	dropped := prometheus.NewCounter(prometheus.CounterOpts{Name: "dropped"})
+	w := NewWriter(rdb, layout, Options{QueueSize: 1000, Dropped: dropped})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.Run(ctx)
+
+	for i := 0; i < 50; i++ {
+		w.Record(requestEntry(i))
+	}
+	waitEmpty(t, w)
+	check := srv.Client(t)
+	if n := len(streamIDs(t, check, layout.Audit())); n != 50 {
+		t.Fatalf("events before the outage = %d, want 50", n)
+	}
+	// The test server keeps nothing on disk, so it restarts empty: what
+	// arrives afterwards is exactly what waited in the queue.
+	srv.Stop()
+	// Events recorded while Redis is down wait in the queue.
+	start := time.Now()
+	for i := 50; i < 150; i++ {
+		w.Record(requestEntry(i))
+	}
+	if d := time.Since(start); d > 100*time.Millisecond {
+		t.Errorf("Record blocked for %v while Redis was down", d)
+	}
+	time.Sleep(500 * time.Millisecond)
+	srv.Restart()
+	waitEmpty(t, w)
+	time.Sleep(200 * time.Millisecond)
+
+	seen := streamIDs(t, check, layout.Audit())
+	for i := 50; i < 150; i++ {
+		id := fmt.Sprintf("req-%04d", i)
+		if seen[id] == 0 {
+			t.Errorf("event %s lost", id)
+		}
+	}
+	u, _ := keystore.New(check, prefix, nil).Usage(context.Background(), "mb", keystore.Month(time.Now()))
+	if c := u.Providers["openai"]["shared"]; c.Requests != 100 || c.InputTokens != 300 {
+		t.Errorf("usage after outage = %+v, want 100 requests and 300 input tokens, each counted once", c)
+	}
+	for id, n := range seen {
+		if n > 1 {
+			t.Errorf("event %s delivered %d times", id, n)
+		}
+	}
+	if got := testutil.ToFloat64(dropped); got != 0 {
+		t.Errorf("dropped = %v, want 0", got)
+	}
+}
+
+func TestFullQueueDropsAndCounts(t *testing.T) {
+	srv := redistest.StartOwn(t)
+	prefix := srv.Prefix(t)
+	rdb := srv.Client(t)
+	dropped := prometheus.NewCounter(prometheus.CounterOpts{Name: "dropped"})
+	w := NewWriter(rdb, keystore.Layout{Prefix: prefix}, Options{QueueSize: 10, Dropped: dropped})
+	srv.Stop()
+	// No Run: nothing drains, so the eleventh entry finds the queue full.
+	start := time.Now()
+	for i := 0; i < 25; i++ {
+		w.Record(requestEntry(i))
+	}
+	if d := time.Since(start); d > 50*time.Millisecond {
+		t.Errorf("Record blocked for %v on a full queue", d)
+	}
+	if got := testutil.ToFloat64(dropped); got != 15 {
+		t.Errorf("dropped = %v, want 15", got)
+	}
+	if w.Pending() != 10 {
+		t.Errorf("pending = %d, want 10", w.Pending())
+	}
+}
+
+func TestCloseFlushesAndStdout(t *testing.T) {
+	srv := redistest.Start(t)
+	prefix := srv.Prefix(t)
+	rdb := srv.Client(t)
+	var out syncBuffer
+	w := NewWriter(rdb, keystore.Layout{Prefix: prefix}, Options{Stdout: &out, StreamMaxLen: 1000})
+	go w.Run(context.Background())
+	for i := 0; i < 20; i++ {
+		w.Record(requestEntry(i))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := w.Close(ctx); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if n := len(streamIDs(t, rdb, keystore.Layout{Prefix: prefix}.Audit())); n != 20 {
+		t.Errorf("events in stream after Close = %d, want 20", n)
+	}
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	if len(lines) != 20 {
+		t.Fatalf("stdout lines = %d, want 20", len(lines))
+	}
+	var first map[string]any
+	if err := json.Unmarshal([]byte(lines[0]), &first); err != nil || first["kind"] != "metered" {
+		t.Errorf("stdout line is not an event: %s", lines[0])
+	}
+	// After Close, Record drops instead of panicking on the closed queue.
+	w.Record(requestEntry(99))
+}
+
+func waitEmpty(t *testing.T, w *Writer) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for w.Pending() > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("audit queue still holds %d entries after 15s", w.Pending())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond)
+}
+
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
