@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -48,13 +49,16 @@ var (
 type Store struct {
 	rdb    redis.UniversalClient
 	layout Layout
-	ids    *Identities
-	now    func() time.Time
+	// ids is swapped whole on a reload while requests decrypt with it.
+	ids atomic.Pointer[Identities]
+	now func() time.Time
 }
 
 // New returns a store on rdb under prefix, encrypting to ids.
 func New(rdb redis.UniversalClient, prefix string, ids *Identities) *Store {
-	return &Store{rdb: rdb, layout: Layout{Prefix: prefix}, ids: ids, now: time.Now}
+	s := &Store{rdb: rdb, layout: Layout{Prefix: prefix}, now: time.Now}
+	s.ids.Store(ids)
+	return s
 }
 
 // Layout returns the key layout of the store.
@@ -64,10 +68,11 @@ func (s *Store) Layout() Layout { return s.layout }
 func (s *Store) Client() redis.UniversalClient { return s.rdb }
 
 // Identities returns the identities the store decrypts with.
-func (s *Store) Identities() *Identities { return s.ids }
+func (s *Store) Identities() *Identities { return s.ids.Load() }
 
-// SetIdentities replaces the identities, for a reload.
-func (s *Store) SetIdentities(ids *Identities) { s.ids = ids }
+// SetIdentities replaces the identities, for a reload. Safe to call while
+// requests are served.
+func (s *Store) SetIdentities(ids *Identities) { s.ids.Store(ids) }
 
 // Record is everything the request path needs about one mailbox and provider,
 // read in a single round trip.
@@ -128,7 +133,7 @@ func (s *Store) Open(rec *Record, id mailbox.ID, prov string) (*Secret, error) {
 	if len(rec.Ciphertext) == 0 {
 		return nil, ErrNoKey
 	}
-	plain, err := s.ids.decrypt(rec.Ciphertext)
+	plain, err := s.ids.Load().decrypt(rec.Ciphertext)
 	if err != nil {
 		return nil, ErrDecrypt
 	}
@@ -236,7 +241,7 @@ func (s *Store) PutKey(ctx context.Context, id mailbox.ID, prov string, key []by
 		return Status{}, fmt.Errorf("%w: %s", ErrBadKey, spec.KeyRule)
 	}
 	payload := bind(key, id, prov)
-	ct, err := s.ids.encrypt(payload)
+	ct, err := s.ids.Load().encrypt(payload)
 	clear(payload)
 	if err != nil {
 		return Status{}, err
@@ -260,7 +265,7 @@ func (s *Store) PutKey(ctx context.Context, id mailbox.ID, prov string, key []by
 // decrypts it once to check its format and take its last four, then stores
 // its own ciphertext bound to mailbox and provider.
 func (s *Store) PutSealedKey(ctx context.Context, id mailbox.ID, prov string, sealed []byte) (Status, error) {
-	plain, err := s.ids.decrypt(sealed)
+	plain, err := s.ids.Load().decrypt(sealed)
 	if err != nil {
 		return Status{}, fmt.Errorf("%w: the ciphertext does not decrypt with this proxy's identity; encrypt the bare key to the recipient from GET /admin/v1/recipient", ErrBadKey)
 	}
