@@ -179,6 +179,12 @@ func (f *Forward) handleConnect(authority string, ctx *goproxy.ProxyCtx) (*gopro
 	s := f.h.settings.Load()
 	log := f.log.With("target", authority, "remote", r.RemoteAddr)
 
+	if f.ln.closed() {
+		ctx.Resp = connectError(http.StatusServiceUnavailable, "byokproxy forward proxy is shutting down; retry shortly")
+		log.Info("forward proxy CONNECT refused: shutting down", "status", http.StatusServiceUnavailable)
+		return goproxy.RejectConnect, authority
+	}
+
 	t, ok := s.connectTarget(authority)
 	if !ok {
 		ctx.Resp = connectError(http.StatusForbidden,
@@ -456,10 +462,8 @@ func newTunnelListener() *tunnelListener {
 
 // push hands c to the server, or returns false once the listener is closed.
 func (l *tunnelListener) push(c net.Conn) bool {
-	select {
-	case <-l.done:
+	if l.closed() {
 		return false
-	default:
 	}
 	select {
 	case l.conns <- c:
@@ -469,11 +473,18 @@ func (l *tunnelListener) push(c net.Conn) bool {
 	}
 }
 
-func (l *tunnelListener) Accept() (net.Conn, error) {
+func (l *tunnelListener) closed() bool {
 	select {
 	case <-l.done:
-		return nil, net.ErrClosed
+		return true
 	default:
+		return false
+	}
+}
+
+func (l *tunnelListener) Accept() (net.Conn, error) {
+	if l.closed() {
+		return nil, net.ErrClosed
 	}
 	select {
 	case c := <-l.conns:

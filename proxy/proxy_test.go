@@ -227,3 +227,15 @@ func sdkHeaders(p string) []string {
 	}
 	return nil
 }
+
+func TestProviderRequestIDPassesThrough(t *testing.T) {
+	st := teststack.Start(t)
+	resp, _ := st.Do(t, "POST", nonStream[provider.OpenAI].path, st.Token(t, "reqid"), nonStream[provider.OpenAI].body)
+	ids := resp.Header.Values("X-Request-Id")
+	if len(ids) != 1 || !strings.HasPrefix(ids[0], "req_") {
+		t.Errorf("X-Request-Id = %q, want the upstream's single id", ids)
+	}
+	if resp.Header.Get("X-Byokproxy-Request-Id") == "" {
+		t.Error("no X-Byokproxy-Request-Id")
+	}
+}

@@ -59,7 +59,9 @@ func exchangeOf(ctx context.Context) *exchange {
 func (h *Handler) serveProvider(w http.ResponseWriter, r *http.Request) {
 	s := h.settings.Load()
 	x := &exchange{id: newRequestID(r), start: time.Now(), method: r.Method}
-	w.Header().Set("X-Request-Id", x.id)
+	// The provider's own x-request-id passes through for the SDKs that read
+	// it, so the proxy's id travels in a header of its own.
+	w.Header().Set("X-Byokproxy-Request-Id", x.id)
 
 	name, rest, _ := splitRoute(r.URL.Path)
 	up := s.upstreams[name]
