@@ -6,9 +6,8 @@ import (
 	"strings"
 )
 
-// credentialHeaders are removed from every request before it is forwarded:
-// whatever the client sent as a credential, the upstream sees only the key
-// the proxy injects.
+// credentialHeaders are removed from every request before it is forwarded,
+// so the upstream receives only the key the proxy injects.
 var credentialHeaders = []string{
 	"Authorization",
 	"X-Api-Key",

@@ -100,8 +100,8 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 	}
 
 	// The usage tap can decode gzip only. Without an Accept-Encoding the
-	// transport asks for gzip itself and decodes it transparently; with one,
-	// it passes the encoded body through for the tap to decode a copy.
+	// transport requests gzip itself and decodes it transparently. With one,
+	// it passes the encoded body through, and the tap decodes a copy.
 	if acceptsGzip(pr.In.Header) && !x.injectUsage {
 		out.Header.Set("Accept-Encoding", "gzip")
 	} else {
@@ -224,15 +224,15 @@ func scrubKey(body []byte, key string) []byte {
 	return maskedKey.ReplaceAll(body, []byte(mask))
 }
 
-// upstreamError answers when the upstream could not be reached or did not
-// send response headers in time.
+// upstreamError writes the error response when the upstream could not be
+// reached or did not send response headers in time.
 func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err error) {
 	x := exchangeOf(r.Context())
 	log := h.log.With("request_id", x.id, "provider", x.up.spec.Name, "mailbox", string(x.mailbox))
 	var tooBig *http.MaxBytesError
 	switch {
 	case r.Context().Err() != nil:
-		// The client went away; nobody reads an answer.
+		// The client went away, so no response is written.
 		x.cancelled = true
 		x.status = 499
 		x.errText = "client disconnected"
@@ -243,7 +243,7 @@ func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err erro
 		x.status = http.StatusRequestEntityTooLarge
 	case isTimeout(err):
 		x.errText = "upstream timed out"
-		x.up.spec.WriteError(w, provider.GatewayTimeout, x.up.spec.Title+" did not answer in time", 0)
+		x.up.spec.WriteError(w, provider.GatewayTimeout, x.up.spec.Title+" did not respond in time", 0)
 		x.status = http.StatusGatewayTimeout
 	default:
 		x.errText = "upstream unreachable"

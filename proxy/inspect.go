@@ -9,7 +9,7 @@ import (
 	"github.com/byokproxy/byokproxy/provider"
 )
 
-// requestInfo is what the proxy reads from a JSON request body.
+// requestInfo holds the fields the proxy reads from a JSON request body.
 type requestInfo struct {
 	Model              string          `json:"model"`
 	Stream             bool            `json:"stream"`
@@ -41,7 +41,7 @@ func needsBody(prov, method, path string, h http.Header) bool {
 	return false
 }
 
-// includeUsage reports whether stream_options asks for usage.
+// includeUsage reports whether stream_options requests usage.
 func (ri *requestInfo) includeUsage() bool {
 	if len(ri.StreamOptions) == 0 {
 		return false
@@ -75,7 +75,7 @@ func withIncludeUsage(body []byte) ([]byte, error) {
 	return json.Marshal(doc)
 }
 
-// isStreamPath reports whether a Google path asks for a stream.
+// isGoogleStream reports whether a Google path requests a stream.
 func isGoogleStream(path string) bool {
 	return strings.HasSuffix(path, ":streamGenerateContent")
 }

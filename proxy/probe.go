@@ -60,7 +60,7 @@ func (p *Prober) Probe(r *http.Request, prov string, key *keystore.Secret) admin
 	resp, err := transport.RoundTrip(req)
 	if err != nil {
 		if isTimeout(err) || errors.Is(ctx.Err(), context.DeadlineExceeded) {
-			return admin.ProbeResult{Error: fmt.Sprintf("%s did not answer within %s", spec.Title, pc.ProbeTimeout)}
+			return admin.ProbeResult{Error: fmt.Sprintf("timed out: %s did not respond within %s", spec.Title, pc.ProbeTimeout)}
 		}
 		return admin.ProbeResult{Error: fmt.Sprintf("could not connect to %s: %s", spec.Title, scrubText(err.Error(), keyText))}
 	}

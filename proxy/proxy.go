@@ -143,7 +143,7 @@ func (h *Handler) newUpstream(spec *provider.Spec, pc *config.Provider, timeout 
 
 // newTransport returns the transport of one upstream. The default transport
 // keeps two idle connections per host, so under load it would keep opening
-// new ones; a proxy talks to one host per provider and keeps many.
+// new ones. A proxy talks to one host per provider, so it keeps many.
 func newTransport(caFile string, headerTimeout time.Duration) (*http.Transport, error) {
 	t := &http.Transport{
 		Proxy: nil, // requests go to the configured upstream, never through an environment proxy
@@ -190,7 +190,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.serveProvider(w, r)
 }
 
-// ready answers 200 when Redis answers and an identity is loaded.
+// ready returns 200 when Redis responds to PING and an identity is loaded.
 func (h *Handler) ready(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()

@@ -271,8 +271,8 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 	return true
 }
 
-// reject answers an error before any mailbox is known: no audit event, since
-// it has no mailbox to belong to.
+// reject writes an error response for a request with no known mailbox. It
+// records no audit event, because the event would have no mailbox.
 func (h *Handler) reject(w http.ResponseWriter, x *exchange, log *slog.Logger, kind provider.ErrorKind, msg string, retry time.Duration) {
 	x.up.spec.WriteError(w, kind, msg, retry)
 	x.status = kind.Status()
@@ -282,7 +282,8 @@ func (h *Handler) reject(w http.ResponseWriter, x *exchange, log *slog.Logger, k
 	log.Info("request rejected", "status", x.status, "error", msg)
 }
 
-// rejectAudited answers an error for a known mailbox and records it.
+// rejectAudited writes an error response for a known mailbox and records
+// an audit event for it.
 func (h *Handler) rejectAudited(w http.ResponseWriter, x *exchange, log *slog.Logger, kind provider.ErrorKind, msg string, retry time.Duration) {
 	h.reject(w, x, log, kind, msg, retry)
 	h.audit.Record(audit.Entry{Event: h.event(x, nil)})
