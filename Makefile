@@ -8,7 +8,7 @@ SHELL := /bin/bash
 TEST_CMD := go test -race -count=1 -timeout 20m ./...
 
 # Folders whose npm packages the tests use.
-NPM_DIRS := e2e/sdk ui
+NPM_DIRS := e2e/sdk e2e/forward ui
 
 GOBIN_DIR := $(shell go env GOPATH 2>/dev/null)/bin
 STATICCHECK := $(GOBIN_DIR)/staticcheck

@@ -163,7 +163,6 @@ type tapBody struct {
 	io.ReadCloser
 	x    *exchange
 	sink io.WriteCloser
-	err  error
 }
 
 func (b *tapBody) Read(p []byte) (int, error) {

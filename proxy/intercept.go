@@ -47,25 +47,26 @@ const (
 )
 
 // Forward is byokproxy's HTTPS_PROXY-style front. It accepts CONNECT only to
-// the host:port of a configured https upstream, terminates the client's TLS
-// with a certificate for that host signed by its CA, and serves the
-// decrypted requests with the Handler as if they had arrived on the
-// provider's route prefix: https://api.openai.com/v1/chat/completions is
-// served as /openai/v1/chat/completions, with the same token check, key
-// injection, streaming, audit events and metrics.
+// the host:port of a configured https upstream and terminates the client's
+// TLS with a certificate for that host signed by its CA. The Handler serves
+// the decrypted requests as if they had arrived on the provider's route
+// prefix: https://api.openai.com/v1/chat/completions is served as
+// /openai/v1/chat/completions, with the same token check, key injection,
+// streaming, audit events and metrics.
 //
 // A mailbox token in Proxy-Authorization (Basic, the password is the token)
 // is checked at CONNECT time, where a wrong or revoked one gets 407, and
 // then replaces whatever credential the intercepted requests carry. Without
 // one, each intercepted request needs its token in its usual auth slot.
-// Plain HTTP proxy requests and CONNECT to any other destination get 403;
-// the proxy never opens a connection to the destination a client names.
+// Plain HTTP proxy requests and CONNECT to any other destination get 403.
+// The proxy never opens a connection to the destination a client names.
 //
-// goproxy parses the CONNECT request and hijacks the connection. The
-// intercepted connections are served by an http.Server of their own rather
-// than goproxy's MITM loop, because the Handler is an http.Handler that
-// flushes each streamed event, needs full-duplex HTTP/1.1 and bounded header
-// sizes and idle times, and must finish its streams on shutdown.
+// goproxy parses the CONNECT request and hijacks the connection. An
+// http.Server of its own then serves the intercepted connections, in place
+// of goproxy's MITM loop (v1.9.4), which takes a whole *http.Response from a
+// handler and has no header size limit, idle timeout or graceful shutdown.
+// Served this way, the Handler flushes each streamed event, gets
+// full-duplex HTTP/1.1 and HTTP/2, and finishes its streams on shutdown.
 type Forward struct {
 	h     *Handler
 	log   *slog.Logger
@@ -79,7 +80,8 @@ type Forward struct {
 	tunnels sync.Map
 }
 
-// tunnel is what the CONNECT request established for one connection.
+// tunnel is the CONNECT target and proxy token of one intercepted
+// connection.
 type tunnel struct {
 	authority string // host:port, host in lower case
 	host      string // authority without the port
@@ -106,9 +108,10 @@ func NewForward(h *Handler, ca tls.Certificate, log *slog.Logger) (*Forward, err
 
 	gp := goproxy.NewProxyHttpServer()
 	gp.Logger = goproxyLogger{log}
-	gp.NonproxyHandler = http.HandlerFunc(f.refusePlain)
+	gp.NonproxyHandler = http.HandlerFunc(f.rejectPlain)
 	// Every CONNECT is either rejected or hijacked below, so goproxy's own
-	// tunnels and round trips never run; these stop them if they ever did.
+	// tunnels and round trips never run, and these dialers stop them if they
+	// ever did.
 	gp.Tr = &http.Transport{
 		Proxy: nil,
 		DialContext: func(context.Context, string, string) (net.Conn, error) {
@@ -133,8 +136,8 @@ func NewForward(h *Handler, ca tls.Certificate, log *slog.Logger) (*Forward, err
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug),
 	}
 	if maxHeader > 0 {
-		// The Handler answers oversized headers in the provider's shape; the
-		// server's own limit sits above it as a hard stop.
+		// The Handler rejects oversized headers in the provider's shape, and
+		// the server's own limit sits above it as a hard stop.
 		f.server.MaxHeaderBytes = 2 * maxHeader
 	}
 	go f.server.Serve(f.ln)
@@ -145,7 +148,7 @@ func NewForward(h *Handler, ca tls.Certificate, log *slog.Logger) (*Forward, err
 // goproxy, everything else gets 403.
 func (f *Forward) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodConnect {
-		f.refusePlain(w, r)
+		f.rejectPlain(w, r)
 		return
 	}
 	f.connect.ServeHTTP(w, r)
@@ -164,10 +167,10 @@ func (f *Forward) Close() error {
 	return f.server.Close()
 }
 
-func (f *Forward) refusePlain(w http.ResponseWriter, r *http.Request) {
+func (f *Forward) rejectPlain(w http.ResponseWriter, r *http.Request) {
 	http.Error(w, "byokproxy forward proxy: only HTTPS through CONNECT to a configured provider upstream is allowed", http.StatusForbidden)
 	// The host only: a query could carry a token.
-	f.log.Info("forward proxy request refused: not a CONNECT",
+	f.log.Info("forward proxy request rejected: not a CONNECT",
 		"method", r.Method, "host", r.URL.Host, "remote", r.RemoteAddr, "status", http.StatusForbidden)
 }
 
@@ -181,7 +184,7 @@ func (f *Forward) handleConnect(authority string, ctx *goproxy.ProxyCtx) (*gopro
 
 	if f.ln.closed() {
 		ctx.Resp = connectError(http.StatusServiceUnavailable, "byokproxy forward proxy is shutting down; retry shortly")
-		log.Info("forward proxy CONNECT refused: shutting down", "status", http.StatusServiceUnavailable)
+		log.Info("forward proxy CONNECT rejected: shutting down", "status", http.StatusServiceUnavailable)
 		return goproxy.RejectConnect, authority
 	}
 
@@ -189,7 +192,7 @@ func (f *Forward) handleConnect(authority string, ctx *goproxy.ProxyCtx) (*gopro
 	if !ok {
 		ctx.Resp = connectError(http.StatusForbidden,
 			"byokproxy forward proxy: CONNECT to "+authority+" is not allowed; only the hosts of the configured provider upstreams are reachable")
-		log.Info("forward proxy CONNECT refused: not a configured upstream", "status", http.StatusForbidden)
+		log.Info("forward proxy CONNECT rejected: not a configured upstream", "status", http.StatusForbidden)
 		return goproxy.RejectConnect, authority
 	}
 
@@ -200,7 +203,7 @@ func (f *Forward) handleConnect(authority string, ctx *goproxy.ProxyCtx) (*gopro
 	if err != nil {
 		ctx.Resp = connectError(http.StatusProxyAuthRequired,
 			"byokproxy forward proxy: "+err.Error()+"; use the mailbox token as the proxy password, as in http://mbx:TOKEN@HOST:PORT")
-		log.Info("forward proxy CONNECT refused: bad proxy credential", "status", http.StatusProxyAuthRequired, "error", err)
+		log.Info("forward proxy CONNECT rejected: invalid proxy credential", "status", http.StatusProxyAuthRequired, "error", err)
 		return goproxy.RejectConnect, authority
 	}
 	t.token = token
@@ -215,9 +218,9 @@ func (f *Forward) handleConnect(authority string, ctx *goproxy.ProxyCtx) (*gopro
 }
 
 // checkToken verifies a token from Proxy-Authorization, including its
-// generation, so a revoked token is turned away before any TLS work. When
-// Redis does not answer, the CONNECT goes ahead: every intercepted request
-// reads the generation again and gets 503 while Redis is down.
+// generation, so a revoked token is rejected before any TLS work. When
+// Redis is unreachable, the CONNECT goes ahead, because every intercepted
+// request reads the generation again and gets 503 while Redis is down.
 func (f *Forward) checkToken(ctx context.Context, signer *mailbox.Signer, token string, log *slog.Logger) error {
 	id, gen, err := signer.Verify(token)
 	if err != nil {
@@ -236,8 +239,9 @@ func (f *Forward) checkToken(ctx context.Context, signer *mailbox.Signer, token 
 	return nil
 }
 
-// intercept answers the CONNECT, completes the TLS handshake as the target
-// host and hands the connection to the server of intercepted connections.
+// intercept sends the CONNECT's 200, completes the TLS handshake as the
+// target host and hands the connection to the server of intercepted
+// connections.
 func (f *Forward) intercept(r *http.Request, client net.Conn, t *tunnel, log *slog.Logger) {
 	client.SetDeadline(time.Now().Add(handshakeTimeout))
 	established := fmt.Sprintf("HTTP/%d.%d 200 Connection established\r\n\r\n", max(r.ProtoMajor, 1), r.ProtoMinor)
@@ -249,8 +253,8 @@ func (f *Forward) intercept(r *http.Request, client net.Conn, t *tunnel, log *sl
 	conn := tls.Server(client, &tls.Config{
 		MinVersion: tls.VersionTLS12,
 		NextProtos: []string{"h2", "http/1.1"},
-		// The certificate names the CONNECT host whatever the client's
-		// SNI says, so a client that asks for another name fails to verify.
+		// The certificate names the CONNECT host whatever server name the
+		// client sends, so a client expecting another name fails to verify.
 		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 			return f.leafs.get(t.host)
 		},
@@ -282,7 +286,7 @@ func (f *Forward) serveIntercepted(w http.ResponseWriter, r *http.Request) {
 	if !f.h.settings.Load().rebase(t.authority, r.URL) {
 		msg := fmt.Sprintf("no configured provider upstream at https://%s serves path %s", t.authority, r.URL.Path)
 		provider.Guess(r).WriteError(w, provider.NotFound, msg, 0)
-		f.log.Info("forward proxy request refused: no upstream route", "target", t.authority, "path", r.URL.Path, "status", http.StatusNotFound)
+		f.log.Info("forward proxy request rejected: no upstream route", "target", t.authority, "path", r.URL.Path, "status", http.StatusNotFound)
 		return
 	}
 	if t.token != "" {
@@ -418,7 +422,7 @@ func proxyToken(h http.Header) (token string, present bool, err error) {
 	return token, true, nil
 }
 
-// connectError is the response goproxy writes before closing a refused
+// connectError is the response goproxy writes before closing a rejected
 // CONNECT.
 func connectError(status int, msg string) *http.Response {
 	body := msg + "\n"
@@ -573,6 +577,7 @@ func (c *leafCache) mint(host string, now time.Time) (*tls.Certificate, error) {
 	if notBefore.Before(c.ca.NotBefore) {
 		notBefore = c.ca.NotBefore
 	}
+
 	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
 	if err != nil {
 		return nil, err
@@ -591,6 +596,7 @@ func (c *leafCache) mint(host string, now time.Time) (*tls.Certificate, error) {
 	} else {
 		tmpl.DNSNames = []string{host}
 	}
+
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, err

@@ -66,7 +66,7 @@ type forwardEnv struct {
 	// byokToken names a mailbox whose source is byok for both providers,
 	// sharedToken one on the shared keys.
 	byokToken, sharedToken string
-	log       *syncLog
+	log                    *syncLog
 }
 
 // syncLog collects the proxy's log lines for tests that look for a line.
@@ -516,8 +516,8 @@ func TestForwardStreamFlushesEachEvent(t *testing.T) {
 			case <-ctx.Done():
 				t.Fatal("the first event did not reach the client while the upstream held the stream")
 			}
-			if held := up.HeldStreams(); held != 1 {
-				t.Errorf("upstream holds %d streams, want 1: the first event must arrive while the stream is held", held)
+			if count := up.HeldStreams(); count != 1 {
+				t.Errorf("upstream holds %d streams, want 1: the first event must arrive while the stream is held", count)
 			}
 			up.Release()
 
@@ -774,10 +774,9 @@ func TestForwardRefusesOtherDestinations(t *testing.T) {
 			}
 		})
 	}
-	// Google's default upstream is configured, but only OpenAI and Anthropic
-	// point at emulators; the row above shows a configured upstream on the
-	// default host is not matched by a lookalike, and this one shows the
-	// Google default host itself is allowed.
+	// Google keeps its default upstream, so its real host is a configured
+	// destination and the CONNECT is accepted. No request follows, so
+	// nothing reaches that host.
 	if resp, body := env.rawConnect(t, "generativelanguage.googleapis.com:443", ""); resp.StatusCode != http.StatusOK {
 		t.Errorf("CONNECT to the configured Google host: status %d, want 200: %s", resp.StatusCode, body)
 	}
@@ -797,8 +796,8 @@ func TestForwardRefusesOtherDestinations(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the marker connection was not accepted")
 	}
-	if !strings.Contains(env.log.String(), "forward proxy CONNECT refused: not a configured upstream") {
-		t.Errorf("no log line for the refused CONNECT")
+	if !strings.Contains(env.log.String(), "forward proxy CONNECT rejected: not a configured upstream") {
+		t.Errorf("no log line for the rejected CONNECT")
 	}
 }
 
@@ -844,8 +843,8 @@ func TestForwardRefusesPlainRequests(t *testing.T) {
 		t.Errorf("the proxy connected to %s", c.LocalAddr())
 	default:
 	}
-	if !strings.Contains(env.log.String(), "forward proxy request refused: not a CONNECT") {
-		t.Errorf("no log line for the refused plain request")
+	if !strings.Contains(env.log.String(), "forward proxy request rejected: not a CONNECT") {
+		t.Errorf("no log line for the rejected plain request")
 	}
 }
 
@@ -1128,15 +1127,15 @@ func TestForwardShutdownWaitsForStreams(t *testing.T) {
 	}()
 	// Once Shutdown has begun, a new CONNECT gets 503.
 	target := strings.TrimPrefix(up.URL, "https://")
-	refused := false
+	rejected := false
 	for range 200 {
 		if resp, _ := env.rawConnect(t, target, ""); resp.StatusCode == http.StatusServiceUnavailable {
-			refused = true
+			rejected = true
 			break
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	if !refused {
+	if !rejected {
 		t.Error("CONNECT during shutdown did not get 503")
 	}
 	if done.Load() {

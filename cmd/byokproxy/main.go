@@ -14,6 +14,16 @@ Usage:
   byokproxy serve --dev           run with an in-process store, no services needed
   byokproxy healthcheck [--url URL]
                                   exit 0 if the proxy's /healthz answers 200
+  byokproxy keys set|show|rm|use|test MAILBOX [PROVIDER] ...
+                                  manage a mailbox's keys through the admin API
+  byokproxy token issue|revoke MAILBOX
+                                  print or revoke a mailbox's token
+  byokproxy identity new [--out FILE]
+                                  create an age identity for keystore.identity_file
+  byokproxy identity rewrap --config FILE
+                                  encrypt every stored key to the first identity
+  byokproxy ca new --cert FILE --key FILE
+                                  create the CA of the forward proxy (forward.ca_cert_file)
 
 Run "byokproxy COMMAND --help" for the flags of a command.
 `
@@ -29,6 +39,14 @@ func main() {
 		err = serve(os.Args[2:])
 	case "healthcheck":
 		err = healthcheck(os.Args[2:])
+	case "keys":
+		os.Exit(keysCommand(os.Args[2:], osIO()))
+	case "token":
+		os.Exit(tokenCommand(os.Args[2:], osIO()))
+	case "identity":
+		os.Exit(identityCommand(os.Args[2:], osIO()))
+	case "ca":
+		os.Exit(caCommand(os.Args[2:], osIO()))
 	case "help", "-h", "--help":
 		fmt.Print(usage)
 		return

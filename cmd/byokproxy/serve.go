@@ -81,17 +81,39 @@ func serve(args []string) error {
 	if err != nil {
 		return err
 	}
+	prober := proxy.NewProber(cfg)
 	adminAPI := admin.New(admin.Options{
 		Store: store, Signer: signer, Audit: writer, Token: cfg.Admin.Token,
 		MonthlyTokenLimit: cfg.Metering.MonthlyTokenLimit,
-		Prober:            proxy.NewProber(cfg),
+		Prober:            prober,
 		Logger:            log.With("component", "admin"),
 	})
+	// SIGHUP or a change of the config, identity or secret files reloads
+	// what can change without a restart.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	reloadCtx, stopReload := context.WithCancel(context.Background())
+	defer stopReload()
+	go newReloader(fs, cfg, log.With("component", "reload"), handler, adminAPI, prober, store).run(reloadCtx, hup, reloadPollInterval)
 
 	servers := []*listener{
 		{name: "proxy", addr: cfg.Listen, tls: cfg.TLS, handler: handler, maxHeader: cfg.Limits.MaxHeaderBytes},
 		{name: "admin", addr: cfg.Admin.Listen, tls: cfg.Admin.TLS, handler: adminAPI},
 		{name: "metrics", addr: cfg.Metrics.Listen, handler: promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})},
+	}
+	var forward *proxy.Forward
+	if cfg.Forward.Listen != "" {
+		ca, caFile, err := forwardCA(cfg)
+		if err != nil {
+			return err
+		}
+		forward, err = proxy.NewForward(handler, ca, log.With("component", "forward"))
+		if err != nil {
+			return err
+		}
+		servers = append(servers, &listener{name: "forward", addr: cfg.Forward.Listen, handler: forward, maxHeader: cfg.Limits.MaxHeaderBytes})
+		log.Info("forward proxy enabled", "forward_listen", cfg.Forward.Listen, "ca_cert_file", caFile)
 	}
 	errs := make(chan error, len(servers))
 	for _, s := range servers {
@@ -127,6 +149,14 @@ func serve(args []string) error {
 		if err := s.srv.Shutdown(ctx); err != nil {
 			log.Warn("requests still running at the end of the grace period", "listener", s.name, "error", err)
 			s.srv.Close()
+		}
+	}
+	// The forward listener's Shutdown does not wait for hijacked tunnels, so
+	// the intercepted requests inside them are drained here.
+	if forward != nil {
+		if err := forward.Shutdown(ctx); err != nil {
+			log.Warn("intercepted requests still running at the end of the grace period", "listener", "forward", "error", err)
+			forward.Close()
 		}
 	}
 	flushCtx, cancelFlush := context.WithTimeout(context.Background(), max(cfg.ShutdownGrace/2, 5*time.Second))
