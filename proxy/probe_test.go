@@ -157,7 +157,7 @@ func TestProbeSlowUpstream(t *testing.T) {
 			if ok || status != 0 {
 				t.Fatalf("Probe = ok %v, status %d; want not ok, status 0", ok, status)
 			}
-			if !strings.Contains(msg, "did not answer within 200ms") {
+			if !strings.Contains(msg, "did not respond within 200ms") {
 				t.Errorf("error = %q, want a timeout naming 200ms", msg)
 			}
 			if elapsed := time.Since(start); elapsed > 5*time.Second {

@@ -87,7 +87,8 @@ const keysUsage = `Usage:
   byokproxy keys rm MAILBOX PROVIDER             remove a key; the source returns to shared
   byokproxy keys use MAILBOX PROVIDER shared|byok
                                                  select the key source
-  byokproxy keys test MAILBOX PROVIDER           send a one-token request with the stored key
+  byokproxy keys test MAILBOX PROVIDER           send a one-token request with the stored key;
+                                                 exits 1 when the provider rejects it
 
 PROVIDER is anthropic, openai or google. "keys set" reads the key from
 standard input, such as:
@@ -132,7 +133,7 @@ func newClientFlags(name, usage string, cio cliIO, withPlaintext bool) *clientFl
 	}
 	cf.fs.SetOutput(cio.stderr)
 	cf.fs.StringVar(&cf.adminURL, "admin", defaultURL, "base `URL` of the proxy's admin API (admin.listen); env "+envAdminURL)
-	cf.fs.BoolVar(&cf.json, "json", false, "print the admin API's JSON answer instead of readable lines")
+	cf.fs.BoolVar(&cf.json, "json", false, "print the admin API's JSON response instead of readable lines")
 	cf.fs.DurationVar(&cf.timeout, "timeout", 30*time.Second, "maximum time for each admin API call")
 	if withPlaintext {
 		cf.fs.BoolVar(&cf.plaintext, "plaintext", false, `keys set: send the key as {"key":...} over the admin connection instead of encrypting it to the proxy's recipient first`)
@@ -582,7 +583,7 @@ type adminClient struct {
 type apiError struct {
 	Status  int
 	Message string
-	// Hint is what to do about it.
+	// Hint is the next step for the user.
 	Hint string
 }
 
