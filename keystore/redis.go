@@ -9,9 +9,16 @@ import (
 	"github.com/byokproxy/byokproxy/config"
 )
 
+// fewRetries is the retry count of every Redis command and dial.
+const fewRetries = 1
+
 // OpenRedis returns a client for the configured topology: redis.url for one
 // node, redis.addrs with redis.master_name for Sentinel, and redis.addrs
 // alone for a Cluster. Username, password, TLS and timeout apply to all.
+//
+// Retries are kept to one, so a request that needs a Redis that is down
+// fails in about two timeouts instead of waiting through go-redis's default
+// dial retries (five, with backoff). The audit writer retries on its own.
 func OpenRedis(c config.Redis) (redis.UniversalClient, error) {
 	var tlsConfig *tls.Config
 	if c.TLS {
@@ -19,14 +26,16 @@ func OpenRedis(c config.Redis) (redis.UniversalClient, error) {
 	}
 	if len(c.Addrs) > 0 {
 		return redis.NewUniversalClient(&redis.UniversalOptions{
-			Addrs:        c.Addrs,
-			MasterName:   c.MasterName,
-			Username:     c.Username,
-			Password:     c.Password,
-			TLSConfig:    tlsConfig,
-			DialTimeout:  c.Timeout,
-			ReadTimeout:  c.Timeout,
-			WriteTimeout: c.Timeout,
+			Addrs:         c.Addrs,
+			MasterName:    c.MasterName,
+			Username:      c.Username,
+			Password:      c.Password,
+			TLSConfig:     tlsConfig,
+			DialTimeout:   c.Timeout,
+			ReadTimeout:   c.Timeout,
+			WriteTimeout:  c.Timeout,
+			MaxRetries:    fewRetries,
+			DialerRetries: fewRetries,
 		}), nil
 	}
 	opts, err := redis.ParseURL(c.URL)
@@ -47,5 +56,7 @@ func OpenRedis(c config.Redis) (redis.UniversalClient, error) {
 		opts.ReadTimeout = c.Timeout
 		opts.WriteTimeout = c.Timeout
 	}
+	opts.MaxRetries = fewRetries
+	opts.DialerRetries = fewRetries
 	return redis.NewClient(opts), nil
 }

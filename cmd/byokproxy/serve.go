@@ -42,6 +42,7 @@ func serve(args []string) error {
 	}
 	log := newLogger(cfg, os.Stderr)
 	disableCoreDumps(log)
+	redis.SetLogger(redisLogger{log: log.With("component", "redis")})
 
 	ids, rdb, cleanup, err := openStore(cfg, log)
 	if err != nil {
@@ -261,12 +262,15 @@ func openStore(cfg *config.Config, log *slog.Logger) (*keystore.Identities, redi
 		return nil, nil, nil, err
 	}
 	// A Redis that is down at start is not fatal: /readyz reports it and
-	// requests answer 503 until it is back.
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-	defer cancel()
-	if err := rdb.Ping(ctx).Err(); err != nil {
-		log.Warn("redis unreachable at start; requests that need it answer 503 until it is back", "error", err)
-	}
+	// requests get 503 until it is back. The check runs beside the start so
+	// the listeners come up at once.
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		if err := rdb.Ping(ctx).Err(); err != nil {
+			log.Warn("redis unreachable at start; requests that need it get 503 until it is back", "error", err)
+		}
+	}()
 	return ids, rdb, func() { rdb.Close() }, nil
 }
 
