@@ -13,7 +13,7 @@ NPM_DIRS := e2e/sdk e2e/forward ui
 GOBIN_DIR := $(shell go env GOPATH 2>/dev/null)/bin
 STATICCHECK := $(GOBIN_DIR)/staticcheck
 
-.PHONY: run build deps test lint clean
+.PHONY: run build deps test lint clean ui
 
 run:
 	go run ./cmd/byokproxy serve --dev
@@ -72,6 +72,14 @@ lint:
 		go install honnef.co/go/tools/cmd/staticcheck@latest; \
 	fi
 	$(STATICCHECK) ./...
+
+# Rebuilds the settings page from ui/ into admin/uiassets, which is committed
+# so that "go build" needs no Node.js. Run it after changing anything in ui/.
+ui:
+	@if [ ! -d ui/node_modules ] || [ ui/package-lock.json -nt ui/node_modules ]; then \
+		(cd ui && npm ci && touch node_modules); \
+	fi
+	cd ui && npm run build
 
 clean:
 	rm -rf bin/ e2e/artifacts/ coverage.out coverage.html

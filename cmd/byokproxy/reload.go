@@ -35,8 +35,11 @@ type reloader struct {
 
 	handler *proxy.Handler
 	admin   *admin.API
-	prober  *proxy.Prober
-	store   *keystore.Store
+	// ui, when not nil, is the admin listener's handler with the settings
+	// page; it gets the admin token on each reload too.
+	ui     *admin.UI
+	prober *proxy.Prober
+	store  *keystore.Store
 
 	mu       sync.Mutex
 	current  *config.Config
@@ -185,6 +188,11 @@ func (r *reloader) reload() error {
 	}
 
 	r.admin.SetToken(cfg.Admin.Token)
+	if r.ui != nil {
+		// The settings page signs in with the admin token and derives its
+		// session key from it, so it must change with the API's.
+		r.ui.SetToken(cfg.Admin.Token)
+	}
 	r.admin.SetSigner(signer)
 	r.admin.SetDefaultLimit(cfg.Metering.MonthlyTokenLimit)
 	r.prober.SetConfig(cfg)

@@ -89,6 +89,13 @@ func serve(args []string) error {
 		Prober:            prober,
 		Logger:            log.With("component", "admin"),
 	})
+	// The page under /ui/ and its session cookie exist only with admin.ui;
+	// otherwise every request goes to the API unchanged and /ui/ is a 404.
+	adminHandler := admin.NewUI(adminAPI, admin.UIOptions{
+		Enabled: cfg.Admin.UI,
+		Token:   cfg.Admin.Token,
+		Logger:  log.With("component", "admin-ui"),
+	})
 	// SIGHUP or a change of the config, identity or secret files reloads
 	// what can change without a restart.
 	hup := make(chan os.Signal, 1)
@@ -96,11 +103,13 @@ func serve(args []string) error {
 	defer signal.Stop(hup)
 	reloadCtx, stopReload := context.WithCancel(context.Background())
 	defer stopReload()
-	go newReloader(fs, cfg, log.With("component", "reload"), handler, adminAPI, prober, store).run(reloadCtx, hup, reloadPollInterval)
+	reload := newReloader(fs, cfg, log.With("component", "reload"), handler, adminAPI, prober, store)
+	reload.ui = adminHandler
+	go reload.run(reloadCtx, hup, reloadPollInterval)
 
 	servers := []*listener{
 		{name: "proxy", addr: cfg.Listen, tls: cfg.TLS, handler: handler, maxHeader: cfg.Limits.MaxHeaderBytes},
-		{name: "admin", addr: cfg.Admin.Listen, tls: cfg.Admin.TLS, handler: adminAPI},
+		{name: "admin", addr: cfg.Admin.Listen, tls: cfg.Admin.TLS, handler: adminHandler},
 		{name: "metrics", addr: cfg.Metrics.Listen, handler: promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})},
 	}
 	var forward *proxy.Forward
@@ -126,7 +135,7 @@ func serve(args []string) error {
 		}
 		go func() { errs <- s.serve() }()
 	}
-	log.Info("byokproxy started", "listen", cfg.Listen, "admin_listen", cfg.Admin.Listen,
+	log.Info("byokproxy started", "listen", cfg.Listen, "admin_listen", cfg.Admin.Listen, "admin_ui", cfg.Admin.UI,
 		"metrics_listen", cfg.Metrics.Listen, "dev", cfg.Dev, "identities", ids.Len())
 	if cfg.Dev {
 		printDevBanner(cfg)
@@ -283,20 +292,24 @@ func randomToken() string {
 // printDevBanner prints the admin token and a first request to standard
 // error, where a developer running "make run" sees them.
 func printDevBanner(cfg *config.Config) {
+	uiLine := ""
+	if cfg.Admin.UI {
+		uiLine = "\n  key settings page: http://" + cfg.Admin.Listen + "/ui/ (sign in with the admin token)"
+	}
 	fmt.Fprintf(os.Stderr, `
 byokproxy is running in dev mode (in-memory store; everything is lost on exit).
 
   proxy:   http://%[1]s   (SDK base URLs: /openai/v1, /anthropic, /google)
   admin:   http://%[2]s
   metrics: http://%[3]s/metrics
-  admin token: %[4]s
+  admin token: %[4]s%[5]s
 
 Try it:
   export ADMIN_TOKEN=%[4]s
   curl -s -X POST -H "Authorization: Bearer $ADMIN_TOKEN" http://%[2]s/admin/v1/mailboxes/alice@example.com/token
   curl -s -H "Authorization: Bearer $ADMIN_TOKEN" http://%[2]s/admin/v1/mailboxes/alice@example.com
 
-`, cfg.Listen, cfg.Admin.Listen, cfg.Metrics.Listen, cfg.Admin.Token)
+`, cfg.Listen, cfg.Admin.Listen, cfg.Metrics.Listen, cfg.Admin.Token, uiLine)
 }
 
 // disableCoreDumps sets the core file size limit to zero, so a crash never
