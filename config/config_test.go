@@ -1011,3 +1011,13 @@ func TestLogValueHidesSecrets(t *testing.T) {
 		}
 	}
 }
+
+func TestRedisPrefixWithBraceRejected(t *testing.T) {
+	c := Defaults()
+	c.Dev = true
+	c.Redis.Prefix = "tenant{a:"
+	err := c.Validate()
+	if err == nil || !strings.Contains(err.Error(), "config: redis.prefix:") {
+		t.Fatalf("Validate() = %v, want a redis.prefix problem", err)
+	}
+}

@@ -188,6 +188,12 @@ func (c *Config) validateRedis(ps *problems) {
 		ps.add("redis.timeout", "must be more than 0, got "+r.Timeout.String(), "set a duration such as 1s")
 	}
 
+	// Each mailbox's keys carry its id as a Cluster hash tag ({id}); a brace
+	// in the prefix would become the tag instead and split a mailbox's keys
+	// across slots.
+	if strings.ContainsAny(r.Prefix, "{}") {
+		ps.add("redis.prefix", fmt.Sprintf("%q contains a brace", r.Prefix), `use letters, digits and ":" such as "byok:"`)
+	}
 	if r.MasterName != "" && len(r.Addrs) == 0 {
 		ps.add("redis.master_name", "set without redis.addrs", "list the Sentinel addresses in redis.addrs")
 	}

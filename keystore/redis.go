@@ -26,8 +26,12 @@ func OpenRedis(c config.Redis) (redis.UniversalClient, error) {
 	}
 	if len(c.Addrs) > 0 {
 		return redis.NewUniversalClient(&redis.UniversalOptions{
-			Addrs:         c.Addrs,
-			MasterName:    c.MasterName,
+			Addrs:      c.Addrs,
+			MasterName: c.MasterName,
+			// Without a master name, addrs names a Cluster even when it
+			// lists one seed node, such as a Service in front of the nodes;
+			// go-redis would otherwise return a single-node client.
+			IsClusterMode: c.MasterName == "",
 			Username:      c.Username,
 			Password:      c.Password,
 			TLSConfig:     tlsConfig,

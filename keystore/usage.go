@@ -24,8 +24,11 @@ type UsageRecord struct {
 }
 
 // seenTTL is how long a request's usage is remembered as counted, so a batch
-// retried after a lost reply does not count it twice.
-const seenTTL = 7 * 24 * time.Hour
+// retried after a lost reply does not count it twice. The audit writer
+// retries a batch within seconds of its failure (backoff of at most 5 s), so
+// an hour covers a retry with a wide margin while each marker (about 160
+// bytes) leaves Redis soon.
+const seenTTL = time.Hour
 
 // recordUsageScript adds one request's usage unless that request was counted
 // already. KEYS: usage hash, seen marker. ARGV: field prefix, input, output,
