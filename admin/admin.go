@@ -119,6 +119,11 @@ func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *API) authorized(r *http.Request) bool {
+	// Two Authorization headers are ambiguous: components disagree on which
+	// one counts, so neither does.
+	if len(r.Header.Values("Authorization")) != 1 {
+		return false
+	}
 	scheme, token, ok := strings.Cut(r.Header.Get("Authorization"), " ")
 	if !ok || !strings.EqualFold(scheme, "Bearer") || token == "" {
 		return false
@@ -214,7 +219,7 @@ func (a *API) putKey(w http.ResponseWriter, r *http.Request) {
 		spec := provider.Lookup(prov)
 		msg := err.Error()
 		if !strings.Contains(msg, "recipient") {
-			msg = fmt.Sprintf("invalid %s key: %s (expected prefix %q)", spec.Title, spec.KeyRule, spec.KeyPrefix)
+			msg = fmt.Sprintf("invalid %s key: %s", spec.Title, spec.KeyRule)
 		}
 		writeError(w, http.StatusBadRequest, msg)
 		return

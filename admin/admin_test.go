@@ -435,11 +435,11 @@ func TestAdminPutKeyRejectsInvalidInput(t *testing.T) {
 		want             string // part of the error message
 		secret           string // must not appear in the response body
 	}{
-		{"anthropic key as openai", provider.OpenAI, `{"key":"` + anthropicKey + `"}`, 400, `expected prefix "sk-"`, anthropicKey},
-		{"openai key as anthropic", provider.Anthropic, `{"key":"` + openaiKey + `"}`, 400, `expected prefix "sk-ant-"`, openaiKey},
-		{"short google key", provider.Google, `{"key":"` + googleShort + `"}`, 400, `expected prefix "AIza"`, googleShort},
-		{"openai key as google", provider.Google, `{"key":"` + openaiKey + `"}`, 400, `expected prefix "AIza"`, openaiKey},
-		{"empty key", provider.OpenAI, `{"key":""}`, 400, `expected prefix "sk-"`, ""},
+		{"anthropic key as openai", provider.OpenAI, `{"key":"` + anthropicKey + `"}`, 400, `key is "sk-"`, anthropicKey},
+		{"openai key as anthropic", provider.Anthropic, `{"key":"` + openaiKey + `"}`, 400, `key is "sk-ant-"`, openaiKey},
+		{"short google key", provider.Google, `{"key":"` + googleShort + `"}`, 400, `key is "AIza"`, googleShort},
+		{"openai key as google", provider.Google, `{"key":"` + openaiKey + `"}`, 400, `key is "AIza"`, openaiKey},
+		{"empty key", provider.OpenAI, `{"key":""}`, 400, `key is "sk-"`, ""},
 		{"not JSON", provider.OpenAI, `key=` + openaiKey, 400, "not valid JSON", openaiKey},
 		{"truncated JSON", provider.OpenAI, `{"key":"` + openaiKey, 400, "not valid JSON", openaiKey},
 		{"key not a string", provider.OpenAI, `{"key":12345}`, 400, "not valid JSON", ""},
@@ -564,7 +564,7 @@ func TestAdminClientEncryptedKeyServesRequests(t *testing.T) {
 		key := newKey(t, provider.Anthropic)
 		body, _ := json.Marshal(map[string]string{"age": seal(t, rcpt.Recipient, key)})
 		status, resp := f.call(t, http.MethodPut, "/admin/v1/mailboxes/erin/providers/openai/key", string(body))
-		if status != http.StatusBadRequest || !strings.Contains(errorMessage(t, resp), `expected prefix "sk-"`) {
+		if status != http.StatusBadRequest || !strings.Contains(errorMessage(t, resp), `key is "sk-"`) {
 			t.Errorf("status %d, body %s; want 400 naming the expected prefix", status, resp)
 		}
 		if strings.Contains(string(resp), key) {

@@ -686,6 +686,7 @@ redis:
 func TestLoadSecretFileProblems(t *testing.T) {
 	missing := filepath.Join(t.TempDir(), "missing")
 	empty := writeFile(t, "empty", "\n")
+	other := writeFile(t, "other", "sk-9876543210\n")
 	tests := []struct {
 		name string
 		env  []string
@@ -703,8 +704,8 @@ func TestLoadSecretFileProblems(t *testing.T) {
 		},
 		{
 			"value and file",
-			[]string{"BYOKPROXY_PROVIDERS_OPENAI_SHARED_KEY=sk-0123456789", "BYOKPROXY_PROVIDERS_OPENAI_SHARED_KEY_FILE=" + empty},
-			[]string{"config: providers.openai.shared_key: set together with providers.openai.shared_key_file; keep one of them"},
+			[]string{"BYOKPROXY_PROVIDERS_OPENAI_SHARED_KEY=sk-0123456789", "BYOKPROXY_PROVIDERS_OPENAI_SHARED_KEY_FILE=" + other},
+			[]string{"config: providers.openai.shared_key: set together with providers.openai.shared_key_file to a different value; keep one of them"},
 		},
 	}
 	for _, tt := range tests {
@@ -1019,5 +1020,17 @@ func TestRedisPrefixWithBraceRejected(t *testing.T) {
 	err := c.Validate()
 	if err == nil || !strings.Contains(err.Error(), "config: redis.prefix:") {
 		t.Fatalf("Validate() = %v, want a redis.prefix problem", err)
+	}
+}
+
+func TestSameSecretInValueAndFile(t *testing.T) {
+	file := writeFile(t, "token", "admin-token-0123456789abcdef\n")
+	env := []string{"BYOKPROXY_DEV=true", "BYOKPROXY_ADMIN_TOKEN=admin-token-0123456789abcdef", "BYOKPROXY_ADMIN_TOKEN_FILE=" + file}
+	c, err := Load(nil, env)
+	if err != nil {
+		t.Fatalf("Load with the same token in admin.token and admin.token_file: %v", err)
+	}
+	if c.Admin.Token != "admin-token-0123456789abcdef" {
+		t.Errorf("admin.token = %q", c.Admin.Token)
 	}
 }

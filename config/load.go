@@ -427,10 +427,6 @@ func readSecretFile(ps *problems, key string, value *string, path string) {
 		return
 	}
 	fileKey := key + "_file"
-	if *value != "" {
-		ps.add(key, "set together with "+fileKey, "keep one of them")
-		return
-	}
 	data, err := os.ReadFile(path)
 	if err != nil {
 		ps.add(fileKey, err.Error(), "fix the path, or unset "+fileKey+" and set "+key)
@@ -439,6 +435,12 @@ func readSecretFile(ps *problems, key string, value *string, path string) {
 	secret := strings.TrimRight(string(data), "\r\n")
 	if secret == "" {
 		ps.add(fileKey, path+" is empty", "write the secret into it")
+		return
+	}
+	// The same secret in both places is harmless: an operator who exported
+	// BYOKPROXY_ADMIN_TOKEN for the admin CLI runs serve in the same shell.
+	if *value != "" && *value != secret {
+		ps.add(key, "set together with "+fileKey+" to a different value", "keep one of them")
 		return
 	}
 	*value = secret

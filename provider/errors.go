@@ -87,6 +87,12 @@ func (s *Spec) WriteError(w http.ResponseWriter, k ErrorKind, message string, re
 		secs := int64((retryAfter + time.Second - 1) / time.Second)
 		h.Set("Retry-After", strconv.FormatInt(secs, 10))
 	}
+	if k != BadGateway && k != GatewayTimeout && k != Unavailable {
+		// The official SDKs retry a 429 after Retry-After, which for a
+		// monthly allowance can be weeks; x-should-retry: false makes them
+		// raise at once. Errors of the request itself are final too.
+		h.Set("X-Should-Retry", "false")
+	}
 	w.WriteHeader(shapes[k].status)
 	w.Write(body)
 }

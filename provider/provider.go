@@ -49,7 +49,7 @@ var specs = map[string]*Spec{
 		AuthHeader:      "X-Api-Key",
 		KeyPrefix:       "sk-ant-",
 		keyPattern:      regexp.MustCompile(`^sk-ant-[A-Za-z0-9_\-]{8,512}$`),
-		KeyRule:         `an Anthropic key starts with "sk-ant-"`,
+		KeyRule:         `an Anthropic key is "sk-ant-" followed by 8 to 512 letters, digits, "-" or "_"`,
 		ProbeModel:      "claude-haiku-4-5",
 	},
 	OpenAI: {
@@ -60,7 +60,7 @@ var specs = map[string]*Spec{
 		AuthScheme:      "Bearer ",
 		KeyPrefix:       "sk-",
 		keyPattern:      regexp.MustCompile(`^sk-[A-Za-z0-9_\-]{8,512}$`),
-		KeyRule:         `an OpenAI key starts with "sk-" (and not "sk-ant-")`,
+		KeyRule:         `an OpenAI key is "sk-" (not "sk-ant-") followed by 8 to 512 letters, digits, "-" or "_"`,
 		ProbeModel:      "gpt-4o-mini",
 	},
 	Google: {

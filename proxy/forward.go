@@ -148,7 +148,7 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 		x.sniff = &responseIDSniffer{}
 		sink = io.MultiWriter(x.tap, x.sniff)
 	}
-	var body io.ReadCloser = &tapBody{ReadCloser: resp.Body, x: x, sink: usage.NewDecoder(encoding, sink)}
+	var body io.ReadCloser = &tapBody{ReadCloser: resp.Body, ctx: resp.Request.Context(), x: x, sink: usage.NewDecoder(encoding, sink)}
 	// The tap reads the upstream bytes before the filter removes the usage
 	// chunk that the proxy requested for itself.
 	if x.injectUsage && strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream") && encoding == "" {
@@ -161,6 +161,7 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 // tapBody copies what the client is sent to the usage tap as it passes.
 type tapBody struct {
 	io.ReadCloser
+	ctx  context.Context
 	x    *exchange
 	sink io.WriteCloser
 }
@@ -168,10 +169,18 @@ type tapBody struct {
 func (b *tapBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
 	if n > 0 {
+		b.x.received += int64(n)
 		b.sink.Write(p[:n])
 	}
 	if err != nil && err != io.EOF && b.x.errText == "" {
-		b.x.errText = "upstream response cut off: " + err.Error()
+		// A client that hangs up cancels the upstream request, and the
+		// upstream body then fails with the context's error.
+		if b.ctx.Err() != nil {
+			b.x.cancelled = true
+			b.x.errText = "client disconnected"
+		} else {
+			b.x.errText = "upstream response cut off: " + err.Error()
+		}
 	}
 	return n, err
 }
@@ -273,6 +282,9 @@ func (h *Handler) finish(x *exchange, source string, log *slog.Logger) {
 			x.model = counts.Model
 		}
 	}
+	if x.source == keystore.SourceShared && !counts.Seen && x.errText != "" && status < 400 {
+		counts = estimateUsage(x, counts)
+	}
 	h.metrics.Requests.WithLabelValues(name, source, strconv.Itoa(status)).Inc()
 	h.metrics.Duration.WithLabelValues(name, source).Observe(time.Since(x.start).Seconds())
 	if counts.InputTokens > 0 {
@@ -321,4 +333,16 @@ func (h *Handler) event(x *exchange, counts *usage.Counts) audit.Event {
 		e.OutputTokens = counts.OutputTokens
 	}
 	return e
+}
+
+// estimateUsage charges a shared request that ended before the provider
+// reported its usage, such as a stream the client cut off, so cutting
+// streams cannot make the shared key free. It counts one token per four
+// bytes of request body and of response received: more than the provider
+// bills, since the response bytes include the JSON around the text.
+func estimateUsage(x *exchange, counts usage.Counts) usage.Counts {
+	counts.InputTokens = (x.requestBytes + 3) / 4
+	counts.OutputTokens = (x.received + 3) / 4
+	x.errText += "; usage estimated from bytes because the response ended before the provider reported it"
+	return counts
 }

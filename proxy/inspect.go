@@ -18,15 +18,13 @@ type requestInfo struct {
 }
 
 // needsBody reports whether the proxy reads the request body before
-// forwarding it: JSON POSTs to generation endpoints, for the model, the
-// stream flag and the OpenAI stream usage option. Other bodies (uploads,
-// audio) stream through unread.
-func needsBody(prov, method, path string, h http.Header) bool {
+// forwarding it: POSTs to generation endpoints, for the model, the stream
+// flag and the OpenAI stream usage option. These endpoints take JSON only, so
+// the body is read whatever Content-Type says, and a model allowlist cannot
+// be skipped by mislabelling the body. Other bodies (uploads, audio) stream
+// through unread.
+func needsBody(prov, method, path string) bool {
 	if method != http.MethodPost {
-		return false
-	}
-	ct := h.Get("Content-Type")
-	if ct != "" && !strings.Contains(ct, "json") {
 		return false
 	}
 	switch prov {
@@ -78,4 +76,33 @@ func withIncludeUsage(body []byte) ([]byte, error) {
 // isGoogleStream reports whether a Google path requests a stream.
 func isGoogleStream(path string) bool {
 	return strings.HasSuffix(path, ":streamGenerateContent")
+}
+
+// duplicateKey reports whether the top-level JSON object in body has key
+// more than once. Parsers differ on which copy wins, so a body naming two
+// models could pass the allowlist with one and reach the provider with the
+// other.
+func duplicateKey(body []byte, key string) bool {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return false
+	}
+	seen := false
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return false
+		}
+		if name, _ := tok.(string); name == key {
+			if seen {
+				return true
+			}
+			seen = true
+		}
+		var skip json.RawMessage
+		if err := dec.Decode(&skip); err != nil {
+			return false
+		}
+	}
+	return false
 }

@@ -404,3 +404,30 @@ func TestUnknownProviderAndBadPath(t *testing.T) {
 		}
 	}
 }
+
+func TestDuplicateModelAndMailboxHeaders(t *testing.T) {
+	st := teststack.Start(t, func(c *config.Config) {
+		c.Auth.TrustMailboxHeader = true
+		c.Provider(provider.OpenAI).SharedModels = []string{"gpt-4o-mini"}
+	})
+	c := nonStream[provider.OpenAI]
+	resp, _ := st.Do(t, "POST", c.path, st.Token(t, "dup"),
+		`{"model":"o1-pro","model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}`)
+	if resp.StatusCode != 403 {
+		t.Errorf("two model keys on the shared key: status %d, want 403", resp.StatusCode)
+	}
+	req, _ := http.NewRequest("POST", st.ProxyURL+c.path, strings.NewReader(c.body))
+	req.Header.Add("X-Mailbox-Id", "alice")
+	req.Header.Add("X-Mailbox-Id", "bob")
+	r, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Body.Close()
+	if r.StatusCode != 400 {
+		t.Errorf("two X-Mailbox-Id headers: status %d, want 400", r.StatusCode)
+	}
+	if n := len(st.Upstreams[provider.OpenAI].Requests()); n != 0 {
+		t.Errorf("upstream got %d requests", n)
+	}
+}

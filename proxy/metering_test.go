@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"encoding/json"
+	"net/http"
 	"strconv"
 	"strings"
 	"sync"
@@ -307,5 +308,56 @@ func TestMetricsAfterKnownTraffic(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+func TestAllowanceRejectionStopsSDKRetries(t *testing.T) {
+	st := teststack.Start(t, func(c *config.Config) { c.Metering.MonthlyTokenLimit = 1 })
+	token := st.Token(t, "noretry@example.com")
+	st.Do(t, "POST", nonStream[provider.OpenAI].path, token, nonStream[provider.OpenAI].body)
+	st.WaitAudit(t)
+	resp, _ := st.Do(t, "POST", nonStream[provider.OpenAI].path, token, nonStream[provider.OpenAI].body)
+	if resp.StatusCode != 429 {
+		t.Fatalf("status %d, want 429", resp.StatusCode)
+	}
+	// SDKs would otherwise sleep for Retry-After, up to the end of the month.
+	if got := resp.Header.Get("X-Should-Retry"); got != "false" {
+		t.Errorf("X-Should-Retry = %q, want false", got)
+	}
+}
+
+func TestCutStreamStillCharged(t *testing.T) {
+	st := teststack.Start(t)
+	m := "cutter@example.com"
+	token := st.Token(t, m)
+	up := st.Upstreams[provider.OpenAI]
+	up.SetEventDelay(200 * time.Millisecond)
+	req, _ := http.NewRequest("POST", st.ProxyURL+streaming[provider.OpenAI].path, strings.NewReader(streaming[provider.OpenAI].body))
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Read the first event, then hang up before the usage chunk.
+	buf := make([]byte, 64)
+	resp.Body.Read(buf)
+	resp.Body.Close()
+	time.Sleep(500 * time.Millisecond)
+
+	events := teststack.EventsOf(st.AuditEvents(t), m)
+	if len(events) != 1 {
+		t.Fatalf("audit events = %d, want 1", len(events))
+	}
+	e := events[0]
+	if e["input_tokens"].(float64) <= 0 || e["output_tokens"].(float64) <= 0 {
+		t.Errorf("a cut shared stream was recorded as free: %v/%v tokens", e["input_tokens"], e["output_tokens"])
+	}
+	if !strings.Contains(e["error"].(string), "estimated") {
+		t.Errorf("audit error = %q, want it to say the usage was estimated", e["error"])
+	}
+	code, body := st.AdminDo(t, "GET", "/admin/v1/mailboxes/"+m+"/usage", nil)
+	if code != 200 || strings.Contains(string(body), `"input_tokens":0,"output_tokens":0,"requests":1`) {
+		t.Errorf("usage after a cut stream: %s", body)
 	}
 }

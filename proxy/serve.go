@@ -41,6 +41,12 @@ type exchange struct {
 	// previousResponse is the Responses API previous_response_id, if any.
 	previousResponse string
 
+	// requestBytes and received count the request body and the response
+	// bytes from the upstream, for estimating usage the provider never
+	// reported.
+	requestBytes int64
+	received     int64
+
 	status    int
 	errText   string
 	ttfb      time.Time
@@ -105,6 +111,10 @@ func (h *Handler) serveProvider(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	case s.trustMailboxHeader && r.Header.Get("X-Mailbox-Id") != "":
+		if len(r.Header.Values("X-Mailbox-Id")) > 1 {
+			h.reject(w, x, log, provider.BadRequest, "more than one X-Mailbox-Id header; send exactly one", 0)
+			return
+		}
 		x.mailbox, err = mailbox.ParseID(r.Header.Get("X-Mailbox-Id"))
 		if err != nil {
 			h.reject(w, x, log, provider.BadRequest, err.Error(), 0)
@@ -186,7 +196,7 @@ func (h *Handler) admitShared(w http.ResponseWriter, r *http.Request, x *exchang
 	if pathModel != "" {
 		x.model = pathModel
 	}
-	if up.models != nil && r.Method == http.MethodPost && !up.models[x.model] {
+	if up.models != nil && r.Method == http.MethodPost && (!up.models[x.model] || duplicateKey(x.body, "model")) {
 		h.rejectAudited(w, x, log, provider.Forbidden, fmt.Sprintf("model %q is not available on the shared key", x.model), 0)
 		return false
 	}
@@ -234,7 +244,8 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 		x.model = googlePathModel(x.rest)
 		x.stream = isGoogleStream(x.rest)
 	}
-	if !needsBody(spec.Name, r.Method, x.rest, r.Header) {
+	x.requestBytes = max(r.ContentLength, 0)
+	if !needsBody(spec.Name, r.Method, x.rest) {
 		return true
 	}
 	body, err := io.ReadAll(r.Body)
@@ -249,6 +260,7 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 		return false
 	}
 	x.body = body
+	x.requestBytes = int64(len(body))
 	var info requestInfo
 	if err := json.Unmarshal(body, &info); err != nil {
 		// The provider explains a malformed body better than the proxy can,

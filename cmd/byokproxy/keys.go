@@ -363,7 +363,7 @@ func readKey(cio cliIO, id mailbox.ID, spec *provider.Spec) ([]byte, error) {
 	}
 	if !spec.ValidKey(key) {
 		clear(raw)
-		return nil, fmt.Errorf("invalid %s key on standard input: %s (expected prefix %q); nothing was sent", spec.Title, spec.KeyRule, spec.KeyPrefix)
+		return nil, fmt.Errorf("invalid %s key on standard input: %s; nothing was sent", spec.Title, spec.KeyRule)
 	}
 	return key, nil
 }

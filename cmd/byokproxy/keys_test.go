@@ -341,7 +341,7 @@ func TestKeysSetRejectsBadInput(t *testing.T) {
 		{"key as argument", "", []string{"keys", "set", "dan", "openai", key}, exitUsage, "pipe it to standard input", key},
 		{"empty stdin", "", []string{"keys", "set", "dan", "openai"}, exitFailure, "no key on standard input", ""},
 		{"blank stdin", " \n\t\n", []string{"keys", "set", "dan", "openai"}, exitFailure, "no key on standard input", ""},
-		{"wrong format", anthropicKey, []string{"keys", "set", "dan", "openai"}, exitFailure, `expected prefix "sk-"`, anthropicKey},
+		{"wrong format", anthropicKey, []string{"keys", "set", "dan", "openai"}, exitFailure, `key is "sk-"`, anthropicKey},
 		{"too much input", strings.Repeat("a", maxKeyInput+10), []string{"keys", "set", "dan", "openai"}, exitFailure, "more than", ""},
 		{"missing provider", key, []string{"keys", "set", "dan"}, exitUsage, "MAILBOX PROVIDER", key},
 		{"unknown provider", key, []string{"keys", "set", "dan", "mistral"}, exitUsage, `invalid PROVIDER "mistral"`, key},

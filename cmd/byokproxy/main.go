@@ -3,8 +3,12 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
+	"runtime/debug"
+
+	"github.com/spf13/pflag"
 )
 
 const usage = `byokproxy: a reverse proxy that injects per-mailbox provider keys
@@ -24,6 +28,8 @@ Usage:
                                   encrypt every stored key to the first identity
   byokproxy ca new --cert FILE --key FILE
                                   create the CA of the forward proxy (forward.ca_cert_file)
+
+  byokproxy version               print the version
 
 Run "byokproxy COMMAND --help" for the flags of a command.
 `
@@ -47,6 +53,9 @@ func main() {
 		os.Exit(identityCommand(os.Args[2:], osIO()))
 	case "ca":
 		os.Exit(caCommand(os.Args[2:], osIO()))
+	case "version", "--version":
+		fmt.Println("byokproxy " + version())
+		return
 	case "help", "-h", "--help":
 		fmt.Print(usage)
 		return
@@ -54,8 +63,28 @@ func main() {
 		fmt.Fprintf(os.Stderr, "byokproxy: unknown command %q\n\n%s", os.Args[1], usage)
 		os.Exit(2)
 	}
+	if errors.Is(err, pflag.ErrHelp) {
+		// The flag set printed the help text already.
+		return
+	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "byokproxy: %v\n", err)
 		os.Exit(1)
 	}
+}
+
+// version returns the module version and VCS revision the binary was built
+// from, as the Go toolchain records them.
+func version() string {
+	info, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "unknown"
+	}
+	v := info.Main.Version
+	for _, setting := range info.Settings {
+		if setting.Key == "vcs.revision" && len(setting.Value) >= 12 {
+			v += " (" + setting.Value[:12] + ")"
+		}
+	}
+	return v
 }

@@ -146,7 +146,7 @@ func serve(args []string) error {
 	var serveErr error
 	select {
 	case sig := <-sigs:
-		log.Info("shutting down", "signal", sig.String(), "grace", cfg.ShutdownGrace)
+		log.Info("shutting down", "signal", sig.String(), "grace", cfg.ShutdownGrace.String())
 	case serveErr = <-errs:
 		log.Error("listener failed, shutting down", "error", serveErr)
 	}
