@@ -118,6 +118,10 @@ func serve(args []string) error {
 		if err != nil {
 			return err
 		}
+		if cfg.Dev && cfg.Forward.CACertFile == "" {
+			// The dev CA lives for one run; its certificate file goes with it.
+			defer os.Remove(caFile)
+		}
 		forward, err = proxy.NewForward(handler, ca, log.With("component", "forward"))
 		if err != nil {
 			return err
