@@ -13,7 +13,7 @@ NPM_DIRS := e2e/sdk e2e/forward ui
 GOBIN_DIR := $(shell go env GOPATH 2>/dev/null)/bin
 STATICCHECK := $(GOBIN_DIR)/staticcheck
 
-.PHONY: run build deps test lint clean ui
+.PHONY: run build deps test lint clean ui fuzz soak
 
 run:
 	go run ./cmd/byokproxy serve --dev
@@ -60,6 +60,15 @@ deps:
 
 test: deps
 	$(TEST_CMD)
+	.ci/fuzz.sh
+
+# Runs every fuzz target for FUZZTIME (default 10s) after its seed corpus.
+fuzz:
+	.ci/fuzz.sh
+
+# Bounded load run of the built binary; rewrites docs/soak.md with its figures.
+soak:
+	go run ./soak -duration 3m -report docs/soak.md
 
 lint:
 	@unformatted="$$(find . -name '*.go' -not -path '*/node_modules/*' -not -path './.git/*' -print0 | xargs -0 -r gofmt -l)"; \

@@ -104,7 +104,9 @@ func (s *Signer) Verify(token string) (ID, int64, error) {
 	if err != nil || gen < 0 || strconv.FormatInt(gen, 10) != genText {
 		return "", 0, ErrInvalidToken
 	}
-	mac, err := base64.RawURLEncoding.DecodeString(macText)
+	// Strict decoding rejects a last character whose unused low bits are
+	// set, so a token has exactly one spelling.
+	mac, err := base64.RawURLEncoding.Strict().DecodeString(macText)
 	if err != nil || len(mac) != sha256.Size {
 		return "", 0, ErrInvalidToken
 	}

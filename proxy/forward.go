@@ -198,20 +198,31 @@ var maskedKey = regexp.MustCompile(`[A-Za-z0-9_\-]*\*{3,}[A-Za-z0-9_\-]*`)
 // scrubErrorBody replaces every form of the injected key in an upstream
 // error body: raw, percent-encoded and masked.
 func scrubErrorBody(resp *http.Response, x *exchange) error {
-	raw, err := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody))
+	raw, err := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody+1))
 	resp.Body.Close()
 	if err != nil {
 		x.errText = "reading upstream error body: " + err.Error()
 	}
+	cut := err != nil || len(raw) > maxErrorBody
+	raw = raw[:min(len(raw), maxErrorBody)]
 	if strings.EqualFold(resp.Header.Get("Content-Encoding"), "gzip") {
+		// Bytes that do not decode are dropped, never passed on: without
+		// their Content-Encoding the scrubber cannot see a key in them, but
+		// a client that decompresses them can.
+		var decoded []byte
 		if zr, zerr := gzip.NewReader(bytes.NewReader(raw)); zerr == nil {
-			if decoded, derr := io.ReadAll(io.LimitReader(zr, maxErrorBody)); derr == nil {
-				raw = decoded
-			}
+			var derr error
+			decoded, derr = io.ReadAll(io.LimitReader(zr, maxErrorBody+1))
+			cut = cut || derr != nil || len(decoded) > maxErrorBody
+			decoded = decoded[:min(len(decoded), maxErrorBody)]
 		}
+		raw = decoded
 		resp.Header.Del("Content-Encoding")
 	}
 	clean := scrubKey(raw, x.keyText)
+	if cut {
+		clean = scrubKeyPrefix(clean, x.keyText)
+	}
 	resp.Body = io.NopCloser(bytes.NewReader(clean))
 	resp.ContentLength = int64(len(clean))
 	resp.Header.Set("Content-Length", strconv.Itoa(len(clean)))
@@ -219,6 +230,18 @@ func scrubErrorBody(resp *http.Response, x *exchange) error {
 		x.errText = "upstream status " + strconv.Itoa(resp.StatusCode)
 	}
 	return nil
+}
+
+// scrubKeyPrefix replaces the end of a body that was cut inside the key:
+// the first characters of the key do not match the whole key, so scrubKey
+// leaves them.
+func scrubKeyPrefix(body []byte, key string) []byte {
+	for n := min(len(key)-1, len(body)); n > 0; n-- {
+		if bytes.HasSuffix(body, []byte(key[:n])) {
+			return append(body[:len(body)-n:len(body)-n], "[REDACTED]"...)
+		}
+	}
+	return body
 }
 
 func scrubKey(body []byte, key string) []byte {

@@ -178,6 +178,15 @@ func newTransport(caFile string, headerTimeout time.Duration) (*http.Transport, 
 
 // ServeHTTP routes a request.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	// Go's HTTP/1 server frames a request that has both Content-Length and
+	// Transfer-Encoding by the latter and keeps the connection open, which
+	// RFC 9112 section 6.1 forbids: a front proxy that framed it by
+	// Content-Length would send the rest as the next request. The server
+	// removes Content-Length before the handler runs, so every request with
+	// a Transfer-Encoding closes its connection.
+	if r.ProtoMajor == 1 && len(r.TransferEncoding) > 0 {
+		w.Header().Set("Connection", "close")
+	}
 	switch r.URL.Path {
 	case "/healthz":
 		w.Header().Set("Content-Type", "text/plain")

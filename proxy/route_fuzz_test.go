@@ -228,8 +228,8 @@ func checkOnlyInjectedKey(t *testing.T, spec *provider.Spec, h http.Header, key 
 }
 
 // FuzzRequestBody drives the proxy's reading of JSON request bodies: the
-// model, stream flag and stream options it reads, and the rewrite that asks
-// OpenAI for stream usage. When the rewrite succeeds, the result is valid
+// model, stream flag and stream options it reads, and the rewrite that
+// requests stream usage from OpenAI. When the rewrite succeeds, the result is valid
 // JSON with include_usage set and every other field unchanged.
 func FuzzRequestBody(f *testing.F) {
 	f.Add([]byte(`{"model":"gpt-4o-mini","stream":true,"messages":[]}`))

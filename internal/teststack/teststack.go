@@ -96,7 +96,6 @@ func StartOn(t testing.TB, srv *redistest.Server, prefix string, opts ...Option)
 func startOn(t testing.TB, srv *redistest.Server, prefix string, ids *keystore.Identities, opts ...Option) *Stack {
 	t.Helper()
 	s := &Stack{Redis: srv, Prefix: prefix, Upstreams: map[string]*upstreamtest.Server{}, logs: &SyncBuffer{}}
-	s.RDB = srv.Client(t)
 	for _, p := range provider.Names {
 		up := upstreamtest.New(p, false, SharedKeys[p], BYOKKeys[p])
 		t.Cleanup(up.Close)
@@ -119,11 +118,18 @@ func startOn(t testing.TB, srv *redistest.Server, prefix string, ids *keystore.I
 	for _, o := range opts {
 		o(cfg)
 	}
+	// The client comes from keystore.OpenRedis, as in cmd/byokproxy, so
+	// redis.timeout and the production client options apply.
+	rdb, err := keystore.OpenRedis(cfg.Redis)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.RDB = rdb.(*redis.Client)
+	t.Cleanup(func() { s.RDB.Close() })
 	s.Config = cfg
 	s.AdminToken = cfg.Admin.Token
 
 	log := slog.New(slog.NewJSONHandler(s.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	var err error
 	if ids == nil {
 		ids, err = keystore.GenerateIdentities()
 		if err != nil {

@@ -1,0 +1,793 @@
+package proxy_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/byokproxy/byokproxy/audit"
+	"github.com/byokproxy/byokproxy/config"
+	"github.com/byokproxy/byokproxy/internal/redistest"
+	"github.com/byokproxy/byokproxy/internal/teststack"
+	"github.com/byokproxy/byokproxy/internal/upstreamtest"
+	"github.com/byokproxy/byokproxy/keystore"
+	"github.com/byokproxy/byokproxy/mailbox"
+	"github.com/byokproxy/byokproxy/metrics"
+	"github.com/byokproxy/byokproxy/provider"
+	"github.com/byokproxy/byokproxy/proxy"
+)
+
+// hangLimit is how long a request may take before a test calls it hung.
+// Requests in these tests fail in well under a second; the margin is for
+// slow CI machines under the race detector.
+const hangLimit = 10 * time.Second
+
+// unavailableShape checks a 503 in the provider's shape.
+func unavailableShape(p string, body []byte) bool {
+	return inShape(p, body, "api_error", "service_unavailable", "UNAVAILABLE")
+}
+
+// timedDo sends a request to the proxy and fails the test if it takes longer
+// than hangLimit.
+func timedDo(t *testing.T, st *teststack.Stack, p, token string, c call) (int, []byte, time.Duration) {
+	t.Helper()
+	start := time.Now()
+	done := make(chan struct{})
+	var status int
+	var body []byte
+	go func() {
+		defer close(done)
+		resp, data := doRequest(t, st.ProxyURL, p, token, c)
+		status, body = resp, data
+	}()
+	select {
+	case <-done:
+	case <-time.After(hangLimit):
+		t.Fatalf("%s %s: no response within %v", p, c.path, hangLimit)
+	}
+	return status, body, time.Since(start)
+}
+
+// doRequest sends c with token to the proxy at baseURL. It reports a
+// transport error as status 0.
+func doRequest(t *testing.T, baseURL, p, token string, c call) (int, []byte) {
+	req, err := http.NewRequest(http.MethodPost, baseURL+c.path, strings.NewReader(c.body))
+	if err != nil {
+		t.Error(err)
+		return 0, nil
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Content-Type", "application/json")
+	h := sdkHeaders(p)
+	for i := 0; i+1 < len(h); i += 2 {
+		req.Header.Set(h[i], h[i+1])
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), hangLimit)
+	defer cancel()
+	resp, err := http.DefaultClient.Do(req.WithContext(ctx))
+	if err != nil {
+		return 0, []byte(err.Error())
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, data
+}
+
+func readyStatus(t *testing.T, baseURL string) int {
+	t.Helper()
+	client := &http.Client{Timeout: hangLimit}
+	resp, err := client.Get(baseURL + "/readyz")
+	if err != nil {
+		t.Fatalf("GET /readyz: %v", err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// eventually polls check every 50 ms for up to d.
+func eventually(d time.Duration, check func() bool) bool {
+	deadline := time.Now().Add(d)
+	for {
+		if check() {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// assertNoKeyMaterial fails if the log or the audit events carry any
+// provider key, or the first twelve characters of one.
+func assertNoKeyMaterial(t *testing.T, st *teststack.Stack) {
+	t.Helper()
+	events, err := json.Marshal(st.AuditEvents(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	places := map[string]string{"log": st.Logs(), "audit events": string(events)}
+	for where, text := range places {
+		for _, keys := range []map[string]string{teststack.SharedKeys, teststack.BYOKKeys} {
+			for p, key := range keys {
+				if strings.Contains(text, key[:12]) || strings.Contains(text, url.QueryEscape(key)) {
+					t.Errorf("the %s carries the %s key", where, p)
+				}
+			}
+		}
+	}
+}
+
+func TestRedisDownFailsFastAndRecovers(t *testing.T) {
+	srv := redistest.StartOwn(t)
+	st := teststack.StartOn(t, srv, srv.Prefix(t))
+	m := "redis-down@example.com"
+	token := st.Token(t, m)
+	for _, p := range provider.Names {
+		if status, body, _ := timedDo(t, st, p, token, nonStream[p]); status != http.StatusOK {
+			t.Fatalf("%s before the outage: status %d: %s", p, status, body)
+		}
+	}
+	st.WaitAudit(t)
+
+	srv.Stop()
+	for _, p := range provider.Names {
+		before := testutil.ToFloat64(st.Metrics.KeyErrors.WithLabelValues(p, metrics.ReasonStoreUnavailable))
+		resetUpstreams(st)
+		status, body, took := timedDo(t, st, p, token, nonStream[p])
+		if status != http.StatusServiceUnavailable {
+			t.Errorf("%s during the outage: status %d, want 503: %s", p, status, body)
+		}
+		if !unavailableShape(p, body) {
+			t.Errorf("%s: 503 not in the provider's shape: %s", p, body)
+		}
+		if n := upstreamRequests(st); n != 0 {
+			t.Errorf("%s: upstreams received %d requests while the key source was unknown", p, n)
+		}
+		after := testutil.ToFloat64(st.Metrics.KeyErrors.WithLabelValues(p, metrics.ReasonStoreUnavailable))
+		if after != before+1 {
+			t.Errorf("%s: key_errors_total{reason=store_unavailable} went from %v to %v, want +1", p, before, after)
+		}
+		t.Logf("%s: 503 after %v", p, took)
+	}
+	if code := readyStatus(t, st.ProxyURL); code != http.StatusServiceUnavailable {
+		t.Errorf("/readyz during the outage: %d, want 503", code)
+	}
+
+	// The server comes back empty: it keeps no data across restarts. The
+	// token's generation 0 is what an empty store reports.
+	srv.Restart()
+	if !eventually(hangLimit, func() bool { return readyStatus(t, st.ProxyURL) == http.StatusOK }) {
+		t.Fatalf("/readyz not 200 within %v of Redis returning", hangLimit)
+	}
+	for _, p := range provider.Names {
+		if status, body, _ := timedDo(t, st, p, token, nonStream[p]); status != http.StatusOK {
+			t.Errorf("%s after Redis returned: status %d: %s", p, status, body)
+		}
+	}
+
+	// The 503s of the outage were queued and are delivered now.
+	var rejected int
+	for _, e := range teststack.EventsOf(st.AuditEvents(t), m) {
+		if e["status"] == float64(http.StatusServiceUnavailable) {
+			rejected++
+		}
+	}
+	if rejected != len(provider.Names) {
+		t.Errorf("audit events of 503s from the outage: %d, want %d", rejected, len(provider.Names))
+	}
+	assertNoKeyMaterial(t, st)
+}
+
+func TestStreamInFlightSurvivesRedisOutage(t *testing.T) {
+	srv := redistest.StartOwn(t)
+	st := teststack.StartOn(t, srv, srv.Prefix(t))
+	m := "outage-stream@example.com"
+	token := useBYOKEverywhere(t, st, m)
+	p := provider.Anthropic
+	up := st.Upstreams[p]
+	up.Reset()
+	up.Hold()
+	defer up.Release()
+
+	c := streaming[p]
+	req, _ := http.NewRequest(http.MethodPost, st.ProxyURL+c.path, strings.NewReader(c.body))
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Anthropic-Version", "2023-06-01")
+	ctx, cancel := context.WithTimeout(context.Background(), hangLimit)
+	defer cancel()
+	resp, err := http.DefaultClient.Do(req.WithContext(ctx))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if !eventually(hangLimit, func() bool { return up.HeldStreams() == 1 }) {
+		t.Fatal("the upstream never held the stream")
+	}
+
+	srv.Stop()
+	up.Release()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("stream in flight broke during the outage: %v", err)
+	}
+	if !strings.Contains(string(body), "message_stop") {
+		t.Errorf("stream in flight did not finish:\n%s", body)
+	}
+
+	srv.Restart()
+	want := up.Requests()[0].Usage
+	var found bool
+	for _, e := range teststack.EventsOf(st.AuditEvents(t), m) {
+		if e["stream"] != true {
+			continue
+		}
+		found = true
+		if int(e["input_tokens"].(float64)) != want.InputTokens || int(e["output_tokens"].(float64)) != want.OutputTokens {
+			t.Errorf("audit tokens %v/%v, want %d/%d", e["input_tokens"], e["output_tokens"], want.InputTokens, want.OutputTokens)
+		}
+		if e["key_last4"] != teststack.BYOKKeys[p][len(teststack.BYOKKeys[p])-4:] {
+			t.Errorf("key_last4 = %v", e["key_last4"])
+		}
+	}
+	if !found {
+		t.Error("the audit event of the stream was not delivered after Redis returned")
+	}
+	assertNoKeyMaterial(t, st)
+}
+
+// stallingProxy forwards TCP connections to a Redis server and can stop
+// forwarding what clients send, so Redis appears to hang.
+type stallingProxy struct {
+	ln      net.Listener
+	target  string
+	stalled atomic.Bool
+	wg      sync.WaitGroup
+	mu      sync.Mutex
+	conns   []net.Conn
+}
+
+func newStallingProxy(t *testing.T, target string) *stallingProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sp := &stallingProxy{ln: ln, target: target}
+	sp.wg.Add(1)
+	go sp.accept()
+	t.Cleanup(sp.close)
+	return sp
+}
+
+func (sp *stallingProxy) URL() string { return "redis://" + sp.ln.Addr().String() }
+
+func (sp *stallingProxy) accept() {
+	defer sp.wg.Done()
+	for {
+		client, err := sp.ln.Accept()
+		if err != nil {
+			return
+		}
+		server, err := net.Dial("tcp", sp.target)
+		if err != nil {
+			client.Close()
+			continue
+		}
+		sp.mu.Lock()
+		sp.conns = append(sp.conns, client, server)
+		sp.mu.Unlock()
+		sp.wg.Add(2)
+		go sp.pipe(server, client, true)
+		go sp.pipe(client, server, false)
+	}
+}
+
+// pipe copies src to dst. Commands (client to server) wait while the proxy
+// is stalled, for at most a minute.
+func (sp *stallingProxy) pipe(dst, src net.Conn, commands bool) {
+	defer sp.wg.Done()
+	defer dst.Close()
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			for i := 0; commands && sp.stalled.Load() && i < 1200; i++ {
+				time.Sleep(50 * time.Millisecond)
+			}
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func (sp *stallingProxy) close() {
+	sp.stalled.Store(false)
+	sp.ln.Close()
+	sp.mu.Lock()
+	for _, c := range sp.conns {
+		c.Close()
+	}
+	sp.mu.Unlock()
+	sp.wg.Wait()
+}
+
+// configuredStack is the proxy wired the way cmd/byokproxy wires it, with
+// the Redis client from keystore.OpenRedis, so redis.timeout applies.
+type configuredStack struct {
+	url      string
+	signer   *mailbox.Signer
+	metrics  *metrics.Metrics
+	upstream map[string]string
+}
+
+func startConfiguredStack(t *testing.T, redisURL, prefix string, timeout time.Duration) *configuredStack {
+	t.Helper()
+	cfg := config.Defaults()
+	cfg.Redis.URL = redisURL
+	cfg.Redis.Timeout = timeout
+	cfg.Auth.TokenSecrets = []string{"token-secret-for-tests-0123456789"}
+	s := &configuredStack{upstream: map[string]string{}}
+
+	for _, p := range provider.Names {
+		up := newEmulator(t, p)
+		cfg.Provider(p).Upstream = up
+		cfg.Provider(p).SharedKey = teststack.SharedKeys[p]
+		s.upstream[p] = up
+	}
+	rdb, err := keystore.OpenRedis(cfg.Redis)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+
+	ids, err := keystore.GenerateIdentities()
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := keystore.New(rdb, prefix, ids)
+	reg := prometheus.NewRegistry()
+	s.metrics = metrics.New(reg)
+	s.signer, err = mailbox.NewSigner(cfg.Auth.TokenSecrets)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	writer := audit.NewWriter(rdb, store.Layout(), audit.Options{Dropped: s.metrics.AuditDropped})
+	ctx, cancel := context.WithCancel(context.Background())
+	go writer.Run(ctx)
+	t.Cleanup(cancel)
+	h, err := proxy.New(proxy.Options{Config: cfg, Store: store, Signer: s.signer, Audit: writer, Metrics: s.metrics, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(h)
+	t.Cleanup(srv.Close)
+	s.url = srv.URL
+	return s
+}
+
+func TestRedisStallBoundedByTimeout(t *testing.T) {
+	rs := redistest.StartOwn(t)
+	sp := newStallingProxy(t, strings.TrimPrefix(rs.URL, "redis://"))
+	const timeout = 200 * time.Millisecond
+	st := startConfiguredStack(t, sp.URL(), rs.Prefix(t), timeout)
+	token := st.signer.Issue("stall@example.com", 0)
+	p := provider.OpenAI
+	c := nonStream[p]
+
+	if status, body := doRequest(t, st.url, p, token, c); status != http.StatusOK {
+		t.Fatalf("before the stall: status %d: %s", status, body)
+	}
+
+	sp.stalled.Store(true)
+	start := time.Now()
+	status, body := doRequest(t, st.url, p, token, c)
+	took := time.Since(start)
+	if status != http.StatusServiceUnavailable || !unavailableShape(p, body) {
+		t.Errorf("during the stall: status %d, want 503 in OpenAI's shape: %s", status, body)
+	}
+	// go-redis retries a timed-out command up to three times (MaxRetries
+	// default), with short backoff in between, so the bound is a few
+	// timeouts. With go-redis's own defaults (3 s per read) it would be
+	// over 10 s.
+	if limit := 5 * time.Second; took > limit {
+		t.Errorf("a stalled Redis held the request for %v with redis.timeout %v; want under %v", took, timeout, limit)
+	}
+	t.Logf("503 after %v with redis.timeout %v", took, timeout)
+	if got := testutil.ToFloat64(st.metrics.KeyErrors.WithLabelValues(p, metrics.ReasonStoreUnavailable)); got != 1 {
+		t.Errorf("key_errors_total{reason=store_unavailable} = %v, want 1", got)
+	}
+	start = time.Now()
+	if code := readyStatus(t, st.url); code != http.StatusServiceUnavailable {
+		t.Errorf("/readyz during the stall: %d, want 503", code)
+	}
+	t.Logf("/readyz answered after %v", time.Since(start))
+
+	sp.stalled.Store(false)
+	if !eventually(hangLimit, func() bool {
+		status, _ := doRequest(t, st.url, p, token, c)
+		return status == http.StatusOK
+	}) {
+		t.Errorf("requests still fail %v after the stall ended", hangLimit)
+	}
+
+	// With Redis gone, a refused connection fails at once, so only the
+	// client's retries remain.
+	rs.Stop()
+	start = time.Now()
+	status, body = doRequest(t, st.url, p, token, c)
+	took = time.Since(start)
+	if status != http.StatusServiceUnavailable || !unavailableShape(p, body) {
+		t.Errorf("with Redis down: status %d, want 503 in OpenAI's shape: %s", status, body)
+	}
+	if took > hangLimit {
+		t.Errorf("with Redis down the request took %v", took)
+	}
+	t.Logf("503 after %v with Redis down and redis.timeout %v", took, timeout)
+}
+
+// newEmulator starts an emulator of p that accepts the test keys.
+func newEmulator(t *testing.T, p string) string {
+	t.Helper()
+	up := upstreamtest.New(p, false, teststack.SharedKeys[p], teststack.BYOKKeys[p])
+	t.Cleanup(up.Close)
+	return up.URL
+}
+
+func TestUpstreamRefused(t *testing.T) {
+	closed := fmt.Sprintf("http://127.0.0.1:%d", redistest.FreePort(t))
+	st := teststack.Start(t, func(c *config.Config) {
+		for _, p := range provider.Names {
+			c.Provider(p).Upstream = closed
+		}
+	})
+	m := "refused@example.com"
+	token := useBYOKEverywhere(t, st, m)
+	for _, p := range provider.Names {
+		status, body, _ := timedDo(t, st, p, token, streaming[p])
+		if status != http.StatusBadGateway {
+			t.Errorf("%s: status %d, want 502: %s", p, status, body)
+		}
+		if !inShape(p, body, "api_error", "bad_gateway", "UNAVAILABLE") {
+			t.Errorf("%s: 502 not in the provider's shape: %s", p, body)
+		}
+	}
+	events := teststack.EventsOf(st.AuditEvents(t), m)
+	if len(events) != len(provider.Names) {
+		t.Fatalf("audit events: %d, want %d", len(events), len(provider.Names))
+	}
+	for _, e := range events {
+		if e["status"] != float64(http.StatusBadGateway) || e["error"] != "upstream unreachable" {
+			t.Errorf("%s: audit status %v error %q, want 502 and \"upstream unreachable\"", e["provider"], e["status"], e["error"])
+		}
+	}
+	assertNoKeyMaterial(t, st)
+}
+
+// terminalEvents are what a complete stream of each provider ends with.
+var terminalEvents = map[string]string{
+	provider.OpenAI:    "[DONE]",
+	provider.Anthropic: "message_stop",
+	provider.Google:    `"finishReason"`,
+}
+
+func TestUpstreamResetMidStream(t *testing.T) {
+	st := teststack.Start(t)
+	for _, source := range []string{"shared", "byok"} {
+		for _, p := range provider.Names {
+			t.Run(source+"/"+p, func(t *testing.T) {
+				m := "reset-" + source + "-" + p + "@example.com"
+				if source == "byok" {
+					st.UseBYOK(t, m, p)
+				}
+				token := st.Token(t, m)
+				up := st.Upstreams[p]
+				up.Reset()
+				up.SetFailMidStream(true)
+				defer up.SetFailMidStream(false)
+
+				c := streaming[p]
+				req, _ := http.NewRequest(http.MethodPost, st.ProxyURL+c.path, strings.NewReader(c.body))
+				req.Header.Set("Authorization", "Bearer "+token)
+				req.Header.Set("Content-Type", "application/json")
+				req.Header.Set("Anthropic-Version", "2023-06-01")
+				ctx, cancel := context.WithTimeout(context.Background(), hangLimit)
+				defer cancel()
+				resp, err := http.DefaultClient.Do(req.WithContext(ctx))
+				if err != nil {
+					t.Fatal(err)
+				}
+				body, readErr := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if readErr == nil {
+					t.Error("the client read a cut stream as complete; want an error at the cut")
+				}
+				if strings.Contains(string(body), terminalEvents[p]) {
+					t.Errorf("the cut stream carries a terminal event:\n%s", body)
+				}
+				if len(body) == 0 {
+					t.Error("the client received nothing before the cut")
+				}
+
+				events := teststack.EventsOf(st.AuditEvents(t), m)
+				if len(events) != 1 {
+					t.Fatalf("audit events: %d, want 1", len(events))
+				}
+				e := events[0]
+				if e["error"] == "" || e["error"] == nil {
+					t.Error("audit event of a cut stream has no error")
+				}
+				// Anthropic's message_start and Gemini's first chunk report
+				// input tokens before the cut; OpenAI reports usage only at
+				// the end of a stream.
+				want := up.Requests()[0].Usage
+				if p != provider.OpenAI {
+					if int(e["input_tokens"].(float64)) != want.InputTokens {
+						t.Errorf("audit input_tokens %v, want the %d seen before the cut", e["input_tokens"], want.InputTokens)
+					}
+					if out := int(e["output_tokens"].(float64)); out < 1 || out >= want.OutputTokens {
+						t.Errorf("audit output_tokens %d, want the partial count seen before the cut (full reply %d)", out, want.OutputTokens)
+					}
+				}
+			})
+		}
+	}
+	assertNoKeyMaterial(t, st)
+}
+
+// stallingUpstream accepts requests and sends nothing until the request is
+// cancelled or a minute passes. It counts the requests whose context ended.
+type stallingUpstream struct {
+	*httptest.Server
+	started   chan struct{}
+	cancelled atomic.Int32
+}
+
+func newStallingUpstream(t *testing.T) *stallingUpstream {
+	s := &stallingUpstream{started: make(chan struct{}, 16)}
+	s.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// The server notices a closed connection only once the body is
+		// read.
+		io.Copy(io.Discard, r.Body)
+		s.started <- struct{}{}
+		select {
+		case <-r.Context().Done():
+			s.cancelled.Add(1)
+		case <-time.After(time.Minute):
+		}
+	}))
+	t.Cleanup(func() {
+		s.CloseClientConnections()
+		s.Close()
+	})
+	return s
+}
+
+func TestUpstreamStallsBeforeHeaders(t *testing.T) {
+	up := newStallingUpstream(t)
+	st := teststack.Start(t, func(c *config.Config) {
+		c.Upstream.Timeout = 300 * time.Millisecond
+		for _, p := range provider.Names {
+			c.Provider(p).Upstream = up.URL
+		}
+	})
+	m := "stall-headers@example.com"
+	token := useBYOKEverywhere(t, st, m)
+	for _, p := range provider.Names {
+		status, body, _ := timedDo(t, st, p, token, nonStream[p])
+		if status != http.StatusGatewayTimeout {
+			t.Errorf("%s: status %d, want 504: %s", p, status, body)
+		}
+		if !inShape(p, body, "api_error", "gateway_timeout", "DEADLINE_EXCEEDED") {
+			t.Errorf("%s: 504 not in the provider's shape: %s", p, body)
+		}
+	}
+	if !eventually(hangLimit, func() bool { return up.cancelled.Load() == int32(len(provider.Names)) }) {
+		t.Errorf("upstream requests cancelled: %d, want %d", up.cancelled.Load(), len(provider.Names))
+	}
+	for _, e := range teststack.EventsOf(st.AuditEvents(t), m) {
+		if e["status"] != float64(http.StatusGatewayTimeout) || e["error"] != "upstream timed out" {
+			t.Errorf("%s: audit status %v error %q, want 504 and \"upstream timed out\"", e["provider"], e["status"], e["error"])
+		}
+	}
+	assertNoKeyMaterial(t, st)
+}
+
+func TestClientDisconnectCancelsUpstream(t *testing.T) {
+	t.Run("while the upstream holds a stream", func(t *testing.T) {
+		st := teststack.Start(t)
+		for _, p := range provider.Names {
+			m := "gone-stream-" + p + "@example.com"
+			token := useBYOKEverywhere(t, st, m)
+			up := st.Upstreams[p]
+			up.Reset()
+			up.Hold()
+
+			c := streaming[p]
+			ctx, cancel := context.WithCancel(context.Background())
+			req, _ := http.NewRequestWithContext(ctx, http.MethodPost, st.ProxyURL+c.path, strings.NewReader(c.body))
+			req.Header.Set("Authorization", "Bearer "+token)
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("Anthropic-Version", "2023-06-01")
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				cancel()
+				t.Fatal(err)
+			}
+			// Read the first event, so the stream is under way, then go.
+			first := make(chan error, 1)
+			go func() {
+				_, err := bufio.NewReader(resp.Body).ReadString('\n')
+				first <- err
+			}()
+			select {
+			case err := <-first:
+				if err != nil {
+					t.Fatalf("%s: first event: %v", p, err)
+				}
+			case <-time.After(hangLimit):
+				t.Fatalf("%s: no first event", p)
+			}
+			cancel()
+			resp.Body.Close()
+
+			// The emulator holds a stream for 30 s unless its request is
+			// cancelled.
+			if !eventually(hangLimit, func() bool { return up.HeldStreams() == 0 }) {
+				t.Errorf("%s: the upstream stream is still held %v after the client left", p, hangLimit)
+			}
+			up.Release()
+
+			events := teststack.EventsOf(st.AuditEvents(t), m)
+			if len(events) != 1 {
+				t.Fatalf("%s: audit events %d, want 1", p, len(events))
+			}
+			if events[0]["error"] != "client disconnected" {
+				t.Errorf("%s: audit error %q, want \"client disconnected\"", p, events[0]["error"])
+			}
+		}
+		assertNoKeyMaterial(t, st)
+	})
+
+	t.Run("before the upstream sends headers", func(t *testing.T) {
+		up := newStallingUpstream(t)
+		st := teststack.Start(t, func(c *config.Config) { c.Provider(provider.OpenAI).Upstream = up.URL })
+		m := "gone-early@example.com"
+		token := st.Token(t, m)
+		c := nonStream[provider.OpenAI]
+		ctx, cancel := context.WithCancel(context.Background())
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, st.ProxyURL+c.path, strings.NewReader(c.body))
+		req.Header.Set("Authorization", "Bearer "+token)
+		req.Header.Set("Content-Type", "application/json")
+
+		errs := make(chan error, 1)
+		go func() {
+			resp, err := http.DefaultClient.Do(req)
+			if err == nil {
+				resp.Body.Close()
+			}
+			errs <- err
+		}()
+		select {
+		case <-up.started:
+		case <-time.After(hangLimit):
+			cancel()
+			t.Fatal("the request never reached the upstream")
+		}
+		cancel()
+		<-errs
+
+		if !eventually(hangLimit, func() bool { return up.cancelled.Load() == 1 }) {
+			t.Error("the upstream request was not cancelled after the client left")
+		}
+		events := teststack.EventsOf(st.AuditEvents(t), m)
+		if len(events) != 1 {
+			t.Fatalf("audit events %d, want 1", len(events))
+		}
+		if events[0]["error"] != "client disconnected" {
+			t.Errorf("audit error %q, want \"client disconnected\"", events[0]["error"])
+		}
+		assertNoKeyMaterial(t, st)
+	})
+}
+
+// TestCutGzipErrorBodyScrubbed makes the upstream respond 401 with a gzip
+// body that echoes the key and breaks off before the gzip trailer, as when
+// the connection drops while the error is sent. The client must not be able
+// to read the key from what it gets, with or without decompressing it.
+func TestCutGzipErrorBodyScrubbed(t *testing.T) {
+	up := newScriptedUpstream(t)
+	st := teststack.Start(t, func(c *config.Config) {
+		for _, p := range provider.Names {
+			c.Provider(p).Upstream = up.URL
+		}
+	})
+	token := useBYOKEverywhere(t, st, "gzip-error@example.com")
+	client := &http.Client{Transport: &http.Transport{DisableCompression: true}}
+	defer client.CloseIdleConnections()
+	for _, p := range provider.Names {
+		key := teststack.BYOKKeys[p]
+		full := gzipOf(t, []byte(`{"error":{"message":"Incorrect API key provided: `+key+`. You can find your API key in your account settings."}}`))
+		for _, cut := range []int{0, 4, 8} {
+			up.set(scriptedResponse{status: http.StatusUnauthorized, contentType: "application/json", encoding: "gzip", body: full[:len(full)-cut]})
+			c := nonStream[p]
+			req, _ := http.NewRequest(http.MethodPost, st.ProxyURL+c.path, strings.NewReader(c.body))
+			req.Header.Set("Authorization", "Bearer "+token)
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("Accept-Encoding", "gzip")
+			req.Header.Set("Anthropic-Version", "2023-06-01")
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusUnauthorized {
+				t.Errorf("%s cut %d: status %d, want the upstream's 401", p, cut, resp.StatusCode)
+			}
+			for _, text := range readableForms(body) {
+				if strings.Contains(string(text), key) {
+					t.Errorf("%s: gzip error body cut by %d bytes shows the client the key (Content-Encoding %q)", p, cut, resp.Header.Get("Content-Encoding"))
+				}
+			}
+		}
+	}
+}
+
+// TestCutErrorBodyHidesKeyPrefix makes the upstream's error body break off
+// in the middle of the echoed key. The part of the key before the cut does
+// not match the whole key, and must not reach the client either.
+func TestCutErrorBodyHidesKeyPrefix(t *testing.T) {
+	var echo atomic.Value
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		body := echo.Load().(string)
+		conn, buf, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		fmt.Fprintf(buf, "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body)+100, body)
+		buf.Flush()
+	}))
+	t.Cleanup(up.Close)
+	st := teststack.Start(t, func(c *config.Config) {
+		for _, p := range provider.Names {
+			c.Provider(p).Upstream = up.URL
+		}
+	})
+	token := useBYOKEverywhere(t, st, "cut-error@example.com")
+	for _, p := range provider.Names {
+		key := teststack.BYOKKeys[p]
+		half := key[:len(key)/2]
+		echo.Store(`{"error":{"message":"Incorrect API key provided: ` + half)
+		status, body, _ := timedDo(t, st, p, token, nonStream[p])
+		if status != http.StatusUnauthorized {
+			t.Errorf("%s: status %d, want the upstream's 401", p, status)
+		}
+		if strings.Contains(string(body), half[:len(half)-2]) {
+			t.Errorf("%s: error body cut inside the key shows its first %d characters: %s", p, len(half), body)
+		}
+	}
+}
