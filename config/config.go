@@ -108,7 +108,8 @@ type Limits struct {
 
 // Upstream configures calls to the providers.
 type Upstream struct {
-	// Timeout is the longest wait for an upstream's response headers.
+	// Timeout is the longest wait for an upstream's response headers, and
+	// for the next bytes of a response body under way.
 	Timeout time.Duration `mapstructure:"timeout"`
 }
 

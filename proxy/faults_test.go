@@ -791,3 +791,33 @@ func TestCutErrorBodyHidesKeyPrefix(t *testing.T) {
 		}
 	}
 }
+
+func TestStalledStreamCut(t *testing.T) {
+	st := teststack.Start(t, func(c *config.Config) { c.Upstream.Timeout = 300 * time.Millisecond })
+	m := "stalled@example.com"
+	token := st.Token(t, m)
+	up := st.Upstreams[provider.OpenAI]
+	up.SetEventDelay(3 * time.Second)
+
+	start := time.Now()
+	req, _ := http.NewRequest("POST", st.ProxyURL+"/openai/v1/chat/completions",
+		strings.NewReader(`{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}`))
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err == nil && strings.Contains(string(body), "[DONE]") {
+		t.Fatalf("stalled stream completed: %s", body)
+	}
+	if d := time.Since(start); d > 2500*time.Millisecond {
+		t.Errorf("stalled stream held the client for %v with upstream.timeout 300ms", d)
+	}
+	events := teststack.EventsOf(st.AuditEvents(t), m)
+	if len(events) != 1 || !strings.Contains(events[0]["error"].(string), "stalled") {
+		t.Errorf("audit events = %v, want one whose error says the upstream stalled", events)
+	}
+}

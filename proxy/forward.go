@@ -40,7 +40,10 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, l
 	trace := &httptrace.ClientTrace{
 		GotFirstResponseByte: func() { x.ttfb = time.Now() },
 	}
-	ctx := context.WithValue(r.Context(), exchangeKey{}, x)
+	ctx, cancel := context.WithCancelCause(r.Context())
+	defer cancel(nil)
+	x.cancel = cancel
+	ctx = context.WithValue(ctx, exchangeKey{}, x)
 	ctx = httptrace.WithClientTrace(ctx, trace)
 	out := r.WithContext(ctx)
 
@@ -148,7 +151,15 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 		x.sniff = &responseIDSniffer{}
 		sink = io.MultiWriter(x.tap, x.sniff)
 	}
-	var body io.ReadCloser = &tapBody{ReadCloser: resp.Body, ctx: resp.Request.Context(), x: x, sink: usage.NewDecoder(encoding, sink)}
+	tb := &tapBody{ReadCloser: resp.Body, ctx: resp.Request.Context(), x: x, sink: usage.NewDecoder(encoding, sink)}
+	if idle := x.up.idleTimeout; idle > 0 {
+		// An upstream that stops sending mid-stream would hold the client
+		// forever; upstream.timeout bounds each wait for the next bytes as
+		// it bounds the wait for the headers.
+		tb.idle = idle
+		tb.stall = time.AfterFunc(idle, func() { x.cancel(errUpstreamStalled) })
+	}
+	var body io.ReadCloser = tb
 	// The tap reads the upstream bytes before the filter removes the usage
 	// chunk that the proxy requested for itself.
 	if x.injectUsage && strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream") && encoding == "" {
@@ -164,18 +175,30 @@ type tapBody struct {
 	ctx  context.Context
 	x    *exchange
 	sink io.WriteCloser
+	// stall cancels the upstream request when no bytes arrive for idle.
+	stall *time.Timer
+	idle  time.Duration
 }
+
+// errUpstreamStalled is the cancellation cause of a response whose upstream
+// sent nothing for upstream.timeout.
+var errUpstreamStalled = errors.New("upstream stalled")
 
 func (b *tapBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
 	if n > 0 {
+		if b.stall != nil {
+			b.stall.Reset(b.idle)
+		}
 		b.x.received += int64(n)
 		b.sink.Write(p[:n])
 	}
 	if err != nil && err != io.EOF && b.x.errText == "" {
 		// A client that hangs up cancels the upstream request, and the
 		// upstream body then fails with the context's error.
-		if b.ctx.Err() != nil {
+		if errors.Is(context.Cause(b.ctx), errUpstreamStalled) {
+			b.x.errText = "upstream stalled: no response bytes for " + b.idle.String()
+		} else if b.ctx.Err() != nil {
 			b.x.cancelled = true
 			b.x.errText = "client disconnected"
 		} else {
@@ -186,6 +209,9 @@ func (b *tapBody) Read(p []byte) (int, error) {
 }
 
 func (b *tapBody) Close() error {
+	if b.stall != nil {
+		b.stall.Stop()
+	}
 	b.sink.Close()
 	return b.ReadCloser.Close()
 }

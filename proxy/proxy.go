@@ -71,6 +71,8 @@ type upstream struct {
 	org       string
 	project   string
 	proxy     *httputil.ReverseProxy
+	// idleTimeout bounds the wait for the next response bytes.
+	idleTimeout time.Duration
 }
 
 // New returns a handler for opts.
@@ -121,7 +123,7 @@ func (h *Handler) newUpstream(spec *provider.Spec, pc *config.Provider, timeout 
 		return nil, fmt.Errorf("providers.%s.ca_file: %w", spec.Name, err)
 	}
 	up := &upstream{
-		spec: spec, base: base, sharedKey: pc.SharedKey,
+		spec: spec, base: base, sharedKey: pc.SharedKey, idleTimeout: timeout,
 		org: pc.Organization, project: pc.Project,
 	}
 	if len(pc.SharedModels) > 0 {

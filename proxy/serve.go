@@ -47,10 +47,12 @@ type exchange struct {
 	requestBytes int64
 	received     int64
 
-	status    int
-	errText   string
-	ttfb      time.Time
-	tap       *usage.Tap
+	status  int
+	errText string
+	ttfb    time.Time
+	tap     *usage.Tap
+	// cancel ends the upstream request with a cause, such as a stall.
+	cancel    context.CancelCauseFunc
 	sniff     *responseIDSniffer
 	cancelled bool
 }
