@@ -32,7 +32,7 @@ type Options struct {
 	Token string
 	// MonthlyTokenLimit is the default allowance; 0 is unlimited.
 	MonthlyTokenLimit int64
-	// Prober runs the key test; nil answers the test endpoint with 501.
+	// Prober runs the key test. Without one, the test endpoint returns 501.
 	Prober Prober
 	Logger *slog.Logger
 }
@@ -42,7 +42,7 @@ type Prober interface {
 	Probe(r *http.Request, prov string, key *keystore.Secret) ProbeResult
 }
 
-// ProbeResult is the answer of a key test.
+// ProbeResult is the outcome of a key test.
 type ProbeResult struct {
 	OK     bool   `json:"ok"`
 	Status int    `json:"status"`
@@ -137,7 +137,8 @@ func (a *API) authorized(r *http.Request) bool {
 // on the admin listener.
 func (a *API) Authorized(r *http.Request) bool { return a.authorized(r) }
 
-// pathMailbox validates the {m} path value, answering 400 when invalid.
+// pathMailbox validates the {m} path value and writes a 400 when it is
+// invalid.
 func pathMailbox(w http.ResponseWriter, r *http.Request) (mailbox.ID, bool) {
 	id, err := mailbox.ParseID(r.PathValue("m"))
 	if err != nil {

@@ -3,7 +3,7 @@
 // one writer drains in batches, retrying with backoff while Redis is down.
 //
 // Delivery is at least once. A batch whose reply is lost is sent again, so an
-// audit event can appear twice in the stream in that case; usage increments
+// audit event can appear twice in the stream in that case. Usage increments
 // carry the request id and are applied once. An event that finds the queue
 // full is dropped and counted in byokproxy_audit_events_dropped_total.
 package audit

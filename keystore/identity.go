@@ -11,7 +11,7 @@ import (
 )
 
 // Identities are the age X25519 identities of the proxy. The first one's
-// recipient encrypts every key written; all of them decrypt, so an operator
+// recipient encrypts every key written, and all of them decrypt, so an operator
 // can add a new identity in front, rewrap, and later drop the old one.
 type Identities struct {
 	ids       []age.Identity

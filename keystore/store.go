@@ -394,7 +394,7 @@ func (s *Store) Limit(ctx context.Context, id mailbox.ID) (*int64, error) {
 	return &v, nil
 }
 
-// Ping checks that Redis answers.
+// Ping checks that Redis responds.
 func (s *Store) Ping(ctx context.Context) error {
 	return s.rdb.Ping(ctx).Err()
 }

@@ -26,8 +26,9 @@ const MaxIDLength = 128
 // IDRule describes a valid mailbox id, for error messages.
 const IDRule = "a mailbox id is 1 to 128 characters of A-Z a-z 0-9 - _ . @ +"
 
-// ID is a validated mailbox id. Only ParseID makes one, so a value of this
-// type is always safe to use in a Redis key, a log line or a URL path.
+// ID is a mailbox id. Values from ParseID are validated, so they are safe to
+// use in a Redis key, a log line or a URL path; a conversion from a string
+// skips that check.
 type ID string
 
 // ParseID validates s as a mailbox id.
@@ -58,7 +59,7 @@ var ErrInvalidToken = errors.New("invalid mailbox token")
 
 const tokenVersion = "bp1"
 
-// Signer issues and verifies tokens. The first secret signs; every secret
+// Signer issues and verifies tokens. The first secret signs and every secret
 // verifies, so a new secret can be put first while tokens signed with the
 // old one keep working until it is removed.
 type Signer struct {

@@ -28,8 +28,8 @@ type Metrics struct {
 	AuditDropped      prometheus.Counter
 }
 
-// Buckets span 5 ms to 10 minutes: a cached token count answers in a few
-// milliseconds, while a long generation can stream for minutes.
+// Buckets span 5 ms to 10 minutes, because a token count returns in a few
+// milliseconds while a long generation can stream for minutes.
 var Buckets = []float64{
 	0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,
 }

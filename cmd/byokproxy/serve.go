@@ -208,8 +208,8 @@ func (l *listener) listen(log *slog.Logger) error {
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
 	}
 	if l.maxHeader > 0 {
-		// The handler answers oversized headers in the provider's shape; the
-		// server's own limit sits above it as a hard stop.
+		// The handler rejects oversized headers in the provider's shape, and
+		// the server's own limit sits above it as a hard stop.
 		l.srv.MaxHeaderBytes = 2 * l.maxHeader
 	}
 	return nil
@@ -294,7 +294,7 @@ func randomToken() string {
 }
 
 // printDevBanner prints the admin token and a first request to standard
-// error, where a developer running "make run" sees them.
+// error, where a developer running "make run" reads them.
 func printDevBanner(cfg *config.Config) {
 	uiLine := ""
 	if cfg.Admin.UI {
