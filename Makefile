@@ -13,7 +13,7 @@ NPM_DIRS := e2e/sdk e2e/forward ui
 GOBIN_DIR := $(shell go env GOPATH 2>/dev/null)/bin
 STATICCHECK := $(GOBIN_DIR)/staticcheck
 
-.PHONY: run build deps test lint clean ui fuzz soak
+.PHONY: run build deps test lint clean ui fuzz soak bench bench-go
 
 run:
 	go run ./cmd/byokproxy serve --dev
@@ -65,6 +65,16 @@ test: deps
 # Runs every fuzz target for FUZZTIME (default 10s) after its seed corpus.
 fuzz:
 	.ci/fuzz.sh
+
+# Side-by-side load benchmarks of byokproxy, a bare reverse proxy and a
+# direct connection (bench/run.sh, about 7 minutes, loopback only). The
+# results page is docs/benchmarks.md.
+bench:
+	bench/run.sh
+
+# Go benchmarks of each step of the request path, with allocation counts.
+bench-go:
+	go test -run '^$$' -bench . -benchmem ./mailbox ./keystore ./audit ./usage ./proxy
 
 # Bounded load run of the built binary; rewrites docs/soak.md with its figures.
 soak:

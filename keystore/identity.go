@@ -62,7 +62,11 @@ func (ids *Identities) add(x *age.X25519Identity) {
 	if ids.recipient == nil {
 		ids.recipient = x.Recipient()
 	}
-	ids.ids = append(ids.ids, x)
+	id, err := newFastIdentity(x)
+	if err != nil {
+		id = x // age's own identity opens the same files, only slower
+	}
+	ids.ids = append(ids.ids, id)
 	ids.x25519 = append(ids.x25519, x)
 }
 
@@ -109,6 +113,16 @@ const maxPlaintext = 4096
 
 // decrypt returns the plaintext of an age ciphertext (binary or armored).
 func (ids *Identities) decrypt(ciphertext []byte) ([]byte, error) {
+	plain, err := openSmall(ciphertext, ids.ids)
+	switch {
+	case err == nil && len(plain) > maxPlaintext:
+		clear(plain)
+		return nil, errors.New("age decrypt: payload too large")
+	case err == nil:
+		return plain, nil
+	case !errors.Is(err, errNotSmall):
+		return nil, fmt.Errorf("age decrypt: %w", err)
+	}
 	src := io.Reader(bytes.NewReader(ciphertext))
 	if bytes.HasPrefix(ciphertext, []byte("-----BEGIN AGE ENCRYPTED FILE-----")) {
 		src = armorReader(src)

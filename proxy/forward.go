@@ -97,6 +97,11 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 
 	if x.body != nil {
 		out.Body = io.NopCloser(bytes.NewReader(x.body))
+		if x.stream {
+			// A stream can stay open for minutes, so its request body is
+			// dropped once sent rather than held that long.
+			out.Body = &sentBody{rest: x.body}
+		}
 		out.ContentLength = int64(len(x.body))
 		out.Header.Set("Content-Length", strconv.Itoa(len(x.body)))
 		out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(x.body)), nil }
@@ -111,6 +116,23 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 		out.Header.Del("Accept-Encoding")
 	}
 }
+
+// sentBody is a request body that lets go of its bytes once the Transport
+// has read them all. Close leaves them alone, because HTTP/2 may call it
+// from another goroutine while a read is still running.
+type sentBody struct{ rest []byte }
+
+func (b *sentBody) Read(p []byte) (int, error) {
+	if len(b.rest) == 0 {
+		b.rest = nil
+		return 0, io.EOF
+	}
+	n := copy(p, b.rest)
+	b.rest = b.rest[n:]
+	return n, nil
+}
+
+func (b *sentBody) Close() error { return nil }
 
 func acceptsGzip(h http.Header) bool {
 	for _, v := range h.Values("Accept-Encoding") {
@@ -136,6 +158,9 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 		x.ttfb = time.Now()
 	}
 	h.metrics.UpstreamTTFB.WithLabelValues(x.up.spec.Name).Observe(x.ttfb.Sub(x.start).Seconds())
+
+	// The response has begun, so the body will not be sent again.
+	x.body = nil
 
 	if resp.StatusCode == http.StatusSwitchingProtocols {
 		return nil

@@ -20,6 +20,7 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -139,8 +140,34 @@ func (h *Handler) newUpstream(spec *provider.Spec, pc *config.Provider, timeout 
 		ModifyResponse: h.modifyResponse,
 		ErrorHandler:   h.upstreamError,
 		ErrorLog:       slog.NewLogLogger(h.log.Handler(), slog.LevelDebug),
+		BufferPool:     copyBuffers,
 	}
 	return up, nil
+}
+
+// copyBufferSize is the size of the buffer a response is copied through.
+// A stream holds its buffer for as long as it stays open. 8 KiB holds many
+// SSE events, and a large JSON body takes one read and write per 8 KiB.
+const copyBufferSize = 8 << 10
+
+// copyBuffers lends copy buffers to every upstream's ReverseProxy, which
+// would otherwise allocate a 32 KiB buffer per response.
+var copyBuffers = &bufferPool{}
+
+type bufferPool struct{ pool sync.Pool }
+
+func (p *bufferPool) Get() []byte {
+	if b, ok := p.pool.Get().(*[]byte); ok {
+		return *b
+	}
+	return make([]byte, copyBufferSize)
+}
+
+func (p *bufferPool) Put(b []byte) {
+	if cap(b) == copyBufferSize {
+		b = b[:copyBufferSize]
+		p.pool.Put(&b)
+	}
 }
 
 // newTransport returns the transport of one upstream. The default transport

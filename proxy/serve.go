@@ -250,7 +250,7 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 	if !needsBody(spec.Name, r.Method, x.rest) {
 		return true
 	}
-	body, err := io.ReadAll(r.Body)
+	body, err := readAll(r.Body, r.ContentLength, s.maxBodyBytes)
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
@@ -283,6 +283,21 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 	}
 	x.previousResponse = info.PreviousResponseID
 	return true
+}
+
+// readAll reads a request body into one buffer of its Content-Length, where
+// io.ReadAll would grow and copy its buffer several times. The server ends
+// the body after Content-Length bytes, so nothing is left to read. A body
+// of unknown length, or one over limit, goes through io.ReadAll.
+func readAll(body io.Reader, contentLength, limit int64) ([]byte, error) {
+	if contentLength <= 0 || contentLength > limit {
+		return io.ReadAll(body)
+	}
+	buf := make([]byte, contentLength)
+	if _, err := io.ReadFull(body, buf); err != nil {
+		return nil, err
+	}
+	return buf, nil
 }
 
 // reject writes an error response for a request with no known mailbox. It

@@ -31,8 +31,8 @@ var benchChatBody = []byte(`{"model":"gpt-4o-mini","messages":[{"role":"system",
 const benchSharedKey = "sk-bench-shared-4d1f0c8e2b7a9f3e6c5d1a0b"
 const benchBYOKKey = "sk-bench-byok-9e2c7b1d4f6a8c0e3b5d7f9a"
 
-// benchUpstream answers chat completions with a fixed body, or a stream of
-// 20 events when the request asks for one.
+// benchUpstream responds to chat completions with a fixed body, or with a
+// stream of 20 events when the request sets stream.
 func benchUpstream(b *testing.B) *httptest.Server {
 	b.Helper()
 	chunk := []byte(`data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1754312117,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":" word"},"finish_reason":null}],"usage":null}` + "\n\n")

@@ -112,10 +112,13 @@ function causeChain(err) {
   return messages.join(' <- ');
 }
 
+// auditEvent returns the newest request event of mailbox; admin events such
+// as source.changed share the stream and are skipped.
 async function auditEvent(mailbox) {
   for (let i = 0; i < 100; i++) {
     const entries = await control('GET', '/audit');
-    const found = entries.map((e) => e.event).filter((e) => e.mailbox === mailbox);
+    const found = entries.map((e) => e.event)
+      .filter((e) => e.mailbox === mailbox && (e.kind === 'byok' || e.kind === 'metered'));
     if (found.length > 0) {
       return found.at(-1);
     }

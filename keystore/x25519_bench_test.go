@@ -1,0 +1,97 @@
+package keystore
+
+import (
+	"bytes"
+	"crypto/ecdh"
+	"crypto/rand"
+	"testing"
+
+	"filippo.io/age"
+)
+
+// benchPayload is a stored key payload of typical size.
+var benchPayload = []byte("byokproxy-key/v1\nalice@example.com\nopenai\nsk-proj-Qx3v9T2mB7kLp4RzW8nY1cD6fH0jS5aE-uVb2XoG7iKq9MtN3rZ8wPy4LsJ6dF1hC0eA5gU")
+
+// BenchmarkX25519ScalarMult is the one scalar multiplication an X25519
+// unwrap cannot avoid: the floor of any decryption of a stored key.
+func BenchmarkX25519ScalarMult(b *testing.B) {
+	private, err := ecdh.X25519().GenerateKey(rand.Reader)
+	if err != nil {
+		b.Fatal(err)
+	}
+	peer, err := ecdh.X25519().GenerateKey(rand.Reader)
+	if err != nil {
+		b.Fatal(err)
+	}
+	public := peer.PublicKey()
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := private.ECDH(public); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkDecryptKey decrypts one stored key payload: with age.Decrypt and
+// age's identity, with age.Decrypt and the fast identity, and with openSmall
+// and the fast identity.
+func BenchmarkDecryptKey(b *testing.B) {
+	x := generateX25519(b)
+	file := ageEncryptTo(b, benchPayload, x.Recipient())
+	fast := fastIdentities(b, []*age.X25519Identity{x})
+
+	b.Run("age", func(b *testing.B) {
+		ids := &Identities{ids: []age.Identity{x}}
+		b.ReportAllocs()
+		for b.Loop() {
+			plain, err := ids.decrypt(file)
+			if err != nil {
+				b.Fatal(err)
+			}
+			clear(plain)
+		}
+	})
+	b.Run("age+fast-identity", func(b *testing.B) {
+		ids := &Identities{ids: fast}
+		b.ReportAllocs()
+		for b.Loop() {
+			plain, err := ids.decrypt(file)
+			if err != nil {
+				b.Fatal(err)
+			}
+			clear(plain)
+		}
+	})
+	b.Run("openSmall+fast-identity", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			plain, err := openSmall(file, fast)
+			if err != nil {
+				b.Fatal(err)
+			}
+			clear(plain)
+		}
+	})
+}
+
+// BenchmarkDecryptHeader isolates age.DecryptHeader with the fast identity:
+// header parsing, the unwrap and the header MAC.
+func BenchmarkDecryptHeader(b *testing.B) {
+	x := generateX25519(b)
+	file := ageEncryptTo(b, benchPayload, x.Recipient())
+	header, err := age.ExtractHeader(bytesReader(file))
+	if err != nil {
+		b.Fatal(err)
+	}
+	fast := fastIdentities(b, []*age.X25519Identity{x})
+	b.ReportAllocs()
+	for b.Loop() {
+		fileKey, err := age.DecryptHeader(header, fast...)
+		if err != nil {
+			b.Fatal(err)
+		}
+		clear(fileKey)
+	}
+}
+
+func bytesReader(b []byte) *bytes.Reader { return bytes.NewReader(b) }
