@@ -460,7 +460,8 @@ func (a *API) storeError(w http.ResponseWriter, r *http.Request, err error, id m
 	writeError(w, http.StatusInternalServerError, "internal error; see the proxy log")
 }
 
-// readJSON decodes a bounded JSON body, answering 400 when it is malformed.
+// readJSON decodes a bounded JSON body and writes a 400 when it is
+// malformed.
 func readJSON(w http.ResponseWriter, r *http.Request, v any) bool {
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
 	if err := dec.Decode(v); err != nil {
@@ -486,7 +487,7 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	json.NewEncoder(w).Encode(v)
 }
 
-// writeError answers {"error":{"status":N,"message":"..."}}.
+// writeError writes {"error":{"status":N,"message":"..."}}.
 func writeError(w http.ResponseWriter, status int, msg string) {
 	writeJSON(w, status, map[string]any{"error": map[string]any{"status": status, "message": msg}})
 }

@@ -29,7 +29,7 @@ func OpenRedis(c config.Redis) (redis.UniversalClient, error) {
 			Addrs:      c.Addrs,
 			MasterName: c.MasterName,
 			// Without a master name, addrs names a Cluster even when it
-			// lists one seed node, such as a Service in front of the nodes;
+			// lists one seed node, such as a Service in front of the nodes.
 			// go-redis would otherwise return a single-node client.
 			IsClusterMode: c.MasterName == "",
 			Username:      c.Username,

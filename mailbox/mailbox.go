@@ -27,7 +27,7 @@ const MaxIDLength = 128
 const IDRule = "a mailbox id is 1 to 128 characters of A-Z a-z 0-9 - _ . @ +"
 
 // ID is a mailbox id. Values from ParseID are validated, so they are safe to
-// use in a Redis key, a log line or a URL path; a conversion from a string
+// use in a Redis key, a log line or a URL path. A conversion from a string
 // skips that check.
 type ID string
 

@@ -179,8 +179,8 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 	tb := &tapBody{ReadCloser: resp.Body, ctx: resp.Request.Context(), x: x, sink: usage.NewDecoder(encoding, sink)}
 	if idle := x.up.idleTimeout; idle > 0 {
 		// An upstream that stops sending mid-stream would hold the client
-		// forever; upstream.timeout bounds each wait for the next bytes as
-		// it bounds the wait for the headers.
+		// forever. So upstream.timeout bounds each wait for the next bytes,
+		// as it bounds the wait for the headers.
 		tb.idle = idle
 		tb.stall = time.AfterFunc(idle, func() { x.cancel(errUpstreamStalled) })
 	}

@@ -362,7 +362,7 @@ func TestUpstreamErrorScrubbed(t *testing.T) {
 	for _, p := range provider.Names {
 		up := st.Upstreams[p]
 		up.SetEchoKeyInErrors(true)
-		up.SetKeys() // every key is now wrong: the upstream answers 401 or 400
+		up.SetKeys() // every key is now wrong, so the upstream returns 401 or 400
 		resp, body := st.Do(t, "POST", nonStream[p].path, st.Token(t, "scrub"), nonStream[p].body, sdkHeaders(p)...)
 		if resp.StatusCode < 400 {
 			t.Errorf("%s: status %d, want the provider's error", p, resp.StatusCode)

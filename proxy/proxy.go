@@ -1,8 +1,8 @@
-// Package proxy is byokproxy's request path: it routes /{provider}/... to the
-// provider's configured upstream, identifies the mailbox from its token,
-// resolves the mailbox's key source, swaps the client's credentials for the
-// provider key, streams the response back as it arrives, and reads token
-// usage from a copy of it for metering, audit and metrics.
+// Package proxy is byokproxy's request path. It routes /{provider}/... to the
+// provider's configured upstream and identifies the mailbox from its token.
+// It resolves the mailbox's key source and swaps the client's credentials for
+// the provider key. It streams the response back as it arrives and reads
+// token usage from a copy of it for metering, audit and metrics.
 package proxy
 
 import (
