@@ -93,7 +93,7 @@ func (s *Signer) Verify(token string) (ID, int64, error) {
 	// The four parts are split by hand so a long hostile token costs no
 	// allocation beyond the decoded id.
 	rest, ok := strings.CutPrefix(token, tokenVersion+".")
-	if !ok || len(token) > 512 {
+	if !ok || len(token) > 512 || !tokenChars(token) {
 		return "", 0, ErrInvalidToken
 	}
 	encoded, rest, ok1 := strings.Cut(rest, ".")
@@ -131,6 +131,19 @@ func (s *Signer) Verify(token string) (ID, int64, error) {
 		return "", 0, ErrInvalidToken
 	}
 	return id, gen, nil
+}
+
+// tokenChars reports whether s uses only the characters of a token. The
+// base64 decoder skips newlines, so without this check a token with a line
+// break inserted would still verify.
+func tokenChars(s string) bool {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+			return false
+		}
+	}
+	return true
 }
 
 func sign(secret []byte, encodedID, gen string) []byte {
