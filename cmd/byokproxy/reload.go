@@ -84,10 +84,14 @@ func (r *reloader) run(ctx context.Context, hup <-chan os.Signal, poll time.Dura
 	}
 }
 
-// fileStamp identifies one version of a file.
+// fileStamp identifies one version of a file. The digest is part of it
+// because file systems keep modification times at a coarse clock, so an
+// edit of the same size made right after the last check can keep the old
+// time.
 type fileStamp struct {
 	modTime time.Time
 	size    int64
+	digest  [32]byte
 	missing bool
 }
 
@@ -120,7 +124,14 @@ func (r *reloader) statFiles(cfg *config.Config) map[string]fileStamp {
 			stamps[f] = fileStamp{missing: true}
 			continue
 		}
-		stamps[f] = fileStamp{modTime: info.ModTime(), size: info.Size()}
+		stamp := fileStamp{modTime: info.ModTime(), size: info.Size()}
+		// The watched files are a config, an identity and secrets: small
+		// enough to hash on every check.
+		if data, err := os.ReadFile(f); err == nil {
+			stamp.digest = sha256.Sum256(data)
+			clear(data)
+		}
+		stamps[f] = stamp
 	}
 	return stamps
 }
