@@ -22,7 +22,7 @@ var errConflictingTokens = errors.New("the request carries more than one differe
 
 // mailboxToken returns the token the client put where its SDK puts an API
 // key: Authorization: Bearer, x-api-key, x-goog-api-key or ?key=. The same
-// token in several places is fine; two different values are rejected, so a
+// token in several places is fine. Two different values are rejected, so a
 // request cannot carry one mailbox's token past a check that reads another
 // slot.
 func mailboxToken(r *http.Request) (string, error) {

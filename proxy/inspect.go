@@ -20,8 +20,8 @@ type requestInfo struct {
 // needsBody reports whether the proxy reads the request body before
 // forwarding it: POSTs to generation endpoints, for the model, the stream
 // flag and the OpenAI stream usage option. These endpoints take JSON only, so
-// the body is read whatever Content-Type says, and a model allowlist cannot
-// be skipped by mislabelling the body. Other bodies (uploads, audio) stream
+// the body is read whatever its Content-Type, so a model allowlist cannot be
+// skipped by mislabelling the body. Other bodies (uploads, audio) stream
 // through unread.
 func needsBody(prov, method, path string) bool {
 	if method != http.MethodPost {

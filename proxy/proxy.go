@@ -209,7 +209,7 @@ func newTransport(caFile string, headerTimeout time.Duration) (*http.Transport, 
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// Go's HTTP/1 server frames a request that has both Content-Length and
 	// Transfer-Encoding by the latter and keeps the connection open, which
-	// RFC 9112 section 6.1 forbids: a front proxy that framed it by
+	// RFC 9112 section 6.1 forbids. A front proxy that framed it by
 	// Content-Length would send the rest as the next request. The server
 	// removes Content-Length before the handler runs, so every request with
 	// a Transfer-Encoding closes its connection.

@@ -3,8 +3,8 @@ package proxy
 import "regexp"
 
 // sniffLimit bounds how much of a Responses API body is searched for the
-// response id; the id comes first in both the JSON body and the stream's
-// response.created event.
+// response id. The id comes first in both the JSON body and the stream's
+// response.created event, so a few KiB are enough.
 const sniffLimit = 8 << 10
 
 var responseIDPattern = regexp.MustCompile(`"id"\s*:\s*"(resp_[A-Za-z0-9_\-]{1,200})"`)

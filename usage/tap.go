@@ -18,7 +18,7 @@ import (
 	"sync"
 )
 
-// Counts is what one response reported.
+// Counts is the token usage one response reported.
 type Counts struct {
 	InputTokens  int64  // input incl. cache reads and cache writes
 	OutputTokens int64  // output incl. reasoning/thinking tokens

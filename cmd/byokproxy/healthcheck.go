@@ -24,7 +24,7 @@ func healthcheck(args []string) error {
 	}
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("health check failed: %s answered %d", *url, resp.StatusCode)
+		return fmt.Errorf("health check failed: %s returned status %d", *url, resp.StatusCode)
 	}
 	return nil
 }

@@ -1,7 +1,7 @@
-// The monthly allowance through each official SDK: once a mailbox has used
+// The monthly allowance through each official SDK. Once a mailbox has used
 // its shared-key allowance, the next shared request raises the SDK's own
-// rate-limit error at once (no retry that waits until the month ends), while
-// the same mailbox's own key keeps working.
+// rate-limit error at once, with no retry that waits until the month ends.
+// The same mailbox's own key keeps working.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import OpenAI from 'openai';

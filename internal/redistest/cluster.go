@@ -2,8 +2,6 @@ package redistest
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"net"
 	"os"
@@ -196,9 +194,7 @@ func (c *Cluster) Client(t testing.TB) *redis.ClusterClient {
 // it from every master when the test ends.
 func (c *Cluster) Prefix(t testing.TB) string {
 	t.Helper()
-	b := make([]byte, 6)
-	rand.Read(b)
-	prefix := "test:" + hex.EncodeToString(b) + ":"
+	prefix := newPrefix()
 	t.Cleanup(func() { c.deletePrefix(prefix) })
 	return prefix
 }
@@ -445,9 +441,7 @@ func (s *Sentinel) Client(t testing.TB) *redis.Client {
 // to the test and stopped at its end, so nothing is deleted afterwards.
 func (s *Sentinel) Prefix(t testing.TB) string {
 	t.Helper()
-	b := make([]byte, 6)
-	rand.Read(b)
-	return "test:" + hex.EncodeToString(b) + ":"
+	return newPrefix()
 }
 
 // CurrentMaster returns the master's address as the Sentinel reports it.

@@ -142,9 +142,7 @@ func (s *Server) Client(t testing.TB) *redis.Client {
 // and removes every key under it when the test ends.
 func (s *Server) Prefix(t testing.TB) string {
 	t.Helper()
-	b := make([]byte, 6)
-	rand.Read(b)
-	prefix := "test:" + hex.EncodeToString(b) + ":"
+	prefix := newPrefix()
 	t.Cleanup(func() { s.deletePrefix(prefix) })
 	return prefix
 }
@@ -204,4 +202,11 @@ func FreePort(t testing.TB) int {
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port
+}
+
+// newPrefix returns a random key prefix such as "test:1a2b3c4d5e6f:".
+func newPrefix() string {
+	b := make([]byte, 6)
+	rand.Read(b)
+	return "test:" + hex.EncodeToString(b) + ":"
 }
