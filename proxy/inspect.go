@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"strings"
 
@@ -57,6 +58,10 @@ func withIncludeUsage(body []byte) ([]byte, error) {
 	var doc map[string]json.RawMessage
 	if err := json.Unmarshal(body, &doc); err != nil {
 		return nil, err
+	}
+	if doc == nil {
+		// A JSON null decodes into a nil map without an error.
+		return nil, errors.New("request body is not a JSON object")
 	}
 	opts := map[string]json.RawMessage{}
 	if raw, ok := doc["stream_options"]; ok && !bytes.Equal(bytes.TrimSpace(raw), []byte("null")) {
