@@ -2,7 +2,6 @@ package audit
 
 import (
 	"context"
-	"encoding/json"
 	"io"
 	"log/slog"
 	"sync"
@@ -161,7 +160,7 @@ func (w *Writer) writeStdout(batch []Entry) {
 	w.stdoutMu.Lock()
 	defer w.stdoutMu.Unlock()
 	for _, e := range batch {
-		line, err := json.Marshal(e.Event)
+		line, err := e.Event.MarshalJSON()
 		if err != nil {
 			continue
 		}
@@ -198,7 +197,9 @@ func (w *Writer) send(ctx context.Context, batch []Entry) error {
 	defer cancel()
 	pipe := w.rdb.Pipeline()
 	for _, e := range batch {
-		data, err := json.Marshal(e.Event)
+		// MarshalJSON directly: json.Marshal would scan and compact its
+		// output once more.
+		data, err := e.Event.MarshalJSON()
 		if err != nil {
 			continue
 		}

@@ -82,6 +82,7 @@ func New(opts Options) (*Handler, error) {
 	if h.log == nil {
 		h.log = slog.New(slog.DiscardHandler)
 	}
+	h.log = slog.New(withLazyAttrs(h.log.Handler()))
 	if err := h.Apply(opts.Config, opts.Signer); err != nil {
 		return nil, err
 	}

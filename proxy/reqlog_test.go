@@ -1,0 +1,62 @@
+package proxy
+
+import (
+	"bytes"
+	"log/slog"
+	"strings"
+	"testing"
+)
+
+// TestLazyAttrsMatchesJSONHandler logs the same calls through the JSON
+// handler alone and through lazyAttrs, and expects the same lines.
+func TestLazyAttrsMatchesJSONHandler(t *testing.T) {
+	noTime := func(groups []string, a slog.Attr) slog.Attr {
+		if len(groups) == 0 && a.Key == slog.TimeKey {
+			return slog.Attr{}
+		}
+		return a
+	}
+	calls := map[string]func(*slog.Logger){
+		"plain": func(l *slog.Logger) { l.Info("done", "status", 200) },
+		"with twice": func(l *slog.Logger) {
+			l.With("request_id", "r1", "provider", "openai").With("mailbox", "m1").Warn("done", "status", 502, "error", "cut")
+		},
+		"many attrs": func(l *slog.Logger) {
+			l.With("a", 1).Info("done", "b", 2, "c", 3, "d", 4, "e", 5, "f", 6, "g", 7, "h", 8)
+		},
+		"group": func(l *slog.Logger) {
+			l.With("request_id", "r1").WithGroup("upstream").With("host", "h").Info("done", "status", 200)
+		},
+		"empty with and group": func(l *slog.Logger) { l.With().WithGroup("").Info("done") },
+		"below level":          func(l *slog.Logger) { l.With("a", 1).Debug("hidden") },
+	}
+	for name, call := range calls {
+		var want, got bytes.Buffer
+		opts := &slog.HandlerOptions{ReplaceAttr: noTime}
+		call(slog.New(slog.NewJSONHandler(&want, opts)))
+		call(slog.New(withLazyAttrs(slog.NewJSONHandler(&got, opts))))
+		if got.String() != want.String() {
+			t.Errorf("%s:\n got %s\nwant %s", name, got.String(), want.String())
+		}
+	}
+}
+
+// TestLazyAttrsSiblingsSeparate derives two loggers from one parent and
+// checks that neither line contains the other's attributes.
+func TestLazyAttrsSiblingsSeparate(t *testing.T) {
+	var buf bytes.Buffer
+	// Three With calls leave spare capacity in the parent's attribute slice.
+	parent := slog.New(withLazyAttrs(slog.NewJSONHandler(&buf, nil))).With("a", 1).With("b", 2).With("c", 3)
+	first := parent.With("mailbox", "first")
+	second := parent.With("mailbox", "second")
+	first.Info("x")
+	firstLine := buf.String()
+	buf.Reset()
+	second.Info("x")
+	if !strings.Contains(firstLine, `"mailbox":"first"`) {
+		t.Errorf("first logger lost its attribute: %s", firstLine)
+	}
+	if strings.Contains(buf.String(), `"first"`) {
+		t.Errorf("second logger has the first one's attribute: %s", buf.String())
+	}
+}
