@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"strings"
 
@@ -12,10 +13,164 @@ import (
 
 // requestInfo holds the fields the proxy reads from a JSON request body.
 type requestInfo struct {
-	Model              string          `json:"model"`
-	Stream             bool            `json:"stream"`
-	StreamOptions      json.RawMessage `json:"stream_options"`
-	PreviousResponseID string          `json:"previous_response_id"`
+	Model              string
+	Stream             bool
+	StreamOptions      json.RawMessage
+	PreviousResponseID string
+}
+
+// requestFields are the top-level names readRequestInfo reads, in the order
+// of requestInfo's fields.
+var requestFields = []string{"model", "stream", "stream_options", "previous_response_id"}
+
+// Errors of readRequestInfo.
+var (
+	errBodyNotJSON   = errors.New("the request body is not valid JSON")
+	errBodyNotObject = errors.New("the request body is not a JSON object")
+)
+
+// duplicateFieldError reports a body that names a field more than once.
+type duplicateFieldError struct{ name string }
+
+func (e *duplicateFieldError) Error() string {
+	return fmt.Sprintf("the request body names %q more than once; send each field once", e.name)
+}
+
+// readRequestInfo reads the fields the proxy acts on, by exact name, and
+// rejects a body that names one twice. encoding/json also matches "MODEL" and
+// keeps the last copy, so the proxy could check another model or response id
+// than the one the provider reads.
+func readRequestInfo(body []byte) (requestInfo, error) {
+	var info requestInfo
+	err := scanObject(body, requestFields, func(field int, value []byte) error {
+		var err error
+		switch field {
+		case 0:
+			err = json.Unmarshal(value, &info.Model)
+		case 1:
+			if err = json.Unmarshal(value, &info.Stream); err != nil {
+				return fmt.Errorf("%q in the request body must be true or false", requestFields[field])
+			}
+		case 2:
+			info.StreamOptions = value
+		default:
+			err = json.Unmarshal(value, &info.PreviousResponseID)
+		}
+		if err != nil {
+			return fmt.Errorf("%q in the request body must be a string", requestFields[field])
+		}
+		return nil
+	})
+	return info, err
+}
+
+// scanObject calls visit with the raw value, which shares body's memory, of
+// each top-level member of the JSON object body whose unescaped name is in
+// names. A name given twice ends the scan with a *duplicateFieldError.
+func scanObject(body []byte, names []string, visit func(field int, value []byte) error) error {
+	// After json.Valid the walk below only has to find where each name and
+	// value ends.
+	if !json.Valid(body) {
+		return errBodyNotJSON
+	}
+	i := skipSpace(body, 0)
+	if body[i] != '{' {
+		return errBodyNotObject
+	}
+	var seen uint64
+	for i = skipSpace(body, i+1); body[i] != '}'; i = skipSpace(body, i) {
+		if body[i] == ',' {
+			i = skipSpace(body, i+1)
+		}
+		nameEnd := stringEnd(body, i)
+		rawName := body[i:nameEnd]
+		i = skipSpace(body, nameEnd) + 1 // the colon
+		i = skipSpace(body, i)
+		valueEnd := valueEnd(body, i)
+		value := body[i:valueEnd]
+		i = valueEnd
+
+		field := fieldIndex(rawName, names)
+		if field < 0 {
+			continue
+		}
+		if seen&(1<<field) != 0 {
+			return &duplicateFieldError{name: names[field]}
+		}
+		seen |= 1 << field
+		if err := visit(field, value); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// fieldIndex returns the index in names of a quoted JSON name, or -1.
+func fieldIndex(quoted []byte, names []string) int {
+	name := quoted[1 : len(quoted)-1]
+	if bytes.IndexByte(name, '\\') >= 0 {
+		var unescaped string
+		if json.Unmarshal(quoted, &unescaped) != nil {
+			return -1
+		}
+		name = []byte(unescaped)
+	}
+	for n, want := range names {
+		if string(name) == want {
+			return n
+		}
+	}
+	return -1
+}
+
+func skipSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+		i++
+	}
+	return i
+}
+
+// stringEnd returns the index after the string that starts at b[i].
+func stringEnd(b []byte, i int) int {
+	for j := i + 1; j < len(b); j++ {
+		switch b[j] {
+		case '\\':
+			j++
+		case '"':
+			return j + 1
+		}
+	}
+	return len(b)
+}
+
+// valueEnd returns the index after the valid JSON value that starts at b[i].
+func valueEnd(b []byte, i int) int {
+	switch b[i] {
+	case '"':
+		return stringEnd(b, i)
+	case '{', '[':
+		depth := 0
+		for j := i; j < len(b); j++ {
+			switch b[j] {
+			case '"':
+				j = stringEnd(b, j) - 1
+			case '{', '[':
+				depth++
+			case '}', ']':
+				depth--
+				if depth == 0 {
+					return j + 1
+				}
+			}
+		}
+		return len(b)
+	}
+	// A number or a literal ends at the next delimiter.
+	j := i
+	for j < len(b) && strings.IndexByte(",}] \t\n\r", b[j]) < 0 {
+		j++
+	}
+	return j
 }
 
 // needsBody reports whether the proxy reads the request body before
@@ -40,16 +195,18 @@ func needsBody(prov, method, path string) bool {
 	return false
 }
 
-// includeUsage reports whether stream_options requests usage.
+// includeUsage reports whether stream_options requests usage. Options that
+// are not an object, or that name include_usage twice, count as not
+// requesting it, so the proxy rewrites them with a single include_usage.
 func (ri *requestInfo) includeUsage() bool {
 	if len(ri.StreamOptions) == 0 {
 		return false
 	}
-	var opts struct {
-		IncludeUsage bool `json:"include_usage"`
-	}
-	json.Unmarshal(ri.StreamOptions, &opts)
-	return opts.IncludeUsage
+	include := false
+	err := scanObject(ri.StreamOptions, []string{"include_usage"}, func(_ int, value []byte) error {
+		return json.Unmarshal(value, &include)
+	})
+	return err == nil && include
 }
 
 // withIncludeUsage returns body with stream_options.include_usage set to
@@ -61,7 +218,7 @@ func withIncludeUsage(body []byte) ([]byte, error) {
 	}
 	if doc == nil {
 		// A JSON null decodes into a nil map without an error.
-		return nil, errors.New("request body is not a JSON object")
+		return nil, errBodyNotObject
 	}
 	opts := map[string]json.RawMessage{}
 	if raw, ok := doc["stream_options"]; ok && !bytes.Equal(bytes.TrimSpace(raw), []byte("null")) {
@@ -81,33 +238,4 @@ func withIncludeUsage(body []byte) ([]byte, error) {
 // isGoogleStream reports whether a Google path requests a stream.
 func isGoogleStream(path string) bool {
 	return strings.HasSuffix(path, ":streamGenerateContent")
-}
-
-// duplicateKey reports whether the top-level JSON object in body has key
-// more than once. Parsers differ on which copy wins, so a body naming two
-// models could pass the allowlist with one and reach the provider with the
-// other.
-func duplicateKey(body []byte, key string) bool {
-	dec := json.NewDecoder(bytes.NewReader(body))
-	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
-		return false
-	}
-	seen := false
-	for dec.More() {
-		tok, err := dec.Token()
-		if err != nil {
-			return false
-		}
-		if name, _ := tok.(string); name == key {
-			if seen {
-				return true
-			}
-			seen = true
-		}
-		var skip json.RawMessage
-		if err := dec.Decode(&skip); err != nil {
-			return false
-		}
-	}
-	return false
 }

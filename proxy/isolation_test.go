@@ -411,10 +411,13 @@ func TestDuplicateModelAndMailboxHeaders(t *testing.T) {
 		c.Provider(provider.OpenAI).SharedModels = []string{"gpt-4o-mini"}
 	})
 	c := nonStream[provider.OpenAI]
-	resp, _ := st.Do(t, "POST", c.path, st.Token(t, "dup"),
+	resp, body := st.Do(t, "POST", c.path, st.Token(t, "dup"),
 		`{"model":"o1-pro","model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}`)
-	if resp.StatusCode != 403 {
-		t.Errorf("two model keys on the shared key: status %d, want 403", resp.StatusCode)
+	if resp.StatusCode != 400 {
+		t.Errorf("two model keys on the shared key: status %d, want 400", resp.StatusCode)
+	}
+	if !strings.Contains(string(body), `names \"model\" more than once`) {
+		t.Errorf("two model keys on the shared key: message does not name the field: %s", body)
 	}
 	req, _ := http.NewRequest("POST", st.ProxyURL+c.path, strings.NewReader(c.body))
 	req.Header.Add("X-Mailbox-Id", "alice")
@@ -430,4 +433,70 @@ func TestDuplicateModelAndMailboxHeaders(t *testing.T) {
 	if n := len(st.Upstreams[provider.OpenAI].Requests()); n != 0 {
 		t.Errorf("upstream got %d requests", n)
 	}
+}
+
+// TestFieldNamesMatchExactly sends bodies that name a field the proxy checks
+// in another letter case. The provider reads only the exact name, so the
+// proxy must check the exact one too and ignore the other.
+func TestFieldNamesMatchExactly(t *testing.T) {
+	st := teststack.Start(t, func(c *config.Config) {
+		c.Provider(provider.OpenAI).SharedModels = []string{"gpt-4o-mini"}
+	})
+	up := st.Upstreams[provider.OpenAI]
+
+	t.Run("model", func(t *testing.T) {
+		before := len(up.Requests())
+		resp, body := st.Do(t, "POST", "/openai/v1/chat/completions", st.Token(t, "case-model"),
+			`{"model":"o1-pro","MODEL":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}`)
+		if resp.StatusCode != 403 {
+			t.Errorf("status %d, want 403: %s", resp.StatusCode, body)
+		}
+		if n := len(up.Requests()) - before; n != 0 {
+			t.Errorf("upstream got %d requests for a model outside shared_models", n)
+		}
+	})
+
+	t.Run("previous_response_id", func(t *testing.T) {
+		resp, body := st.Do(t, "POST", "/openai/v1/responses", st.Token(t, "case-owner"), `{"model":"gpt-4o-mini","input":"hello"}`)
+		if resp.StatusCode != 200 {
+			t.Fatalf("create response: %d %s", resp.StatusCode, body)
+		}
+		var created struct{ ID string }
+		if err := json.Unmarshal(body, &created); err != nil || created.ID == "" {
+			t.Fatalf("no response id in %s", body)
+		}
+		st.WaitAudit(t)
+
+		before := len(up.Requests())
+		follow := `{"model":"gpt-4o-mini","input":"more","previous_response_id":"` + created.ID + `","Previous_Response_Id":""}`
+		resp, body = st.Do(t, "POST", "/openai/v1/responses", st.Token(t, "case-other"), follow)
+		if resp.StatusCode != 403 {
+			t.Errorf("another mailbox continuing the response: status %d, want 403: %s", resp.StatusCode, body)
+		}
+		if n := len(up.Requests()) - before; n != 0 {
+			t.Errorf("upstream got %d requests naming another mailbox's response", n)
+		}
+	})
+
+	t.Run("include_usage", func(t *testing.T) {
+		before := len(up.Requests())
+		resp, body := st.Do(t, "POST", "/openai/v1/chat/completions", st.Token(t, "case-usage"),
+			`{"model":"gpt-4o-mini","stream":true,"stream_options":{"INCLUDE_USAGE":true},"messages":[{"role":"user","content":"hi"}]}`)
+		if resp.StatusCode != 200 {
+			t.Fatalf("status %d: %s", resp.StatusCode, body)
+		}
+		reqs := up.Requests()
+		if len(reqs) != before+1 {
+			t.Fatalf("upstream got %d requests, want 1", len(reqs)-before)
+		}
+		var sent struct {
+			StreamOptions map[string]any `json:"stream_options"`
+		}
+		if err := json.Unmarshal(reqs[before].Body, &sent); err != nil {
+			t.Fatalf("upstream body: %v", err)
+		}
+		if sent.StreamOptions["include_usage"] != true {
+			t.Errorf("upstream stream_options %v lack include_usage=true, so the stream would go unmetered", sent.StreamOptions)
+		}
+	})
 }

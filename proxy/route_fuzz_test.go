@@ -2,8 +2,10 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
@@ -241,9 +243,21 @@ func FuzzRequestBody(f *testing.F) {
 	f.Add([]byte(`[]`))
 	f.Add([]byte(`{"previous_response_id":"resp_\u0000"}`))
 
+	f.Add([]byte(`{"model":"a","MODEL":"b","Stream":true,"stream_options":{"INCLUDE_USAGE":true}}`))
+	f.Add([]byte(`{"mod\u0065l":"a","x":[{"model":"b"},"\"}"],"stream":null} `))
+	f.Add([]byte(`{"stream":1e3,"previous_response_id":"r","previous_response_id":"s"}`))
+
 	f.Fuzz(func(t *testing.T, body []byte) {
-		var info requestInfo
-		if json.Unmarshal(body, &info) == nil {
+		info, err := readRequestInfo(body)
+		want, wantErr := referenceRequestInfo(body)
+		if (err == nil) != (wantErr == nil) || (err != nil && err.Error() != wantErr.Error()) {
+			t.Fatalf("readRequestInfo error %v, reference %v\n%q", err, wantErr, body)
+		}
+		if err == nil {
+			if info.Model != want.Model || info.Stream != want.Stream || info.PreviousResponseID != want.PreviousResponseID ||
+				!bytes.Equal(info.StreamOptions, want.StreamOptions) {
+				t.Fatalf("readRequestInfo %+v, reference %+v\n%q", info, want, body)
+			}
 			_ = info.includeUsage()
 		}
 		patched, err := withIncludeUsage(body)
@@ -261,8 +275,7 @@ func FuzzRequestBody(f *testing.F) {
 		if opts["include_usage"] != true {
 			t.Fatalf("rewritten body lacks stream_options.include_usage=true: %s", patched)
 		}
-		var again requestInfo
-		if err := json.Unmarshal(patched, &again); err == nil && !again.includeUsage() {
+		if again, err := readRequestInfo(patched); err == nil && !again.includeUsage() {
 			t.Fatalf("includeUsage is false on the rewritten body: %s", patched)
 		}
 		for k, v := range before {
@@ -277,6 +290,54 @@ func FuzzRequestBody(f *testing.F) {
 			t.Fatalf("rewrite changed the set of fields: %d before, %d after", len(before), len(after))
 		}
 	})
+}
+
+// referenceRequestInfo reads the same fields as readRequestInfo with
+// encoding/json's tokenizer: exact names, one error per duplicate, and the
+// first error in document order.
+func referenceRequestInfo(body []byte) (requestInfo, error) {
+	var info requestInfo
+	if !json.Valid(body) {
+		return info, errBodyNotJSON
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if tok, _ := dec.Token(); tok != json.Delim('{') {
+		return info, errBodyNotObject
+	}
+	seen := map[string]bool{}
+	for dec.More() {
+		tok, _ := dec.Token()
+		name := tok.(string)
+		var raw json.RawMessage
+		if err := dec.Decode(&raw); err != nil {
+			return info, err
+		}
+		field := slices.Index(requestFields, name)
+		if field < 0 {
+			continue
+		}
+		if seen[name] {
+			return info, &duplicateFieldError{name: name}
+		}
+		seen[name] = true
+		var err error
+		switch name {
+		case "model":
+			err = json.Unmarshal(raw, &info.Model)
+		case "stream":
+			if json.Unmarshal(raw, &info.Stream) != nil {
+				return info, fmt.Errorf("%q in the request body must be true or false", name)
+			}
+		case "stream_options":
+			info.StreamOptions = raw
+		case "previous_response_id":
+			err = json.Unmarshal(raw, &info.PreviousResponseID)
+		}
+		if err != nil {
+			return info, fmt.Errorf("%q in the request body must be a string", name)
+		}
+	}
+	return info, nil
 }
 
 func jsonEqual(a, b any) bool {

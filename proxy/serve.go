@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -198,7 +197,7 @@ func (h *Handler) admitShared(w http.ResponseWriter, r *http.Request, x *exchang
 	if pathModel != "" {
 		x.model = pathModel
 	}
-	if up.models != nil && r.Method == http.MethodPost && (!up.models[x.model] || duplicateKey(x.body, "model")) {
+	if up.models != nil && r.Method == http.MethodPost && !up.models[x.model] {
 		h.rejectAudited(w, x, log, provider.Forbidden, fmt.Sprintf("model %q is not available on the shared key", x.model), 0)
 		return false
 	}
@@ -263,12 +262,12 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 	}
 	x.body = body
 	x.requestBytes = int64(len(body))
-	var info requestInfo
-	if err := json.Unmarshal(body, &info); err != nil {
+	info, err := readRequestInfo(body)
+	if err != nil {
 		// The provider explains a malformed body better than the proxy can,
 		// except where the proxy needs the body's content.
 		if x.source == keystore.SourceShared {
-			h.rejectAudited(w, x, log, provider.BadRequest, "the request body is not valid JSON", 0)
+			h.rejectAudited(w, x, log, provider.BadRequest, err.Error(), 0)
 			return false
 		}
 		return true

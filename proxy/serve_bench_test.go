@@ -3,7 +3,6 @@ package proxy
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"io"
 	"log/slog"
 	"net/http"
@@ -194,8 +193,7 @@ func BenchmarkRequestInfo(b *testing.B) {
 		b.ReportAllocs()
 		b.SetBytes(int64(len(benchChatBody)))
 		for b.Loop() {
-			var info requestInfo
-			if err := json.Unmarshal(benchChatBody, &info); err != nil {
+			if _, err := readRequestInfo(benchChatBody); err != nil {
 				b.Fatal(err)
 			}
 		}

@@ -448,6 +448,13 @@ func (st *stream) send(data string, textDelta bool) error {
 			return errAborted
 		}
 	}
+	// The stream is counted as held before its first event leaves, so a
+	// client that has that event always finds the count raised.
+	hold := st.events == 0 && st.gate != nil
+	if hold {
+		st.s.addHeld(1)
+		defer st.s.addHeld(-1)
+	}
 	if _, err := io.WriteString(st.c.out, data); err != nil {
 		st.aborted = true
 		return errAborted
@@ -459,10 +466,16 @@ func (st *stream) send(data string, textDelta bool) error {
 		st.cut()
 		return errAborted
 	}
-	if st.events == 1 && st.gate != nil {
+	if hold {
 		st.wait()
 	}
 	return nil
+}
+
+func (s *Server) addHeld(n int) {
+	s.mu.Lock()
+	s.heldStreams += n
+	s.mu.Unlock()
 }
 
 // step is one event of a stream prepared in advance.
@@ -491,14 +504,6 @@ func (st *stream) flush() {
 }
 
 func (st *stream) wait() {
-	st.s.mu.Lock()
-	st.s.heldStreams++
-	st.s.mu.Unlock()
-	defer func() {
-		st.s.mu.Lock()
-		st.s.heldStreams--
-		st.s.mu.Unlock()
-	}()
 	t := time.NewTimer(HoldTimeout)
 	defer t.Stop()
 	select {
