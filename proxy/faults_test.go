@@ -485,6 +485,50 @@ func TestUpstreamRefused(t *testing.T) {
 	assertNoKeyMaterial(t, st)
 }
 
+// TestRefusedUpstreamKeepsClientConnection sends two requests whose bodies
+// the proxy forwards unread, over one client connection, to an upstream that
+// refuses connections. The second must reuse the connection: with full duplex
+// on, a body left unread when the handler returns makes Go's HTTP/1 server
+// panic and close the connection (golang/go#68560).
+func TestRefusedUpstreamKeepsClientConnection(t *testing.T) {
+	closed := fmt.Sprintf("http://127.0.0.1:%d", redistest.FreePort(t))
+	st := teststack.Start(t, func(c *config.Config) {
+		c.Provider(provider.Google).Upstream = closed
+	})
+	token := useBYOKEverywhere(t, st, "refused-keepalive@example.com")
+
+	var dials atomic.Int32
+	transport := &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			dials.Add(1)
+			return (&net.Dialer{}).DialContext(ctx, network, addr)
+		},
+	}
+	defer transport.CloseIdleConnections()
+	client := &http.Client{Transport: transport, Timeout: hangLimit}
+	c := streaming[provider.Google]
+	for i := range 2 {
+		req, err := http.NewRequest(http.MethodPost, st.ProxyURL+c.path, strings.NewReader(c.body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("x-goog-api-key", token)
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatalf("request %d: %v", i+1, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusBadGateway {
+			t.Errorf("request %d: status %d, want 502", i+1, resp.StatusCode)
+		}
+	}
+	if n := dials.Load(); n != 1 {
+		t.Errorf("the client dialled %d connections for two requests, want 1: the proxy closed the first", n)
+	}
+}
+
 // terminalEvents are what a complete stream of each provider ends with.
 var terminalEvents = map[string]string{
 	provider.OpenAI:    "[DONE]",

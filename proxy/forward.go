@@ -58,6 +58,11 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, l
 		h.finish(x, source, log)
 	}()
 	x.up.proxy.ServeHTTP(w, out)
+	// With full duplex on, the server drains an unread body only after the
+	// handler returns. The drain starts a background read that collides with
+	// the read of the next request, a panic that closes the connection
+	// (golang/go#68560). Closing the body here drains it in time.
+	r.Body.Close()
 }
 
 // rewrite builds the upstream request: the configured upstream only, the
