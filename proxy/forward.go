@@ -47,6 +47,10 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, l
 	ctx = httptrace.WithClientTrace(ctx, trace)
 	out := r.WithContext(ctx)
 
+	// With full duplex on, draining an unread body after the handler returns
+	// races the read of the next request (golang/go#68560), so it is closed here.
+	defer r.Body.Close()
+
 	// finish runs even when the reverse proxy aborts the handler with
 	// http.ErrAbortHandler after an upstream breaks off mid-stream.
 	defer func() {
@@ -58,11 +62,6 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, l
 		h.finish(x, source, log)
 	}()
 	x.up.proxy.ServeHTTP(w, out)
-	// With full duplex on, the server drains an unread body only after the
-	// handler returns. The drain starts a background read that collides with
-	// the read of the next request, a panic that closes the connection
-	// (golang/go#68560). Closing the body here drains it in time.
-	r.Body.Close()
 }
 
 // rewrite builds the upstream request: the configured upstream only, the
