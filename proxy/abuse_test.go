@@ -672,14 +672,9 @@ func TestSlowClientTimeouts(t *testing.T) {
 		// Each pause between events is longer than both timeouts.
 		up.SetEventDelay(300 * time.Millisecond)
 		defer up.SetEventDelay(0)
-		c := streaming[provider.Anthropic]
-		req, _ := http.NewRequest(http.MethodPost, srv.URL+c.path, strings.NewReader(c.body))
-		req.Header.Set("Authorization", "Bearer "+token)
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("Anthropic-Version", "2023-06-01")
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
-		resp, err := http.DefaultClient.Do(req.WithContext(ctx))
+		resp, err := http.DefaultClient.Do(callRequest(ctx, srv.URL, provider.Anthropic, token, streaming[provider.Anthropic]))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -66,10 +66,23 @@ func timedDo(t *testing.T, st *teststack.Stack, p, token string, c call) (int, [
 // doRequest sends c with token to the proxy at baseURL. It reports a
 // transport error as status 0.
 func doRequest(t *testing.T, baseURL, p, token string, c call) (int, []byte) {
-	req, err := http.NewRequest(http.MethodPost, baseURL+c.path, strings.NewReader(c.body))
+	ctx, cancel := context.WithTimeout(context.Background(), hangLimit)
+	defer cancel()
+	resp, err := http.DefaultClient.Do(callRequest(ctx, baseURL, p, token, c))
 	if err != nil {
-		t.Error(err)
-		return 0, nil
+		return 0, []byte(err.Error())
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, data
+}
+
+// callRequest returns the POST of c for provider p to the proxy at baseURL
+// with token, as the provider's SDK sends it.
+func callRequest(ctx context.Context, baseURL, p, token string, c call) *http.Request {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, baseURL+c.path, strings.NewReader(c.body))
+	if err != nil {
+		panic(err) // c.path comes from the test tables
 	}
 	req.Header.Set("Authorization", "Bearer "+token)
 	req.Header.Set("Content-Type", "application/json")
@@ -77,15 +90,7 @@ func doRequest(t *testing.T, baseURL, p, token string, c call) (int, []byte) {
 	for i := 0; i+1 < len(h); i += 2 {
 		req.Header.Set(h[i], h[i+1])
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), hangLimit)
-	defer cancel()
-	resp, err := http.DefaultClient.Do(req.WithContext(ctx))
-	if err != nil {
-		return 0, []byte(err.Error())
-	}
-	defer resp.Body.Close()
-	data, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, data
+	return req
 }
 
 func readyStatus(t *testing.T, baseURL string) int {
@@ -205,14 +210,9 @@ func TestStreamInFlightSurvivesRedisOutage(t *testing.T) {
 	up.Hold()
 	defer up.Release()
 
-	c := streaming[p]
-	req, _ := http.NewRequest(http.MethodPost, st.ProxyURL+c.path, strings.NewReader(c.body))
-	req.Header.Set("Authorization", "Bearer "+token)
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Anthropic-Version", "2023-06-01")
 	ctx, cancel := context.WithTimeout(context.Background(), hangLimit)
 	defer cancel()
-	resp, err := http.DefaultClient.Do(req.WithContext(ctx))
+	resp, err := http.DefaultClient.Do(callRequest(ctx, st.ProxyURL, p, token, streaming[p]))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -551,14 +551,9 @@ func TestUpstreamResetMidStream(t *testing.T) {
 				up.SetFailMidStream(true)
 				defer up.SetFailMidStream(false)
 
-				c := streaming[p]
-				req, _ := http.NewRequest(http.MethodPost, st.ProxyURL+c.path, strings.NewReader(c.body))
-				req.Header.Set("Authorization", "Bearer "+token)
-				req.Header.Set("Content-Type", "application/json")
-				req.Header.Set("Anthropic-Version", "2023-06-01")
 				ctx, cancel := context.WithTimeout(context.Background(), hangLimit)
 				defer cancel()
-				resp, err := http.DefaultClient.Do(req.WithContext(ctx))
+				resp, err := http.DefaultClient.Do(callRequest(ctx, st.ProxyURL, p, token, streaming[p]))
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -668,13 +663,8 @@ func TestClientDisconnectCancelsUpstream(t *testing.T) {
 			up.Reset()
 			up.Hold()
 
-			c := streaming[p]
 			ctx, cancel := context.WithCancel(context.Background())
-			req, _ := http.NewRequestWithContext(ctx, http.MethodPost, st.ProxyURL+c.path, strings.NewReader(c.body))
-			req.Header.Set("Authorization", "Bearer "+token)
-			req.Header.Set("Content-Type", "application/json")
-			req.Header.Set("Anthropic-Version", "2023-06-01")
-			resp, err := http.DefaultClient.Do(req)
+			resp, err := http.DefaultClient.Do(callRequest(ctx, st.ProxyURL, p, token, streaming[p]))
 			if err != nil {
 				cancel()
 				t.Fatal(err)
@@ -775,12 +765,8 @@ func TestCutGzipErrorBodyScrubbed(t *testing.T) {
 		full := gzipOf(t, []byte(`{"error":{"message":"Incorrect API key provided: `+key+`. You can find your API key in your account settings."}}`))
 		for _, cut := range []int{0, 4, 8} {
 			up.set(scriptedResponse{status: http.StatusUnauthorized, contentType: "application/json", encoding: "gzip", body: full[:len(full)-cut]})
-			c := nonStream[p]
-			req, _ := http.NewRequest(http.MethodPost, st.ProxyURL+c.path, strings.NewReader(c.body))
-			req.Header.Set("Authorization", "Bearer "+token)
-			req.Header.Set("Content-Type", "application/json")
+			req := callRequest(context.Background(), st.ProxyURL, p, token, nonStream[p])
 			req.Header.Set("Accept-Encoding", "gzip")
-			req.Header.Set("Anthropic-Version", "2023-06-01")
 			resp, err := client.Do(req)
 			if err != nil {
 				t.Fatal(err)
