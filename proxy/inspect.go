@@ -36,6 +36,11 @@ func (e *duplicateFieldError) Error() string {
 	return fmt.Sprintf("the request body names %q more than once; send each field once", e.name)
 }
 
+// invalidField reports a field whose value has the wrong JSON type.
+func invalidField(name, want string) error {
+	return fmt.Errorf("invalid %q in the request body: send %s", name, want)
+}
+
 // readRequestInfo reads the fields the proxy acts on, by exact name, and
 // rejects a body that names one twice. encoding/json also matches "MODEL" and
 // keeps the last copy, so the proxy could check another model or response id
@@ -43,21 +48,22 @@ func (e *duplicateFieldError) Error() string {
 func readRequestInfo(body []byte) (requestInfo, error) {
 	var info requestInfo
 	err := scanObject(body, requestFields, func(field int, value []byte) error {
-		var err error
+		name := requestFields[field]
 		switch field {
 		case 0:
-			err = json.Unmarshal(value, &info.Model)
+			if json.Unmarshal(value, &info.Model) != nil {
+				return invalidField(name, "a string")
+			}
 		case 1:
-			if err = json.Unmarshal(value, &info.Stream); err != nil {
-				return fmt.Errorf("%q in the request body must be true or false", requestFields[field])
+			if json.Unmarshal(value, &info.Stream) != nil {
+				return invalidField(name, "true or false")
 			}
 		case 2:
 			info.StreamOptions = value
 		default:
-			err = json.Unmarshal(value, &info.PreviousResponseID)
-		}
-		if err != nil {
-			return fmt.Errorf("%q in the request body must be a string", requestFields[field])
+			if json.Unmarshal(value, &info.PreviousResponseID) != nil {
+				return invalidField(name, "a string")
+			}
 		}
 		return nil
 	})

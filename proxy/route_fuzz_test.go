@@ -326,7 +326,7 @@ func referenceRequestInfo(body []byte) (requestInfo, error) {
 			err = json.Unmarshal(raw, &info.Model)
 		case "stream":
 			if json.Unmarshal(raw, &info.Stream) != nil {
-				return info, fmt.Errorf("%q in the request body must be true or false", name)
+				return info, fmt.Errorf("invalid %q in the request body: send true or false", name)
 			}
 		case "stream_options":
 			info.StreamOptions = raw
@@ -334,7 +334,7 @@ func referenceRequestInfo(body []byte) (requestInfo, error) {
 			err = json.Unmarshal(raw, &info.PreviousResponseID)
 		}
 		if err != nil {
-			return info, fmt.Errorf("%q in the request body must be a string", name)
+			return info, fmt.Errorf("invalid %q in the request body: send a string", name)
 		}
 	}
 	return info, nil
