@@ -2,6 +2,7 @@ package audit
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"sync"
@@ -196,6 +197,7 @@ func (w *Writer) send(ctx context.Context, batch []Entry) error {
 	sendCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	pipe := w.rdb.Pipeline()
+	var usage map[redis.Cmder]*keystore.UsageRecord
 	for _, e := range batch {
 		// MarshalJSON directly: json.Marshal would scan and compact its
 		// output once more.
@@ -210,14 +212,52 @@ func (w *Writer) send(ctx context.Context, batch []Entry) error {
 		}
 		pipe.XAdd(sendCtx, args)
 		if e.Usage != nil {
-			w.layout.QueueUsage(sendCtx, pipe, *e.Usage, w.opts.RetentionMonths)
+			if usage == nil {
+				usage = make(map[redis.Cmder]*keystore.UsageRecord)
+			}
+			usage[w.layout.QueueUsageBySHA(sendCtx, pipe, *e.Usage, w.opts.RetentionMonths)] = e.Usage
 		}
 		if e.ResponseID != "" {
 			w.layout.QueueResponse(sendCtx, pipe, e.Event.Mailbox, e.ResponseID, e.Event.Time, w.opts.ResponseTTL)
 		}
 	}
-	_, err := pipe.Exec(sendCtx)
-	return err
+	cmds, err := pipe.Exec(sendCtx)
+	if err == nil {
+		return nil
+	}
+	// Increments sent by digest to a server that lacks the script (once
+	// after each start of Redis, per Cluster node) counted nothing, while
+	// the rest of the batch was applied. Send only those again, with the
+	// script's source, so the batch's events are not written twice. Other
+	// failures, such as a Cluster node that is down, fail the batch, which
+	// is then sent again whole.
+	var missing []*keystore.UsageRecord
+	failed := false
+	for _, c := range cmds {
+		cerr := c.Err()
+		if cerr == nil || errors.Is(cerr, redis.Nil) {
+			continue
+		}
+		if u, ok := usage[c]; ok && keystore.IsNoScript(cerr) {
+			missing = append(missing, u)
+			continue
+		}
+		failed = true
+	}
+	if len(missing) > 0 {
+		w.log.Info("loading the usage script into Redis", "increments", len(missing))
+		retry := w.rdb.Pipeline()
+		for _, u := range missing {
+			w.layout.QueueUsage(sendCtx, retry, *u, w.opts.RetentionMonths)
+		}
+		if _, rerr := retry.Exec(sendCtx); rerr != nil {
+			return rerr
+		}
+	}
+	if failed {
+		return err
+	}
+	return nil
 }
 
 // Close stops accepting entries and waits until the queue is delivered or

@@ -214,3 +214,79 @@ func (b *syncBuffer) String() string {
 	defer b.mu.Unlock()
 	return b.buf.String()
 }
+
+// commandCalls returns how many times the server ran each command, from
+// INFO commandstats.
+func commandCalls(t *testing.T, rdb *redis.Client) map[string]int {
+	t.Helper()
+	info, err := rdb.Info(context.Background(), "commandstats").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	calls := map[string]int{}
+	for _, line := range strings.Split(info, "\r\n") {
+		name, rest, ok := strings.Cut(strings.TrimPrefix(line, "cmdstat_"), ":calls=")
+		if !ok {
+			continue
+		}
+		n, _, _ := strings.Cut(rest, ",")
+		var v int
+		fmt.Sscan(n, &v)
+		calls[name] = v
+	}
+	return calls
+}
+
+func TestUsageScriptBySHA(t *testing.T) {
+	// A server of its own: the test reads its command counts and empties
+	// its script cache.
+	srv := redistest.StartOwn(t)
+	prefix := srv.Prefix(t)
+	rdb := srv.Client(t)
+	layout := keystore.Layout{Prefix: prefix}
+	w := NewWriter(rdb, layout, Options{QueueSize: 1000})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.Run(ctx)
+
+	deliverAll := func(from, to int) {
+		t.Helper()
+		for i := from; i < to; i++ {
+			w.Record(requestEntry(i))
+		}
+		waitEmpty(t, w)
+	}
+	deliverAll(0, 40)
+	// A server that has lost its scripts, as after a restart.
+	if err := rdb.ScriptFlush(context.Background()).Err(); err != nil {
+		t.Fatal(err)
+	}
+	deliverAll(40, 80)
+	deliverAll(80, 120)
+
+	calls := commandCalls(t, rdb)
+	// The script source goes once after each loss: the first batch of 40 and
+	// the first after the flush, however those batches were cut.
+	// the first after the flush, however the writer cut its batches; the
+	// last 40 go by digest alone.
+	if calls["eval"] == 0 || calls["eval"] > 80 || calls["evalsha"] < 120 {
+		t.Errorf("eval %d, evalsha %d calls; want every increment tried by digest and the source sent only where the script was missing",
+			calls["eval"], calls["evalsha"])
+	}
+	seen := streamIDs(t, rdb, layout.Audit())
+	if len(seen) != 120 {
+		t.Errorf("%d events in the stream, want 120", len(seen))
+	}
+	for id, n := range seen {
+		if n != 1 {
+			t.Errorf("event %s written %d times; a missing script must not repeat the batch", id, n)
+		}
+	}
+	u, err := keystore.New(rdb, prefix, nil).Usage(context.Background(), "mb", keystore.Month(time.Now()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c := u.Providers["openai"]["shared"]; c.Requests != 120 || c.InputTokens != 360 || c.OutputTokens != 240 {
+		t.Errorf("usage = %+v, want 120 requests, 360 input and 240 output tokens", c)
+	}
+}

@@ -47,9 +47,31 @@ redis.call('EXPIREAT', KEYS[1], ARGV[5])
 return 1
 `
 
-// QueueUsage adds the increment of u to pipe. The counters of a month expire
-// retentionMonths after the month ends.
-func (l Layout) QueueUsage(ctx context.Context, pipe redis.Pipeliner, u UsageRecord, retentionMonths int) {
+var recordUsage = redis.NewScript(recordUsageScript)
+
+// QueueUsage adds the increment of u to pipe, sending the script's source.
+// The counters of a month expire retentionMonths after the month ends.
+func (l Layout) QueueUsage(ctx context.Context, pipe redis.Pipeliner, u UsageRecord, retentionMonths int) *redis.Cmd {
+	keys, args := l.usageArgs(u, retentionMonths)
+	return recordUsage.Eval(ctx, pipe, keys, args...)
+}
+
+// QueueUsageBySHA is QueueUsage naming the script by its SHA1 digest, which
+// spares Redis the script's source and its hashing on every increment. On a
+// server that does not hold the script yet (a fresh or restarted one) the
+// command fails with an error for which IsNoScript is true, and nothing was
+// counted: send it again with QueueUsage, which also loads the script.
+func (l Layout) QueueUsageBySHA(ctx context.Context, pipe redis.Pipeliner, u UsageRecord, retentionMonths int) *redis.Cmd {
+	keys, args := l.usageArgs(u, retentionMonths)
+	return recordUsage.EvalSha(ctx, pipe, keys, args...)
+}
+
+// IsNoScript reports whether err says Redis does not hold a script.
+func IsNoScript(err error) bool {
+	return redis.HasErrorPrefix(err, "NOSCRIPT")
+}
+
+func (l Layout) usageArgs(u UsageRecord, retentionMonths int) (keys []string, args []any) {
 	month := Month(u.Time)
 	shared := "0"
 	if u.Source == SourceShared {
@@ -57,9 +79,9 @@ func (l Layout) QueueUsage(ctx context.Context, pipe redis.Pipeliner, u UsageRec
 	}
 	start := time.Date(u.Time.UTC().Year(), u.Time.UTC().Month(), 1, 0, 0, 0, 0, time.UTC)
 	expireAt := start.AddDate(0, retentionMonths+1, 0).Unix()
-	pipe.Eval(ctx, recordUsageScript,
-		[]string{l.Usage(u.Mailbox, month), l.Seen(u.Mailbox, u.RequestID)},
-		u.Provider+":"+u.Source, u.InputTokens, u.OutputTokens, shared, expireAt, int64(seenTTL/time.Second))
+	keys = []string{l.Usage(u.Mailbox, month), l.Seen(u.Mailbox, u.RequestID)}
+	args = []any{u.Provider + ":" + u.Source, u.InputTokens, u.OutputTokens, shared, expireAt, int64(seenTTL / time.Second)}
+	return keys, args
 }
 
 // Counts are the usage counters of one provider and source.
