@@ -79,6 +79,9 @@ type Redis struct {
 	PasswordFile string        `mapstructure:"password_file"`
 	TLS          bool          `mapstructure:"tls"`
 	Timeout      time.Duration `mapstructure:"timeout"`
+	// CacheTTL is how long a replica may reuse a mailbox's record between
+	// change notices; 0 reads Redis on every request.
+	CacheTTL time.Duration `mapstructure:"cache_ttl"`
 	// Prefix starts every key byokproxy writes; the default is "byok:".
 	Prefix string `mapstructure:"prefix"`
 }
@@ -166,9 +169,10 @@ func Defaults() *Config {
 		Admin:         Admin{Listen: "127.0.0.1:8081"},
 		Metrics:       Metrics{Listen: "127.0.0.1:9090"},
 		Redis: Redis{
-			URL:     "redis://127.0.0.1:6379/0",
-			Timeout: time.Second,
-			Prefix:  "byok:",
+			URL:      "redis://127.0.0.1:6379/0",
+			Timeout:  time.Second,
+			CacheTTL: time.Second,
+			Prefix:   "byok:",
 		},
 		Limits: Limits{
 			MaxBodyBytes:   64 << 20,

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"filippo.io/age"
 	"github.com/redis/go-redis/v9"
@@ -186,6 +187,11 @@ func (c *Config) validateRedis(ps *problems) {
 	r := c.Redis
 	if r.Timeout <= 0 {
 		ps.add("redis.timeout", "must be more than 0, got "+r.Timeout.String(), "set a duration such as 1s")
+	}
+	// A change must reach every replica within a second, and the TTL is
+	// what bounds it when a change notice is lost.
+	if r.CacheTTL < 0 || r.CacheTTL > time.Second {
+		ps.add("redis.cache_ttl", "must be between 0 and 1s, got "+r.CacheTTL.String(), "set 1s, or 0 to read Redis on every request")
 	}
 
 	// Each mailbox's keys carry its id as a Cluster hash tag ({id}); a brace

@@ -9,6 +9,7 @@ package keystore
 //	{prefix}seen:{id}:REQID   string: marks a usage increment as applied
 //	{prefix}resp:{id}         sorted set: ids of responses created on the shared key, scored by expiry
 //	{prefix}audit             stream: audit events
+//	{prefix}changes           pub/sub channel: ids of mailboxes whose record changed
 type Layout struct {
 	Prefix string
 }
@@ -30,6 +31,10 @@ func (l Layout) Responses(id string) string { return l.Prefix + "resp:{" + id + 
 
 // Audit returns the key of the audit stream.
 func (l Layout) Audit() string { return l.Prefix + "audit" }
+
+// Changes returns the pub/sub channel on which every write to a mailbox's
+// record announces the mailbox id.
+func (l Layout) Changes() string { return l.Prefix + "changes" }
 
 // Hash fields of the mailbox hash.
 const (

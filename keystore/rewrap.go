@@ -442,6 +442,9 @@ func (s *Store) ReplaceCiphertext(ctx context.Context, id mailbox.ID, prov strin
 	if err != nil {
 		return false, fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
+	if n == 1 {
+		s.changed(ctx, id)
+	}
 	return n == 1, nil
 }
 

@@ -52,6 +52,8 @@ type Store struct {
 	// ids is swapped whole on a reload while requests decrypt with it.
 	ids atomic.Pointer[Identities]
 	now func() time.Time
+	// cache is nil unless EnableCache turned it on.
+	cache *recordCache
 }
 
 // New returns a store on rdb under prefix, encrypting to ids.
@@ -121,6 +123,47 @@ func (s *Store) Read(ctx context.Context, id mailbox.ID, prov string) (*Record, 
 	return rec, nil
 }
 
+// Lookup returns what the request path needs of mailbox id and provider,
+// like Read, but from the record cache when it holds the record. It reads
+// the usage counter from Redis only for a shared record whose allowance (its
+// own limit, else defaultLimit) is finite, so UsedShared is zero otherwise.
+// The caller must not modify the record.
+func (s *Store) Lookup(ctx context.Context, id mailbox.ID, prov string, defaultLimit int64) (*Record, error) {
+	if s.cache == nil {
+		return s.Read(ctx, id, prov)
+	}
+	key := cacheKey(id, prov)
+	if rec, ok := s.cache.get(key); ok {
+		if rec.Source != SourceShared || rec.limit(defaultLimit) == 0 {
+			return rec, nil
+		}
+		used, err := s.rdb.HGet(ctx, s.layout.Usage(string(id), Month(s.now())), UsageTotalField).Result()
+		if err != nil && !errors.Is(err, redis.Nil) {
+			return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
+		}
+		withUsage := *rec
+		withUsage.UsedShared, _ = strconv.ParseInt(used, 10, 64)
+		return &withUsage, nil
+	}
+	start := s.cache.epoch.Load()
+	rec, err := s.Read(ctx, id, prov)
+	if err != nil {
+		return nil, err
+	}
+	cached := *rec
+	cached.UsedShared = 0
+	s.cache.put(key, &cached, start)
+	return rec, nil
+}
+
+// limit returns the record's allowance: its own, else defaultLimit.
+func (r *Record) limit(defaultLimit int64) int64 {
+	if r.Limit != nil {
+		return *r.Limit
+	}
+	return defaultLimit
+}
+
 func parseInt(v any) int64 {
 	s, _ := v.(string)
 	n, _ := strconv.ParseInt(s, 10, 64)
@@ -135,14 +178,25 @@ func (s *Store) Open(rec *Record, id mailbox.ID, prov string) (*Secret, error) {
 	}
 	plain, err := s.ids.Load().decrypt(rec.Ciphertext)
 	if err != nil {
+		s.forget(id, prov)
 		return nil, ErrDecrypt
 	}
 	key, err := unbind(plain, id, prov)
 	if err != nil {
 		clear(plain)
+		s.forget(id, prov)
 		return nil, err
 	}
 	return key, nil
+}
+
+// forget drops a cached record that could not be used, so the next request
+// reads it again rather than fail on the same copy: a rewrap may have
+// replaced its ciphertext since.
+func (s *Store) forget(id mailbox.ID, prov string) {
+	if s.cache != nil {
+		s.cache.entries.Invalidate(cacheKey(id, prov))
+	}
 }
 
 // The payload of a stored ciphertext binds the key to its owner:
@@ -257,6 +311,7 @@ func (s *Store) PutKey(ctx context.Context, id mailbox.ID, prov string, key []by
 	if err != nil {
 		return Status{}, fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
+	s.changed(ctx, id)
 	return s.ProviderStatus(ctx, id, prov)
 }
 
@@ -289,6 +344,7 @@ func (s *Store) DeleteKey(ctx context.Context, id mailbox.ID, prov string) error
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
+	s.changed(ctx, id)
 	return nil
 }
 
@@ -320,6 +376,7 @@ func (s *Store) SetSource(ctx context.Context, id mailbox.ID, prov, source strin
 	if ok == 0 {
 		return Status{}, ErrNoKey
 	}
+	s.changed(ctx, id)
 	return s.ProviderStatus(ctx, id, prov)
 }
 
@@ -342,6 +399,7 @@ func (s *Store) Revoke(ctx context.Context, id mailbox.ID) (int64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
+	s.changed(ctx, id)
 	return v, nil
 }
 
@@ -363,6 +421,7 @@ func (s *Store) DeleteMailbox(ctx context.Context, id mailbox.ID) error {
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
+	s.changed(ctx, id)
 	return nil
 }
 
@@ -379,6 +438,7 @@ func (s *Store) SetLimit(ctx context.Context, id mailbox.ID, limit *int64) error
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
+	s.changed(ctx, id)
 	return nil
 }
 

@@ -2,7 +2,9 @@ package keystore
 
 import (
 	"context"
+	"log/slog"
 	"testing"
+	"time"
 
 	"filippo.io/age"
 
@@ -41,6 +43,49 @@ func BenchmarkStoreRead(b *testing.B) {
 		if _, err := s.Read(ctx, id, "openai"); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// BenchmarkStoreLookup measures the request path's read of a mailbox record:
+// from Redis with the cache off, from the cache, and from the cache with an
+// allowance, which still reads the usage counter from Redis.
+func BenchmarkStoreLookup(b *testing.B) {
+	s, id := benchStore(b)
+	ctx := context.Background()
+	cached := New(s.rdb, s.layout.Prefix, s.Identities())
+	cached.EnableCache(MaxCacheTTL)
+	watchCtx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		cached.Watch(watchCtx, slog.New(slog.DiscardHandler))
+		close(done)
+	}()
+	b.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	for !cached.cache.live.Load() {
+		time.Sleep(time.Millisecond)
+	}
+	shared := mailbox.ID("bench-shared@example.com")
+	for _, tc := range []struct {
+		name  string
+		store *Store
+		id    mailbox.ID
+		limit int64
+	}{
+		{"uncached", s, id, 0},
+		{"cached", cached, id, 0},
+		{"cached-allowance", cached, shared, 1_000_000},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := tc.store.Lookup(ctx, tc.id, "openai", tc.limit); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }
 

@@ -143,14 +143,29 @@ func TestRedisDownFailsFastAndRecovers(t *testing.T) {
 	st := teststack.StartOn(t, srv, srv.Prefix(t))
 	m := "redis-down@example.com"
 	token := st.Token(t, m)
-	for _, p := range provider.Names {
-		if status, body, _ := timedDo(t, st, p, token, nonStream[p]); status != http.StatusOK {
-			t.Fatalf("%s before the outage: status %d: %s", p, status, body)
+	probe := st.Token(t, "redis-down-probe@example.com")
+	for _, tok := range []string{token, probe} {
+		for _, p := range provider.Names {
+			if status, body, _ := timedDo(t, st, p, tok, nonStream[p]); status != http.StatusOK {
+				t.Fatalf("%s before the outage: status %d: %s", p, status, body)
+			}
 		}
 	}
 	st.WaitAudit(t)
 
+	// Both mailboxes' records are now cached. The replica drops every
+	// cached record when its change subscription breaks, a moment after the
+	// server dies; the probe mailbox shows when that has happened, within
+	// the cache's bound of one second.
 	srv.Stop()
+	outage := time.Now()
+	if !eventually(keystore.MaxCacheTTL, func() bool {
+		status, _, _ := timedDo(t, st, provider.OpenAI, probe, nonStream[provider.OpenAI])
+		return status == http.StatusServiceUnavailable
+	}) {
+		t.Fatalf("requests still served %v after Redis stopped", keystore.MaxCacheTTL)
+	}
+	t.Logf("first 503 %v after Redis stopped", time.Since(outage))
 	for _, p := range provider.Names {
 		before := testutil.ToFloat64(st.Metrics.KeyErrors.WithLabelValues(p, metrics.ReasonStoreUnavailable))
 		resetUpstreams(st)

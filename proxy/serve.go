@@ -127,9 +127,9 @@ func (h *Handler) serveProvider(w http.ResponseWriter, r *http.Request) {
 	}
 	log = log.With("mailbox", string(x.mailbox))
 
-	// Read the mailbox's record: generation, source, ciphertext, limit and
-	// usage come back in one round trip.
-	rec, err := h.store.Read(r.Context(), x.mailbox, spec.Name)
+	// The mailbox's record: generation, source, ciphertext and limit, from
+	// the record cache or one round trip, with usage when it is limited.
+	rec, err := h.store.Lookup(r.Context(), x.mailbox, spec.Name, s.monthlyLimit)
 	if err != nil {
 		h.metrics.KeyErrors.WithLabelValues(spec.Name, metrics.ReasonStoreUnavailable).Inc()
 		log.Error("key store read failed", "error", err)

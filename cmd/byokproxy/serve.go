@@ -58,6 +58,10 @@ func serve(args []string) error {
 	reg := prometheus.NewRegistry()
 	m := metrics.New(reg)
 	store := keystore.New(rdb, cfg.Redis.Prefix, ids)
+	store.EnableCache(cfg.Redis.CacheTTL)
+	watchCtx, stopWatch := context.WithCancel(context.Background())
+	defer stopWatch()
+	go store.Watch(watchCtx, log.With("component", "cache"))
 
 	var stdout io.Writer
 	if cfg.Audit.Stdout {

@@ -496,14 +496,14 @@ func (s *Sentinel) FailOver() {
 // "byokproxy identity rewrap".
 const ProxyACLCommands = "+ping +hmget +hget +hgetall +hset +hsetnx +hdel +hexists +hincrby " +
 	"+set +del +expire +expireat +zadd +zscore +zremrangebyscore +xadd " +
-	"+eval +evalsha +scan +multi +exec +cluster|slots +command"
+	"+eval +evalsha +scan +multi +exec +cluster|slots +command +publish +subscribe +unsubscribe"
 
 // AddProxyUser creates an ACL user on each node in addrs that may run only
 // ProxyACLCommands, only on keys under prefix. Use it only on servers the
 // test started itself, because it changes the server's users.
 func AddProxyUser(t testing.TB, addrs []string, user, password, prefix string) {
 	t.Helper()
-	args := []any{"ACL", "SETUSER", user, "reset", "on", ">" + password, "~" + prefix + "*", "resetchannels", "-@all"}
+	args := []any{"ACL", "SETUSER", user, "reset", "on", ">" + password, "~" + prefix + "*", "resetchannels", "&" + prefix + "changes", "-@all"}
 	for _, rule := range strings.Fields(ProxyACLCommands) {
 		args = append(args, rule)
 	}

@@ -137,6 +137,10 @@ func startOn(t testing.TB, srv *redistest.Server, prefix string, ids *keystore.I
 		}
 	}
 	s.Store = keystore.New(s.RDB, prefix, ids)
+	s.Store.EnableCache(cfg.Redis.CacheTTL)
+	watchCtx, stopWatch := context.WithCancel(context.Background())
+	t.Cleanup(stopWatch)
+	go s.Store.Watch(watchCtx, log)
 	s.Registry = prometheus.NewRegistry()
 	s.Metrics = metrics.New(s.Registry)
 	s.Signer, err = mailbox.NewSigner(cfg.Auth.TokenSecrets)

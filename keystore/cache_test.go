@@ -1,0 +1,390 @@
+package keystore
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/byokproxy/byokproxy/internal/redistest"
+	"github.com/byokproxy/byokproxy/mailbox"
+	"github.com/byokproxy/byokproxy/provider"
+)
+
+// cachedReplica returns a store with the record cache on, watching for
+// changes, on the same Redis data and identities as base: another replica.
+func cachedReplica(t *testing.T, base *Store, ttl time.Duration) *Store {
+	t.Helper()
+	s := New(base.rdb, base.layout.Prefix, base.Identities())
+	s.EnableCache(ttl)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		s.Watch(ctx, slog.New(slog.DiscardHandler))
+		close(done)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	waitLive(t, s)
+	return s
+}
+
+func waitLive(t *testing.T, s *Store) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !s.cache.live.Load() {
+		if time.Now().After(deadline) {
+			t.Fatal("the record cache did not go live within 5s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// waitFor polls cond every 5 ms for up to limit and reports whether it held.
+func waitFor(limit time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(limit)
+	for {
+		if cond() {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestCacheServesWithoutRedis(t *testing.T) {
+	writer, _, _ := newStore(t)
+	ctx := context.Background()
+	id := mailbox.ID("cache-hit")
+	if _, err := writer.PutKey(ctx, id, provider.OpenAI, []byte(openaiKey)); err != nil {
+		t.Fatal(err)
+	}
+	r := cachedReplica(t, writer, time.Second)
+	first, err := r.Lookup(ctx, id, provider.OpenAI, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Change the hash behind the store's back, with no notice: a cached
+	// replica keeps its copy, so this shows the copy is used.
+	if err := writer.rdb.HSet(ctx, writer.layout.Mailbox(string(id)), fieldLast4(provider.OpenAI), "QQQQ").Err(); err != nil {
+		t.Fatal(err)
+	}
+	second, err := r.Lookup(ctx, id, provider.OpenAI, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if second.Last4 != first.Last4 || !bytes.Equal(second.Ciphertext, first.Ciphertext) {
+		t.Fatalf("second lookup read Redis (last4 %q, then %q); want the cached record", first.Last4, second.Last4)
+	}
+	// Without a cache the same lookup returns the change.
+	if rec, err := writer.Lookup(ctx, id, provider.OpenAI, 0); err != nil || rec.Last4 != "QQQQ" {
+		t.Fatalf("uncached Lookup = %+v, %v; want last4 QQQQ", rec, err)
+	}
+}
+
+func TestCacheTTLBoundsAMissedNotice(t *testing.T) {
+	writer, _, _ := newStore(t)
+	ctx := context.Background()
+	id := mailbox.ID("cache-ttl")
+	ttl := 300 * time.Millisecond
+	r := cachedReplica(t, writer, ttl)
+	if _, err := r.Lookup(ctx, id, provider.OpenAI, 0); err != nil {
+		t.Fatal(err)
+	}
+	// A revocation whose notice never went out, as if its writer died.
+	changedAt := time.Now()
+	if err := writer.rdb.HIncrBy(ctx, writer.layout.Mailbox(string(id)), fieldGeneration, 1).Err(); err != nil {
+		t.Fatal(err)
+	}
+	seen := waitFor(2*time.Second, func() bool {
+		rec, err := r.Lookup(ctx, id, provider.OpenAI, 0)
+		return err == nil && rec.Generation == 1
+	})
+	if !seen {
+		t.Fatal("a change without a notice was not seen within 2s")
+	}
+	// The bound is the TTL plus the polling step, with slack for scheduling.
+	if took := time.Since(changedAt); took > ttl+200*time.Millisecond {
+		t.Errorf("a change without a notice was seen after %v; want within the TTL of %v", took, ttl)
+	}
+}
+
+func TestCacheDropsChangedRecords(t *testing.T) {
+	base, _, _ := newStore(t)
+	ctx := context.Background()
+	id := mailbox.ID("cache-change")
+	other := mailbox.ID("cache-other")
+	// Two replicas, each with its own cache. The writer a drops its copy at
+	// once, and b drops its copy when the notice arrives.
+	a := cachedReplica(t, base, MaxCacheTTL)
+	b := cachedReplica(t, base, MaxCacheTTL)
+
+	lookupBoth := func() {
+		t.Helper()
+		for _, s := range []*Store{a, b} {
+			for _, m := range []mailbox.ID{id, other} {
+				if _, err := s.Lookup(ctx, m, provider.OpenAI, 0); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	limit := int64(5)
+	steps := []struct {
+		name  string
+		write func() error
+		check func(*Record) bool
+	}{
+		{"put key", func() error { _, err := a.PutKey(ctx, id, provider.OpenAI, []byte(openaiKey)); return err },
+			func(r *Record) bool { return r.Last4 == "WXYZ" && len(r.Ciphertext) > 0 }},
+		{"select byok", func() error { _, err := a.SetSource(ctx, id, provider.OpenAI, SourceBYOK); return err },
+			func(r *Record) bool { return r.Source == SourceBYOK }},
+		{"rotate key", func() error { _, err := a.PutKey(ctx, id, provider.OpenAI, []byte(openaiKey2)); return err },
+			func(r *Record) bool { return r.Last4 == "abcd" }},
+		{"revoke tokens", func() error { _, err := a.Revoke(ctx, id); return err },
+			func(r *Record) bool { return r.Generation == 1 }},
+		{"set limit", func() error { return a.SetLimit(ctx, id, &limit) },
+			func(r *Record) bool { return r.Limit != nil && *r.Limit == 5 }},
+		{"remove key", func() error { return a.DeleteKey(ctx, id, provider.OpenAI) },
+			func(r *Record) bool { return r.Source == SourceShared && len(r.Ciphertext) == 0 }},
+		{"delete mailbox", func() error { return a.DeleteMailbox(ctx, id) },
+			func(r *Record) bool { return r.Generation == 2 && r.Limit == nil }},
+	}
+	for _, step := range steps {
+		lookupBoth()
+		start := time.Now()
+		if err := step.write(); err != nil {
+			t.Fatalf("%s: %v", step.name, err)
+		}
+		rec, err := a.Lookup(ctx, id, provider.OpenAI, 0)
+		if err != nil || !step.check(rec) {
+			t.Fatalf("%s: the writing replica's next lookup = %+v, %v; want the change", step.name, rec, err)
+		}
+		seen := waitFor(MaxCacheTTL, func() bool {
+			rec, err := b.Lookup(ctx, id, provider.OpenAI, 0)
+			return err == nil && step.check(rec)
+		})
+		if !seen {
+			t.Fatalf("%s: the other replica did not see the change within %v", step.name, MaxCacheTTL)
+		}
+		// The notice, not the TTL, is what made it visible: well inside it.
+		if took := time.Since(start); took > MaxCacheTTL/2 {
+			t.Errorf("%s: the other replica saw the change after %v; want it at the notice", step.name, took)
+		}
+	}
+	// A mailbox without changes keeps its cached record on both replicas.
+	if err := base.rdb.HSet(ctx, base.layout.Mailbox(string(other)), fieldLast4(provider.OpenAI), "ZZZZ").Err(); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []*Store{a, b} {
+		rec, err := s.Lookup(ctx, other, provider.OpenAI, 0)
+		if err != nil || rec.Last4 == "ZZZZ" {
+			t.Errorf("unchanged mailbox: Lookup = %+v, %v; want the cached record", rec, err)
+		}
+	}
+}
+
+func TestCacheNeverHoldsUsage(t *testing.T) {
+	writer, _, _ := newStore(t)
+	ctx := context.Background()
+	id := mailbox.ID("cache-usage")
+	r := cachedReplica(t, writer, MaxCacheTTL)
+	usageKey := writer.layout.Usage(string(id), Month(time.Now()))
+	for want := int64(100); want <= 300; want += 100 {
+		if err := writer.rdb.HIncrBy(ctx, usageKey, UsageTotalField, 100).Err(); err != nil {
+			t.Fatal(err)
+		}
+		// With an allowance the counter is read on every lookup.
+		rec, err := r.Lookup(ctx, id, provider.OpenAI, 1000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rec.UsedShared != want {
+			t.Fatalf("UsedShared = %d, want %d read from Redis", rec.UsedShared, want)
+		}
+	}
+	// A mailbox's own limit counts as an allowance too.
+	limit := int64(1000)
+	if err := writer.SetLimit(ctx, id, &limit); err != nil {
+		t.Fatal(err)
+	}
+	if err := writer.rdb.HIncrBy(ctx, usageKey, UsageTotalField, 50).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if !waitFor(MaxCacheTTL, func() bool {
+		rec, err := r.Lookup(ctx, id, provider.OpenAI, 0)
+		return err == nil && rec.UsedShared == 350
+	}) {
+		t.Fatal("with its own limit and no default, the usage counter was not read")
+	}
+}
+
+func TestCacheOffWhileSubscriptionIsDown(t *testing.T) {
+	srv := redistest.StartOwn(t)
+	ids, err := GenerateIdentities()
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := New(srv.Client(t), srv.Prefix(t), ids)
+	ctx := context.Background()
+	id := mailbox.ID("cache-outage")
+	if _, err := base.PutKey(ctx, id, provider.OpenAI, []byte(openaiKey)); err != nil {
+		t.Fatal(err)
+	}
+	r := cachedReplica(t, base, MaxCacheTTL)
+	if _, err := r.Lookup(ctx, id, provider.OpenAI, 0); err != nil {
+		t.Fatal(err)
+	}
+
+	srv.Stop()
+	// Once the subscription is known lost, nothing cached is served: the
+	// store is unavailable, as it is without a cache.
+	if !waitFor(MaxCacheTTL, func() bool { return !r.cache.live.Load() }) {
+		t.Fatal("the cache stayed on after Redis stopped")
+	}
+	if _, err := r.Lookup(ctx, id, provider.OpenAI, 0); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Lookup with Redis stopped = %v, want ErrUnavailable", err)
+	}
+
+	// Redis comes back empty, and the record must come from it, not from
+	// before the outage.
+	srv.Restart()
+	waitLive(t, r)
+	rec, err := r.Lookup(ctx, id, provider.OpenAI, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rec.Ciphertext) != 0 {
+		t.Fatal("after the restart the cache served the key stored before it")
+	}
+}
+
+func TestCacheConcurrentWritesSettle(t *testing.T) {
+	base, _, _ := newStore(t)
+	ctx := context.Background()
+	id := mailbox.ID("cache-race")
+	a := cachedReplica(t, base, MaxCacheTTL)
+	b := cachedReplica(t, base, MaxCacheTTL)
+
+	// Readers on both replicas race 50 revocations. Whatever they cached
+	// along the way, both must serve the last generation soon after.
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for _, s := range []*Store{a, b, a, b} {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if _, err := s.Lookup(ctx, id, provider.OpenAI, 0); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	var last int64
+	for range 50 {
+		g, err := a.Revoke(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		last = g
+	}
+	close(stop)
+	wg.Wait()
+	for name, s := range map[string]*Store{"writer": a, "other": b} {
+		if !waitFor(MaxCacheTTL/2, func() bool {
+			rec, err := s.Lookup(ctx, id, provider.OpenAI, 0)
+			return err == nil && rec.Generation == last
+		}) {
+			rec, _ := s.Lookup(ctx, id, provider.OpenAI, 0)
+			t.Errorf("%s replica serves generation %d after the writes settled; want %d", name, rec.Generation, last)
+		}
+	}
+}
+
+func TestCacheOffWhenSubscribeRejected(t *testing.T) {
+	srv := redistest.StartOwn(t)
+	prefix := srv.Prefix(t)
+	admin := srv.Client(t)
+	ctx := context.Background()
+	// A user that may use the keys but no pub/sub channel.
+	err := admin.Do(ctx, "ACL", "SETUSER", "nochannels", "reset", "on", ">pw", "~"+prefix+"*",
+		"resetchannels", "+@all").Err()
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := *admin.Options()
+	opts.Username, opts.Password = "nochannels", "pw"
+	rdb := redis.NewClient(&opts)
+	t.Cleanup(func() { rdb.Close() })
+	ids, err := GenerateIdentities()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := New(rdb, prefix, ids)
+	s.EnableCache(MaxCacheTTL)
+	var logged syncBuffer
+	watchCtx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		s.Watch(watchCtx, slog.New(slog.NewJSONHandler(&logged, nil)))
+		close(done)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
+
+	if !waitFor(2*time.Second, func() bool { return strings.Contains(logged.String(), "subscribing to the changes channel failed") }) {
+		t.Fatalf("no error logged for the rejected subscription; log: %s", logged.String())
+	}
+	id := mailbox.ID("cache-refused")
+	for want := int64(1); want <= 3; want++ {
+		// The notice fails too, and the write must still succeed.
+		if _, err := s.Revoke(ctx, id); err != nil {
+			t.Fatalf("Revoke with PUBLISH rejected: %v", err)
+		}
+		rec, err := s.Lookup(ctx, id, provider.OpenAI, 0)
+		if err != nil || rec.Generation != want {
+			t.Fatalf("Lookup = %+v, %v; want generation %d read from Redis", rec, err, want)
+		}
+	}
+	if s.cache.live.Load() {
+		t.Error("the cache is on without a subscription")
+	}
+	if !strings.Contains(logged.String(), "publishing a mailbox change failed") {
+		t.Errorf("failed notice not logged; log: %s", logged.String())
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a logger and a reader at once.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
