@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/ecdh"
 	"crypto/hkdf"
+	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/base64"
 	"errors"
@@ -23,9 +24,11 @@ import (
 // two 64 KiB chunk buffers for a payload of a hundred bytes. x25519Identity
 // parses the private key once, and openSmall decrypts a single-chunk payload
 // into a buffer of its own size. Both follow the age v1 specification
-// (age-encryption.org/v1). Header parsing and the header MAC stay with
-// age.DecryptHeader, and the tests hold both to the C2SP CCTV age test
-// vectors and to round trips with filippo.io/age.
+// (age-encryption.org/v1). A header with the one layout the proxy writes (a
+// single X25519 recipient) is checked here too, and every other header goes
+// to age.DecryptHeader. The tests hold all of it to the C2SP CCTV age test
+// vectors, to round trips with filippo.io/age and to age.DecryptHeader on
+// every one-byte change of a header.
 
 // x25519Label is the HKDF info string of X25519 recipient stanzas.
 const x25519Label = "age-encryption.org/v1/X25519"
@@ -107,6 +110,11 @@ func (id *x25519Identity) unwrap(s *age.Stanza) ([]byte, error) {
 	if _, err := stanzaBase64.Decode(share[:], []byte(s.Args[0])); err != nil {
 		return nil, errors.New("invalid X25519 recipient block")
 	}
+	return id.unwrapShare(&share, s.Body)
+}
+
+// unwrapShare returns the file key wrapped in body for the ephemeral share.
+func (id *x25519Identity) unwrapShare(share *[32]byte, body []byte) ([]byte, error) {
 	ephemeral, err := ecdh.X25519().NewPublicKey(share[:])
 	if err != nil {
 		return nil, errors.New("invalid X25519 recipient block")
@@ -128,7 +136,7 @@ func (id *x25519Identity) unwrap(s *age.Stanza) ([]byte, error) {
 	}
 	defer clear(wrappingKey)
 
-	if len(s.Body) != fileKeySize+chacha20poly1305.Overhead {
+	if len(body) != fileKeySize+chacha20poly1305.Overhead {
 		return nil, errors.New("invalid X25519 recipient block: incorrect file key size")
 	}
 	aead, err := chacha20poly1305.New(wrappingKey)
@@ -138,7 +146,7 @@ func (id *x25519Identity) unwrap(s *age.Stanza) ([]byte, error) {
 	// Each wrapping key is derived from a fresh ephemeral share and used
 	// once, so the age specification fixes the nonce at zero.
 	var nonce [chacha20poly1305.NonceSize]byte
-	fileKey, err := aead.Open(nil, nonce[:], s.Body, nil)
+	fileKey, err := aead.Open(nil, nonce[:], body, nil)
 	if err != nil {
 		return nil, age.ErrIncorrectIdentity
 	}
@@ -185,10 +193,14 @@ func openSmall(ciphertext []byte, ids []age.Identity) ([]byte, error) {
 	if len(payload) > streamNonceLen+encChunkSize {
 		return nil, errNotSmall
 	}
+	var err error
 
-	fileKey, err := age.DecryptHeader(ciphertext[:headerEnd], ids...)
-	if err != nil {
-		return nil, err
+	fileKey := openX25519Header(ciphertext[:headerEnd], ids)
+	if fileKey == nil {
+		fileKey, err = age.DecryptHeader(ciphertext[:headerEnd], ids...)
+		if err != nil {
+			return nil, err
+		}
 	}
 	defer clear(fileKey)
 	if len(payload) < streamNonceLen {
@@ -219,6 +231,94 @@ func openSmall(ciphertext []byte, ids []age.Identity) ([]byte, error) {
 		return nil, fmt.Errorf("%w: chunk authentication failed", errBadPayload)
 	}
 	return plain, nil
+}
+
+// The header age writes for a single X25519 recipient has one layout, with
+// every base64 field 43 characters long (32 bytes, unpadded):
+//
+//	age-encryption.org/v1
+//	-> X25519 SHARE
+//	WRAPPED-FILE-KEY
+//	--- MAC
+const (
+	b64Len32       = 43
+	x25519Stanza   = "-> X25519 "
+	macLine        = "--- "
+	x25519Header   = len(ageIntro) + len(x25519Stanza) + b64Len32 + 1 + b64Len32 + 1 + len(macLine) + b64Len32 + 1
+	headerMACLabel = "header"
+)
+
+// openX25519Header returns the file key of header if it has exactly that
+// layout, one of ids opens its stanza, and its MAC is valid. It returns nil
+// otherwise, and the caller then leaves the header to age.DecryptHeader,
+// which parses every valid header and reports why one fails.
+//
+// It spares each decryption age's general header parser, which reads
+// through a 4 KiB buffer and allocates each stanza. In this layout the bytes
+// the MAC covers are the header as received up to "---", because the base64
+// decoding is strict and the lengths are fixed, so a header has one
+// encoding only.
+func openX25519Header(header []byte, ids []age.Identity) []byte {
+	if len(header) != x25519Header {
+		return nil
+	}
+	rest, ok := bytes.CutPrefix(header, []byte(ageIntro))
+	if !ok {
+		return nil
+	}
+	shareText, ok := bytes.CutPrefix(rest, []byte(x25519Stanza))
+	if !ok {
+		return nil
+	}
+	bodyText := shareText[b64Len32+1:]
+	macText, ok := bytes.CutPrefix(bodyText[b64Len32+1:], []byte(macLine))
+	if !ok || shareText[b64Len32] != '\n' || bodyText[b64Len32] != '\n' || macText[b64Len32] != '\n' {
+		return nil
+	}
+
+	var share, body, mac [32]byte
+	if !decode32(&share, shareText[:b64Len32]) || !decode32(&body, bodyText[:b64Len32]) || !decode32(&mac, macText[:b64Len32]) {
+		return nil
+	}
+
+	var fileKey []byte
+	for _, id := range ids {
+		x, ok := id.(*x25519Identity)
+		if !ok {
+			return nil
+		}
+		key, err := x.unwrapShare(&share, body[:])
+		if err == nil {
+			fileKey = key
+			break
+		}
+	}
+	if fileKey == nil {
+		return nil
+	}
+
+	// The MAC covers the header up to and including "---".
+	covered := header[:len(header)-len(macText)-1]
+	macKey, err := hkdf.Key(sha256.New, fileKey, nil, headerMACLabel, sha256.Size)
+	if err != nil {
+		clear(fileKey)
+		return nil
+	}
+	h := hmac.New(sha256.New, macKey)
+	h.Write(covered)
+	sum := h.Sum(nil)
+	clear(macKey)
+	if !hmac.Equal(sum, mac[:]) {
+		clear(fileKey)
+		return nil
+	}
+	return fileKey
+}
+
+// decode32 decodes 43 characters of strict unpadded base64 into dst.
+func decode32(dst *[32]byte, src []byte) bool {
+	n, err := stanzaBase64.Decode(dst[:], src)
+	return err == nil && n == len(dst)
 }
 
 // decodeSecretKey returns the 32-byte scalar of an AGE-SECRET-KEY-1 string.

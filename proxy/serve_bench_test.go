@@ -91,6 +91,9 @@ func newBenchStack(b *testing.B) *benchStack {
 	ctx, cancel := context.WithCancel(context.Background())
 	go writer.Run(ctx)
 	b.Cleanup(cancel)
+	// The record cache as the proxy runs it by default.
+	store.EnableCache(cfg.Redis.CacheTTL)
+	go store.Watch(ctx, slog.New(slog.DiscardHandler))
 
 	// The JSON handler formats every log line as in production, and only
 	// the write is discarded.
