@@ -21,7 +21,8 @@ import (
 // publishes the mailbox id on the changes channel, so every replica drops its
 // copy within a round trip of the write. The TTL bounds how long a copy can
 // outlive a notice that never arrived (a writer that died between its write
-// and its publish), which is why it may not exceed one second.
+// and its publish), which is why it may not exceed one second. It counts
+// from before the read, so a late reply cannot stretch it.
 //
 // The cache serves only while its subscription is confirmed. When the
 // subscription drops (Redis stopped, a failover, a network fault) the cache
@@ -42,7 +43,7 @@ const cacheSize = 100_000
 
 type recordCache struct {
 	ttl     time.Duration
-	entries *otter.Cache[string, *Record]
+	entries *otter.Cache[string, cachedRecord]
 	// epoch rises with every invalidation, so a read that raced one can tell
 	// and not store what it read.
 	epoch atomic.Uint64
@@ -55,9 +56,11 @@ type recordCache struct {
 func newRecordCache(ttl time.Duration) *recordCache {
 	c := &recordCache{
 		ttl: ttl,
-		entries: otter.Must(&otter.Options[string, *Record]{
-			MaximumSize:      cacheSize,
-			ExpiryCalculator: otter.ExpiryWriting[string, *Record](ttl),
+		entries: otter.Must(&otter.Options[string, cachedRecord]{
+			MaximumSize: cacheSize,
+			ExpiryCalculator: otter.ExpiryWritingFunc(func(e otter.Entry[string, cachedRecord]) time.Duration {
+				return max(time.Until(e.Value.expires), 0)
+			}),
 		}),
 	}
 	c.log.Store(slog.New(slog.DiscardHandler))
@@ -68,21 +71,34 @@ func cacheKey(id mailbox.ID, prov string) string {
 	return prov + "\x00" + string(id)
 }
 
+// cachedRecord is a record with the end of its life: the TTL counted from
+// before the read that returned it, so a slow reply or a slow writer cannot
+// stretch how long it is used.
+type cachedRecord struct {
+	rec     *Record
+	expires time.Time
+}
+
 // get returns the cached record, which the caller must not modify.
 func (c *recordCache) get(key string) (*Record, bool) {
 	if !c.live.Load() {
 		return nil, false
 	}
-	return c.entries.GetIfPresent(key)
+	v, ok := c.entries.GetIfPresent(key)
+	if !ok || !time.Now().Before(v.expires) {
+		return nil, false
+	}
+	return v.rec, true
 }
 
-// put stores rec, read from Redis after the epoch was start, unless an
-// invalidation may have come in between.
-func (c *recordCache) put(key string, rec *Record, start uint64) {
-	if !c.live.Load() || c.epoch.Load() != start {
+// put stores rec, read from Redis after the epoch was start and the clock
+// readAt, unless an invalidation may have come in between.
+func (c *recordCache) put(key string, rec *Record, start uint64, readAt time.Time) {
+	expires := readAt.Add(c.ttl)
+	if !c.live.Load() || c.epoch.Load() != start || !time.Now().Before(expires) {
 		return
 	}
-	c.entries.Set(key, rec)
+	c.entries.Set(key, cachedRecord{rec: rec, expires: expires})
 	// An invalidation between the check above and Set would have missed
 	// the new entry, so check the epoch again.
 	if !c.live.Load() || c.epoch.Load() != start {
@@ -122,6 +138,48 @@ func (s *Store) Watch(ctx context.Context, log *slog.Logger) {
 		return
 	}
 	c.log.Store(log)
+	defer c.live.Store(false)
+	log.Info("record cache watching for changes", "channel", s.layout.Changes())
+
+	backoff := 100 * time.Millisecond
+	failing := false
+	for ctx.Err() == nil {
+		err := s.watchOnce(ctx, log)
+		if ctx.Err() != nil {
+			return
+		}
+		wasLive := c.live.Swap(false)
+		c.invalidateAll()
+		if err == nil {
+			// The subscription was confirmed before it failed.
+			backoff, failing = 100*time.Millisecond, false
+			err = errors.New("subscription ended")
+		}
+		if !failing {
+			failing = true
+			if wasLive {
+				log.Warn("record cache off: lost the changes subscription, reading Redis on every request", "error", err)
+			} else {
+				log.Error("record cache off: subscribing to the changes channel failed, reading Redis on every request; allow the channel and PUBLISH and SUBSCRIBE for the Redis user",
+					"channel", s.layout.Changes(), "error", err)
+			}
+		}
+		select {
+		case <-time.After(backoff):
+		case <-ctx.Done():
+			return
+		}
+		backoff = min(backoff*2, 2*time.Second)
+	}
+}
+
+// watchOnce runs one subscription on a connection of its own until it
+// fails or ctx ends. It returns nil if the subscription was confirmed
+// before it failed, and the error otherwise. Each failure ends the
+// connection, so a stalled one is never waited on again, and the next
+// subscription starts over on a new connection.
+func (s *Store) watchOnce(ctx context.Context, log *slog.Logger) error {
+	c := s.cache
 	ps := s.rdb.Subscribe(ctx, s.layout.Changes())
 	// A receive blocks in a socket read that ctx does not interrupt; closing
 	// the subscription does.
@@ -131,53 +189,25 @@ func (s *Store) Watch(ctx context.Context, log *slog.Logger) {
 			ps.Close()
 		}
 	}()
-	defer c.live.Store(false)
-	log.Info("record cache watching for changes", "channel", s.layout.Changes())
 
-	const quiet = 5 * time.Second
-	backoff := 100 * time.Millisecond
-	pinged, failing := false, false
-	for ctx.Err() == nil {
+	// quiet is how long the channel may stay silent before a ping checks
+	// that the connection still responds. The pong arrives as a message.
+	const quiet = time.Second
+	confirmed, pinged := false, false
+	for {
 		msg, err := ps.ReceiveTimeout(ctx, quiet)
 		if err != nil {
 			var netErr interface{ Timeout() bool }
 			if errors.As(err, &netErr) && netErr.Timeout() && !pinged {
-				// The channel is quiet, so check that the connection
-				// still responds. The pong arrives as a message.
 				pinged = true
 				if perr := ps.Ping(ctx); perr == nil {
 					continue
 				}
 			}
-			if ctx.Err() != nil {
-				return
+			if confirmed {
+				return nil
 			}
-			wasLive := c.live.Swap(false)
-			c.invalidateAll()
-			if !failing {
-				failing = true
-				if wasLive {
-					log.Warn("record cache off: lost the changes subscription, reading Redis on every request", "error", err)
-				} else {
-					log.Error("record cache off: subscribing to the changes channel failed, reading Redis on every request; allow the channel and PUBLISH and SUBSCRIBE for the Redis user",
-						"channel", s.layout.Changes(), "error", err)
-				}
-			}
-			select {
-			case <-time.After(backoff):
-			case <-ctx.Done():
-				return
-			}
-			backoff = min(backoff*2, 2*time.Second)
-			pinged = false
-			// The next receive dials a lost connection and subscribes
-			// again. A rejected subscription (an ACL without the channel,
-			// say) must be requested again.
-			var rejected redis.Error
-			if errors.As(err, &rejected) {
-				ps.Subscribe(ctx, s.layout.Changes())
-			}
-			continue
+			return err
 		}
 		pinged = false
 		switch m := msg.(type) {
@@ -187,9 +217,8 @@ func (s *Store) Watch(ctx context.Context, log *slog.Logger) {
 				// from nothing.
 				c.invalidateAll()
 				c.live.Store(true)
+				confirmed = true
 				log.Info("record cache on", "ttl", c.ttl.String())
-				failing = false
-				backoff = 100 * time.Millisecond
 			}
 		case *redis.Message:
 			c.invalidate(m.Payload)
@@ -198,19 +227,27 @@ func (s *Store) Watch(ctx context.Context, log *slog.Logger) {
 }
 
 // changed drops the local records of mailbox id and publishes its id, so
-// every replica does the same. The write itself has succeeded, so a failed notice is logged
-// rather than returned: other replicas then see the change when their copy
-// expires, within MaxCacheTTL.
+// every replica does the same. The write itself has succeeded, so a failed
+// notice is logged rather than returned: other replicas then see the change
+// when their copy expires, within MaxCacheTTL. The notice goes out even when
+// the caller's context has ended since the write.
 func (s *Store) changed(ctx context.Context, id mailbox.ID) {
 	if s.cache != nil {
 		s.cache.invalidate(string(id))
 	}
-	if err := s.rdb.Publish(ctx, s.layout.Changes(), string(id)).Err(); err != nil {
-		log := slog.Default()
-		if s.cache != nil {
-			log = s.cache.log.Load()
+	var err error
+	for range 2 {
+		pubCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+		err = s.rdb.Publish(pubCtx, s.layout.Changes(), string(id)).Err()
+		cancel()
+		if err == nil {
+			return
 		}
-		log.Warn("publishing a mailbox change failed, other replicas see it when their copy expires",
-			"mailbox", string(id), "error", err)
 	}
+	log := slog.Default()
+	if s.cache != nil {
+		log = s.cache.log.Load()
+	}
+	log.Warn("publishing a mailbox change failed, other replicas see it when their copy expires",
+		"mailbox", string(id), "error", err)
 }

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -387,4 +388,151 @@ func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// afterHook runs a function after each command or pipeline a client sends.
+type afterHook struct {
+	cmd  func(redis.Cmder)
+	pipe func([]redis.Cmder)
+}
+
+func (h afterHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h afterHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if h.cmd != nil {
+			h.cmd(cmd)
+		}
+		return err
+	}
+}
+
+func (h afterHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		err := next(ctx, cmds)
+		if h.pipe != nil {
+			h.pipe(cmds)
+		}
+		return err
+	}
+}
+
+func TestCacheNoticeOutlivesCanceledCaller(t *testing.T) {
+	base, srv, _ := newStore(t)
+	ctx := context.Background()
+	id := mailbox.ID("cache-cancel")
+	other := cachedReplica(t, base, MaxCacheTTL)
+	if _, err := other.Lookup(ctx, id, provider.OpenAI, 0); err != nil {
+		t.Fatal(err)
+	}
+
+	// The admin client goes away right after the write reached Redis.
+	reqCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	rdb := srv.Client(t)
+	rdb.AddHook(afterHook{cmd: func(cmd redis.Cmder) {
+		if cmd.Name() == "hincrby" {
+			cancel()
+		}
+	}})
+	writer := New(rdb, base.layout.Prefix, base.Identities())
+	start := time.Now()
+	gen, err := writer.Revoke(reqCtx, id)
+	if err != nil {
+		t.Fatalf("Revoke: %v", err)
+	}
+	if !waitFor(MaxCacheTTL, func() bool {
+		rec, err := other.Lookup(ctx, id, provider.OpenAI, 0)
+		return err == nil && rec.Generation == gen
+	}) {
+		t.Fatalf("the other replica did not see the revocation within %v", MaxCacheTTL)
+	}
+	if took := time.Since(start); took > MaxCacheTTL/2 {
+		t.Errorf("the other replica saw the revocation after %v; want it at the notice, which a canceled caller must not stop", took)
+	}
+}
+
+func TestCacheTTLCountsFromTheRead(t *testing.T) {
+	base, srv, _ := newStore(t)
+	ctx := context.Background()
+	id := mailbox.ID("cache-slow-read")
+
+	// The reply to one read arrives late, as after a network delay or a
+	// pause of the process.
+	const delay = 700 * time.Millisecond
+	var slow atomic.Bool
+	answered := make(chan struct{}, 1)
+	rdb := srv.Client(t)
+	rdb.AddHook(afterHook{pipe: func(cmds []redis.Cmder) {
+		if len(cmds) > 0 && cmds[0].Name() == "hmget" && slow.CompareAndSwap(true, false) {
+			answered <- struct{}{}
+			time.Sleep(delay)
+		}
+	}})
+	r := New(rdb, base.layout.Prefix, base.Identities())
+	r.EnableCache(MaxCacheTTL)
+	watchCtx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		r.Watch(watchCtx, slog.New(slog.DiscardHandler))
+		close(done)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	waitLive(t, r)
+
+	slow.Store(true)
+	lookedUp := make(chan struct{})
+	go func() {
+		defer close(lookedUp)
+		r.Lookup(ctx, id, provider.OpenAI, 0)
+	}()
+	<-answered
+	// A revocation right after Redis answered that read, whose notice is
+	// lost: only the TTL bounds it.
+	if err := base.rdb.HIncrBy(ctx, base.layout.Mailbox(string(id)), fieldGeneration, 1).Err(); err != nil {
+		t.Fatal(err)
+	}
+	changedAt := time.Now()
+	<-lookedUp
+	if !waitFor(2*MaxCacheTTL, func() bool {
+		rec, err := r.Lookup(ctx, id, provider.OpenAI, 0)
+		return err == nil && rec.Generation == 1
+	}) {
+		t.Fatal("the revocation was not seen within 2s")
+	}
+	if took := time.Since(changedAt); took > MaxCacheTTL+100*time.Millisecond {
+		t.Errorf("the old generation was served %v after the revocation; want at most %v", took, MaxCacheTTL)
+	}
+}
+
+func TestCacheBackOnAfterStall(t *testing.T) {
+	srv := redistest.StartOwn(t)
+	ids, err := GenerateIdentities()
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := New(srv.Client(t), srv.Prefix(t), ids)
+	r := cachedReplica(t, base, MaxCacheTTL)
+
+	// Redis stops answering but keeps its connections, then recovers on
+	// them: the cache must go off, and on again.
+	srv.Pause()
+	resumed := false
+	defer func() {
+		if !resumed {
+			srv.Resume()
+		}
+	}()
+	if !waitFor(5*time.Second, func() bool { return !r.cache.live.Load() }) {
+		t.Fatal("the cache stayed on while Redis did not answer for 5s")
+	}
+	srv.Resume()
+	resumed = true
+	if !waitFor(5*time.Second, func() bool { return r.cache.live.Load() }) {
+		t.Fatal("the cache did not come back on within 5s of Redis answering again")
+	}
 }

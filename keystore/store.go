@@ -145,6 +145,7 @@ func (s *Store) Lookup(ctx context.Context, id mailbox.ID, prov string, defaultL
 		withUsage.UsedShared, _ = strconv.ParseInt(used, 10, 64)
 		return &withUsage, nil
 	}
+	readAt := time.Now()
 	start := s.cache.epoch.Load()
 	rec, err := s.Read(ctx, id, prov)
 	if err != nil {
@@ -152,8 +153,16 @@ func (s *Store) Lookup(ctx context.Context, id mailbox.ID, prov string, defaultL
 	}
 	cached := *rec
 	cached.UsedShared = 0
-	s.cache.put(key, &cached, start)
+	s.cache.put(key, &cached, start, readAt)
 	return rec, nil
+}
+
+// Refresh is Lookup without the cached record of mailbox id and provider,
+// for a token newer than that record: it was issued after a revocation
+// whose notice has not arrived yet.
+func (s *Store) Refresh(ctx context.Context, id mailbox.ID, prov string, defaultLimit int64) (*Record, error) {
+	s.forget(id, prov)
+	return s.Lookup(ctx, id, prov, defaultLimit)
 }
 
 // limit returns the record's allowance: its own, else defaultLimit.

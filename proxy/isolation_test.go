@@ -13,6 +13,7 @@ import (
 	"github.com/byokproxy/byokproxy/config"
 	"github.com/byokproxy/byokproxy/internal/teststack"
 	"github.com/byokproxy/byokproxy/keystore"
+	"github.com/byokproxy/byokproxy/mailbox"
 	"github.com/byokproxy/byokproxy/provider"
 )
 
@@ -276,6 +277,31 @@ func TestRevokedTokenOnOtherReplica(t *testing.T) {
 	}
 	if resp, _ := b.Do(t, "POST", c.path, fresh.Token, c.body); resp.StatusCode != 200 {
 		t.Errorf("new token on replica B: status %d", resp.StatusCode)
+	}
+}
+
+func TestNewerTokenOnReplicaWithOldRecord(t *testing.T) {
+	a := teststack.Start(t)
+	b := a.Replica(t)
+	const m = "newer-token@example.com"
+	old := a.Token(t, m)
+	c := nonStream[provider.OpenAI]
+	if resp, _ := b.Do(t, "POST", c.path, old, c.body); resp.StatusCode != 200 {
+		t.Fatalf("token before the revocation on replica B: %d", resp.StatusCode)
+	}
+	// Replica B now holds generation 0. Raise it in Redis without a change
+	// notice, as if the notice were lost, and issue a token for the new one.
+	ctx := context.Background()
+	if err := a.RDB.HIncrBy(ctx, a.Store.Layout().Mailbox(m), "gen", 1).Err(); err != nil {
+		t.Fatal(err)
+	}
+	fresh := a.Signer.Issue(mailbox.ID(m), 1)
+	if resp, body := b.Do(t, "POST", c.path, fresh, c.body); resp.StatusCode != 200 {
+		t.Errorf("token newer than replica B's record: status %d, want 200: %s", resp.StatusCode, body)
+	}
+	// Reading the newer generation also ends the old token at once.
+	if resp, _ := b.Do(t, "POST", c.path, old, c.body); resp.StatusCode != 401 {
+		t.Errorf("old token after replica B read the newer generation: status %d, want 401", resp.StatusCode)
 	}
 }
 

@@ -130,6 +130,11 @@ func (h *Handler) serveProvider(w http.ResponseWriter, r *http.Request) {
 	// The mailbox's record: generation, source, ciphertext and limit, from
 	// the record cache or one round trip, with usage when it is limited.
 	rec, err := h.store.Lookup(r.Context(), x.mailbox, spec.Name, s.monthlyLimit)
+	if err == nil && gen > rec.Generation {
+		// A token newer than the record was issued after a revocation
+		// whose notice has not reached this replica yet.
+		rec, err = h.store.Refresh(r.Context(), x.mailbox, spec.Name, s.monthlyLimit)
+	}
 	if err != nil {
 		h.metrics.KeyErrors.WithLabelValues(spec.Name, metrics.ReasonStoreUnavailable).Inc()
 		log.Error("key store read failed", "error", err)
