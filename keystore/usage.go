@@ -66,7 +66,8 @@ func (l Layout) QueueUsageBySHA(ctx context.Context, pipe redis.Pipeliner, u Usa
 	return recordUsage.EvalSha(ctx, pipe, keys, args...)
 }
 
-// IsNoScript reports whether err says Redis does not hold a script.
+// IsNoScript reports whether err is Redis's NOSCRIPT error, returned for a
+// script digest the server does not hold.
 func IsNoScript(err error) bool {
 	return redis.HasErrorPrefix(err, "NOSCRIPT")
 }

@@ -91,16 +91,23 @@ func BenchmarkDecryptKey(b *testing.B) {
 	})
 }
 
-// BenchmarkDecryptHeader isolates age.DecryptHeader with the fast identity:
-// header parsing, the unwrap and the header MAC.
-func BenchmarkDecryptHeader(b *testing.B) {
+// benchHeader returns the header of a stored key's ciphertext and the fast
+// identity that opens it.
+func benchHeader(b *testing.B) ([]byte, []age.Identity) {
+	b.Helper()
 	x := generateX25519(b)
 	file := ageEncryptTo(b, benchPayload, x.Recipient())
 	header, err := age.ExtractHeader(bytesReader(file))
 	if err != nil {
 		b.Fatal(err)
 	}
-	fast := fastIdentities(b, []*age.X25519Identity{x})
+	return header, fastIdentities(b, []*age.X25519Identity{x})
+}
+
+// BenchmarkDecryptHeader isolates age.DecryptHeader with the fast identity:
+// header parsing, the unwrap and the header MAC.
+func BenchmarkDecryptHeader(b *testing.B) {
+	header, fast := benchHeader(b)
 	b.ReportAllocs()
 	for b.Loop() {
 		fileKey, err := age.DecryptHeader(header, fast...)
@@ -114,13 +121,7 @@ func BenchmarkDecryptHeader(b *testing.B) {
 // BenchmarkX25519Header measures the single-recipient header path that
 // openSmall takes before age.DecryptHeader: the unwrap and the header MAC.
 func BenchmarkX25519Header(b *testing.B) {
-	x := generateX25519(b)
-	file := ageEncryptTo(b, benchPayload, x.Recipient())
-	header, err := age.ExtractHeader(bytesReader(file))
-	if err != nil {
-		b.Fatal(err)
-	}
-	fast := fastIdentities(b, []*age.X25519Identity{x})
+	header, fast := benchHeader(b)
 	b.ReportAllocs()
 	for b.Loop() {
 		fileKey := openX25519Header(header, fast)

@@ -155,8 +155,8 @@ func TestRedisDownFailsFastAndRecovers(t *testing.T) {
 
 	// Both mailboxes' records are now cached. The replica drops every
 	// cached record when its change subscription breaks, a moment after the
-	// server dies; the probe mailbox shows when that has happened, within
-	// the cache's bound of one second.
+	// server dies. The probe mailbox shows when that has happened, which
+	// must be within the cache's bound of one second.
 	srv.Stop()
 	outage := time.Now()
 	if !eventually(keystore.MaxCacheTTL, func() bool {
