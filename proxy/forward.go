@@ -53,15 +53,22 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, l
 
 	// finish runs even when the reverse proxy aborts the handler with
 	// http.ErrAbortHandler after an upstream breaks off mid-stream.
+	delivered := false
 	defer func() {
 		h.metrics.InFlight.WithLabelValues(name).Dec()
-		if r.Context().Err() != nil && x.errText == "" {
+		// A client that closes its connection once it has the whole
+		// response ends the request's context too, so only a response
+		// not delivered in full counts as a disconnect.
+		if r.Context().Err() != nil && x.errText == "" && !delivered {
 			x.cancelled = true
 			x.errText = "client disconnected"
 		}
 		h.finish(x, source, log)
 	}()
 	x.up.proxy.ServeHTTP(w, out)
+	// The reverse proxy returns normally only after it has written and
+	// flushed all it read, and aborts the handler on a failed write.
+	delivered = x.bodyEnded
 }
 
 // rewrite builds the upstream request: the configured upstream only, the
@@ -215,6 +222,9 @@ var errUpstreamStalled = errors.New("upstream stalled")
 
 func (b *tapBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF {
+		b.x.bodyEnded = true
+	}
 	if n > 0 {
 		if b.stall != nil {
 			b.stall.Reset(b.idle)
@@ -279,6 +289,8 @@ func scrubErrorBody(resp *http.Response, x *exchange) error {
 		clean = scrubKeyPrefix(clean, x.keyText)
 	}
 	resp.Body = io.NopCloser(bytes.NewReader(clean))
+	// The scrubbed body is all in memory, so the copy reaches its end.
+	x.bodyEnded = true
 	resp.ContentLength = int64(len(clean))
 	resp.Header.Set("Content-Length", strconv.Itoa(len(clean)))
 	if x.errText == "" {

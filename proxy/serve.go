@@ -54,6 +54,9 @@ type exchange struct {
 	cancel    context.CancelCauseFunc
 	sniff     *responseIDSniffer
 	cancelled bool
+	// bodyEnded is set once the response body the reverse proxy copies to
+	// the client has been read to its end.
+	bodyEnded bool
 }
 
 type exchangeKey struct{}
