@@ -131,10 +131,11 @@ func (s *Store) EnableCache(ttl time.Duration) {
 
 // Watch keeps the record cache in step with Redis: it subscribes to the
 // changes channel and drops the records each notice names, until ctx ends.
-// Without EnableCache it returns at once.
+// Without EnableCache it logs that the cache is off and returns at once.
 func (s *Store) Watch(ctx context.Context, log *slog.Logger) {
 	c := s.cache
 	if c == nil {
+		log.Info("record cache off: redis.cache_ttl is 0, reading Redis on every request")
 		return
 	}
 	c.log.Store(log)
