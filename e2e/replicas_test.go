@@ -247,25 +247,25 @@ const changeBound = time.Second + 250*time.Millisecond
 // expectUpstreamKey sends requests to r until the key that reaches the
 // provider is want, for up to changeBound. Before that, only the key of the
 // previous state (prev) may arrive.
-func (s *replicaSet) expectUpstreamKey(t *testing.T, r *replica, p, token, prev, want, what string) {
+func (s *replicaSet) expectUpstreamKey(t *testing.T, r *replica, p, token, prev, want, change string) {
 	t.Helper()
 	start := time.Now()
 	for {
 		code, body, got := s.call(t, r, p, token)
 		if code != 200 {
-			t.Fatalf("%s: replica %s answered %d: %s", what, r.name, code, body)
+			t.Fatalf("%s: replica %s returned %d: %s", change, r.name, code, body)
 		}
 		if got == want {
-			t.Logf("%s: replica %s used the new key after %v", what, r.name, time.Since(start).Round(time.Millisecond))
+			t.Logf("%s: replica %s used the new key after %v", change, r.name, time.Since(start).Round(time.Millisecond))
 			return
 		}
 		if got != prev {
 			t.Fatalf("%s: replica %s sent a key ending %q upstream, neither the old %q nor the new %q",
-				what, r.name, tail4(got), tail4(prev), tail4(want))
+				change, r.name, tail4(got), tail4(prev), tail4(want))
 		}
 		if time.Since(start) > changeBound {
 			t.Errorf("%s: replica %s still sent the key ending %q after %v, want one ending %q",
-				what, r.name, tail4(got), changeBound, tail4(want))
+				change, r.name, tail4(got), changeBound, tail4(want))
 			return
 		}
 		time.Sleep(10 * time.Millisecond)

@@ -491,8 +491,8 @@ func TestCacheTTLCountsFromTheRead(t *testing.T) {
 		r.Lookup(ctx, id, provider.OpenAI, 0)
 	}()
 	<-answered
-	// A revocation right after Redis answered that read, whose notice is
-	// lost: only the TTL bounds it.
+	// A revocation right after Redis returned that read, whose notice is
+	// lost, so only the TTL bounds it.
 	if err := base.rdb.HIncrBy(ctx, base.layout.Mailbox(string(id)), fieldGeneration, 1).Err(); err != nil {
 		t.Fatal(err)
 	}
@@ -518,8 +518,8 @@ func TestCacheBackOnAfterStall(t *testing.T) {
 	base := New(srv.Client(t), srv.Prefix(t), ids)
 	r := cachedReplica(t, base, MaxCacheTTL)
 
-	// Redis stops answering but keeps its connections, then recovers on
-	// them: the cache must go off, and on again.
+	// Redis stops responding but keeps its connections, then recovers on
+	// them. The cache must go off, and on again.
 	srv.Pause()
 	resumed := false
 	defer func() {
