@@ -1,7 +1,10 @@
 package proxy
 
 import (
+	"encoding/json"
 	"errors"
+	"slices"
+	"strings"
 	"testing"
 )
 
@@ -41,5 +44,78 @@ func TestReadRequestInfoErrors(t *testing.T) {
 	}
 	if info.Model != "m" || info.Stream {
 		t.Errorf("valid body read as model %q stream %v, want model \"m\" and no stream", info.Model, info.Stream)
+	}
+}
+
+// validJSONCases are bodies at the edges of the JSON grammar, where a fast
+// validator is most likely to part from json.Valid.
+var validJSONCases = []string{
+	`{}`, ` {"a" : [true, false, null, -0, 1.5e+3, "x"]} `, `"\u00e9\ud83d\ude00"`,
+	`{"a":"\ud800"}`, "\"\xff\xfe\"", `[1,2,]`, `{"a":1,}`, `{"a" 1}`, `01`, `-`, `1.`, `1e`,
+	`.5`, `+1`, `1e+`, `0x10`, `"\x41"`, `"\u12"`, `"\u12G4"`, "\"a\tb\"", "\"a\nb\"",
+	"\"\x0e\"", "\"\x7f\"", "\ufeff{}", "{}\x00", "\f{}", "\v{}", `{}{}`, `{} x`, `tru`,
+	`nul`, `[`, `]`, `{"a":{"b":[{"c":[]}]}}`, `NaN`, `Infinity`, `'a'`, `{"a":"b"`,
+	`"\/"`, `"\'"`,
+}
+
+// TestValidJSONAgreesWithEncodingJSON checks validJSON against json.Valid on
+// the edge cases, and on bodies nested past maxFastNesting, which only
+// json.Valid may see.
+func TestValidJSONAgreesWithEncodingJSON(t *testing.T) {
+	cases := slices.Clone(validJSONCases)
+	for _, depth := range []int{maxFastNesting - 1, maxFastNesting, maxFastNesting + 1, 20000} {
+		cases = append(cases,
+			strings.Repeat("[", depth)+strings.Repeat("]", depth),
+			strings.Repeat(`{"a":`, depth)+"1"+strings.Repeat("}", depth),
+			strings.Repeat("[", depth))
+	}
+	for _, c := range cases {
+		if got, want := validJSON([]byte(c)), json.Valid([]byte(c)); got != want {
+			t.Errorf("validJSON(%.40q) = %v, json.Valid returns %v", c, got, want)
+		}
+	}
+}
+
+// FuzzValidJSON checks that validJSON and json.Valid agree on any input.
+func FuzzValidJSON(f *testing.F) {
+	for _, c := range validJSONCases {
+		f.Add([]byte(c))
+	}
+	f.Add(benchChatBody)
+	f.Fuzz(func(t *testing.T, body []byte) {
+		if got, want := validJSON(body), json.Valid(body); got != want {
+			t.Fatalf("validJSON(%q) = %v, json.Valid returns %v", body, got, want)
+		}
+	})
+}
+
+// TestWithIncludeUsageKeepsBytes checks that adding include_usage changes
+// stream_options only: the provider gets the client's other bytes as sent,
+// with their order, spacing and escapes.
+func TestWithIncludeUsageKeepsBytes(t *testing.T) {
+	cases := []struct{ body, want string }{
+		{`{"model":"m","stream":true,"messages":[{"content":"<b>&amp;</b> \u00e9"}]}`,
+			`{"stream_options":{"include_usage":true},"model":"m","stream":true,"messages":[{"content":"<b>&amp;</b> \u00e9"}]}`},
+		{` { "stream" : true } `, ` {"stream_options":{"include_usage":true}, "stream" : true } `},
+		{`{}`, `{"stream_options":{"include_usage":true}}`},
+		{"{ \n}", "{\"stream_options\":{\"include_usage\":true} \n}"},
+		{`{"z":1,"stream_options":null,"a":2}`, `{"z":1,"stream_options":{"include_usage":true},"a":2}`},
+		{`{"stream_options": {"include_usage":false,"x":[1]} ,"a":2}`, `{"stream_options": {"include_usage":true,"x":[1]} ,"a":2}`},
+		{`{"stream_options":{"include\u005fusage":false}}`, `{"stream_options":{"include_usage":true}}`},
+	}
+	for _, c := range cases {
+		got, err := withIncludeUsage([]byte(c.body))
+		if err != nil {
+			t.Errorf("%s: %v", c.body, err)
+			continue
+		}
+		if string(got) != c.want {
+			t.Errorf("%s:\n got %s\nwant %s", c.body, got, c.want)
+		}
+	}
+	for _, body := range []string{`{"stream_options":"yes"}`, `{"stream_options":[]}`, `[]`, `null`, `{"a":`, `{"stream_options":{},"stream_options":null}`} {
+		if got, err := withIncludeUsage([]byte(body)); err == nil {
+			t.Errorf("%s: rewritten as %s, want an error", body, got)
+		}
 	}
 }
