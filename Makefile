@@ -58,8 +58,11 @@ deps:
 		fi; \
 	done
 
+# The decryption tests run a second time on circl's portable X25519 code,
+# which CPUs without BMI2 and ADX use.
 test: deps
 	$(TEST_CMD)
+	go test -count=1 -tags purego -run 'CCTV|OpenSmall|FastIdentity|X25519|LowOrder' ./keystore
 	.ci/fuzz.sh
 
 # Runs every fuzz target for FUZZTIME (default 10s) after its seed corpus.

@@ -6,6 +6,7 @@ require (
 	c2sp.org/CCTV/age v0.0.0-20260829155415-4448f2097b2d
 	filippo.io/age v1.3.2
 	github.com/alicebob/miniredis/v2 v2.40.0
+	github.com/cloudflare/circl v1.6.5
 	github.com/elazarl/goproxy v1.9.4
 	github.com/maypok86/otter/v2 v2.4.0
 	github.com/prometheus/client_golang v1.25.0

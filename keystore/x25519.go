@@ -2,16 +2,17 @@ package keystore
 
 import (
 	"bytes"
-	"crypto/ecdh"
 	"crypto/hkdf"
 	"crypto/hmac"
 	"crypto/sha256"
+	"crypto/subtle"
 	"encoding/base64"
 	"errors"
 	"fmt"
 	"strings"
 
 	"filippo.io/age"
+	"github.com/cloudflare/circl/dh/x25519"
 	"golang.org/x/crypto/chacha20poly1305"
 )
 
@@ -22,7 +23,7 @@ import (
 // every unwrap, which derives the public key again. That is a second scalar
 // multiplication on top of the Diffie-Hellman one. age.Decrypt also allocates
 // two 64 KiB chunk buffers for a payload of a hundred bytes. x25519Identity
-// parses the private key once, and openSmall decrypts a single-chunk payload
+// derives its public key once, and openSmall decrypts a single-chunk payload
 // into a buffer of its own size. Both follow the age v1 specification
 // (age-encryption.org/v1). A header with the one layout the proxy writes (a
 // single X25519 recipient) is checked here too, and every other header goes
@@ -40,11 +41,14 @@ const fileKeySize = 16
 // a share has exactly one encoding.
 var stanzaBase64 = base64.RawStdEncoding.Strict()
 
-// x25519Identity is an age X25519 identity that holds its private key
-// parsed, so an unwrap costs one scalar multiplication.
+// x25519Identity is an age X25519 identity that keeps its public key, so an
+// unwrap costs one scalar multiplication. The multiplication is circl's,
+// whose amd64 code (BMI2 and ADX) took 0.75 of the time of crypto/ecdh's on
+// an AMD EPYC and 0.88 on an Intel Xeon. Other CPUs get its portable Go code,
+// which the tests also run with the purego build tag.
 type x25519Identity struct {
-	private *ecdh.PrivateKey
-	public  []byte
+	scalar x25519.Key
+	public []byte
 }
 
 var _ age.Identity = (*x25519Identity)(nil)
@@ -57,12 +61,16 @@ func newFastIdentity(x *age.X25519Identity) (age.Identity, error) {
 	if err != nil {
 		return nil, err
 	}
-	private, err := ecdh.X25519().NewPrivateKey(scalar)
-	clear(scalar)
-	if err != nil {
-		return nil, fmt.Errorf("parse age identity: %w", err)
+	if len(scalar) != x25519.Size {
+		clear(scalar)
+		return nil, fmt.Errorf("parse age identity: secret key of %d bytes, want %d", len(scalar), x25519.Size)
 	}
-	id := &x25519Identity{private: private, public: private.PublicKey().Bytes()}
+	id := &x25519Identity{}
+	copy(id.scalar[:], scalar)
+	clear(scalar)
+	var public x25519.Key
+	x25519.KeyGen(&public, &id.scalar)
+	id.public = public[:]
 
 	// A mismatch would mean the text was misread, so fail rather than hold
 	// an identity that can never unwrap anything.
@@ -115,22 +123,20 @@ func (id *x25519Identity) unwrap(s *age.Stanza) ([]byte, error) {
 
 // unwrapShare returns the file key wrapped in body for the ephemeral share.
 func (id *x25519Identity) unwrapShare(share *[32]byte, body []byte) ([]byte, error) {
-	ephemeral, err := ecdh.X25519().NewPublicKey(share[:])
-	if err != nil {
-		return nil, errors.New("invalid X25519 recipient block")
-	}
-
-	// The one scalar multiplication. ECDH fails for a low-order share, whose
-	// shared secret would be all zeros.
-	shared, err := id.private.ECDH(ephemeral)
-	if err != nil {
-		return nil, fmt.Errorf("invalid X25519 recipient: %v", err)
+	// The one scalar multiplication. A low-order share gives an all-zero
+	// shared secret, which age rejects. Shared reports the known low-order
+	// points, and the secret itself is checked too.
+	var shared x25519.Key
+	ok := x25519.Shared(&shared, &id.scalar, (*x25519.Key)(share))
+	if !ok || subtle.ConstantTimeCompare(shared[:], make([]byte, x25519.Size)) == 1 {
+		clear(shared[:])
+		return nil, errors.New("invalid X25519 recipient: low order point")
 	}
 	salt := make([]byte, 0, 64)
 	salt = append(salt, share[:]...)
 	salt = append(salt, id.public...)
-	wrappingKey, err := hkdf.Key(sha256.New, shared, salt, x25519Label, chacha20poly1305.KeySize)
-	clear(shared)
+	wrappingKey, err := hkdf.Key(sha256.New, shared[:], salt, x25519Label, chacha20poly1305.KeySize)
+	clear(shared[:])
 	if err != nil {
 		return nil, err
 	}

@@ -14,6 +14,8 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"math/big"
+	"slices"
 	"strings"
 	"testing"
 
@@ -565,5 +567,60 @@ func TestX25519HeaderAgreesWithAge(t *testing.T) {
 				t.Errorf("byte %d ^ %#x: a changed header still opened", i, delta)
 			}
 		}
+	}
+}
+
+// TestLowOrderSharesRejected checks every encoding of a low-order point as
+// the ephemeral share: u = 0, 1 and p-1, the two points of order 8, the
+// encodings of these at or above p, and each with the ignored top bit set.
+// Each gives an all-zero shared secret, which age rejects, so the fast
+// identity must reject it too.
+func TestLowOrderSharesRejected(t *testing.T) {
+	x := generateX25519(t)
+	fast := fastIdentities(t, []*age.X25519Identity{x})[0]
+	valid, err := x.Recipient().Wrap([]byte("0123456789abcdef"))
+	if err != nil {
+		t.Fatalf("wrap: %v", err)
+	}
+
+	p := new(big.Int).Sub(new(big.Int).Lsh(big.NewInt(1), 255), big.NewInt(19))
+	var points []*big.Int
+	for _, u := range []string{
+		"0", "1",
+		"325606250916557431795983626356110631294008115727848805560023387167927233504",
+		"39382357235489614581723060781553021112529911719440698176882885853963445705823",
+	} {
+		n, _ := new(big.Int).SetString(u, 10)
+		points = append(points, n)
+	}
+	points = append(points, new(big.Int).Sub(p, big.NewInt(1)))
+	limit := new(big.Int).Lsh(big.NewInt(1), 255)
+	for _, u := range slices.Clone(points) {
+		if above := new(big.Int).Add(u, p); above.Cmp(limit) < 0 {
+			points = append(points, above)
+		}
+	}
+
+	for _, u := range points {
+		for _, topBit := range []bool{false, true} {
+			var share [32]byte
+			u.FillBytes(share[:])
+			slices.Reverse(share[:]) // little-endian, as X25519 encodes u
+			if topBit {
+				share[31] |= 0x80
+			}
+			stanza := &age.Stanza{Type: "X25519", Args: []string{base64.RawStdEncoding.EncodeToString(share[:])}, Body: valid[0].Body}
+			_, errAge := x.Unwrap([]*age.Stanza{stanza})
+			_, errFast := fast.Unwrap([]*age.Stanza{stanza})
+			if errAge == nil || errors.Is(errAge, age.ErrIncorrectIdentity) {
+				t.Errorf("share %x: age identity returned %v, want a low order error", share, errAge)
+			}
+			if errFast == nil || errors.Is(errFast, age.ErrIncorrectIdentity) {
+				t.Errorf("share %x: fast identity returned %v, want a low order error", share, errFast)
+			}
+		}
+	}
+	if len(points) != 7 {
+		t.Errorf("tested %d points, want 7 (5 canonical and 2 encodings above p)", len(points))
 	}
 }
