@@ -65,7 +65,11 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, l
 		}
 		h.finish(x, source, log)
 	}()
-	x.up.proxy.ServeHTTP(w, out)
+	reverseProxy := x.up.proxy
+	if x.stream {
+		reverseProxy = x.up.streamProxy
+	}
+	reverseProxy.ServeHTTP(w, out)
 	// The reverse proxy returns normally only after it has written and
 	// flushed all it read, and aborts the handler on a failed write.
 	delivered = x.bodyEnded

@@ -72,6 +72,10 @@ type upstream struct {
 	org       string
 	project   string
 	proxy     *httputil.ReverseProxy
+	// streamProxy forwards stream requests: the same as proxy, with a
+	// smaller copy buffer, because a stream holds its buffer while it stays
+	// open.
+	streamProxy *httputil.ReverseProxy
 	// idleTimeout bounds the wait for the next response bytes.
 	idleTimeout time.Duration
 }
@@ -143,30 +147,37 @@ func (h *Handler) newUpstream(spec *provider.Spec, pc *config.Provider, timeout 
 		ErrorLog:       slog.NewLogLogger(h.log.Handler(), slog.LevelDebug),
 		BufferPool:     copyBuffers,
 	}
+	stream := *up.proxy
+	stream.BufferPool = streamBuffers
+	up.streamProxy = &stream
 	return up, nil
 }
 
-// copyBufferSize is the size of the buffer a response is copied through.
-// A stream holds its buffer for as long as it stays open. 8 KiB holds many
-// SSE events, and a large JSON body takes one read and write per 8 KiB.
-const copyBufferSize = 8 << 10
+// copyBuffers lend the buffers responses are copied through, where
+// ReverseProxy would allocate 32 KiB per response. A JSON body takes one
+// read and write per 8 KiB. A stream holds its buffer for as long as it
+// stays open, and most events are a few hundred bytes, so 2 KiB takes one
+// read for nearly every event at a quarter of the memory.
+var (
+	copyBuffers   = &bufferPool{size: 8 << 10}
+	streamBuffers = &bufferPool{size: 2 << 10}
+)
 
-// copyBuffers lends copy buffers to every upstream's ReverseProxy, which
-// would otherwise allocate a 32 KiB buffer per response.
-var copyBuffers = &bufferPool{}
-
-type bufferPool struct{ pool sync.Pool }
+type bufferPool struct {
+	size int
+	pool sync.Pool
+}
 
 func (p *bufferPool) Get() []byte {
 	if b, ok := p.pool.Get().(*[]byte); ok {
 		return *b
 	}
-	return make([]byte, copyBufferSize)
+	return make([]byte, p.size)
 }
 
 func (p *bufferPool) Put(b []byte) {
-	if cap(b) == copyBufferSize {
-		b = b[:copyBufferSize]
+	if cap(b) == p.size {
+		b = b[:p.size]
 		p.pool.Put(&b)
 	}
 }

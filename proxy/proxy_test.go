@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/byokproxy/byokproxy/config"
 	"github.com/byokproxy/byokproxy/internal/teststack"
 	"github.com/byokproxy/byokproxy/provider"
 )
@@ -237,5 +238,42 @@ func TestProviderRequestIDPassesThrough(t *testing.T) {
 	}
 	if resp.Header.Get("X-Byokproxy-Request-Id") == "" {
 		t.Error("no X-Byokproxy-Request-Id")
+	}
+}
+
+// TestStreamEventsLargerThanCopyBuffer sends a stream event larger than
+// either copy buffer. It must reach the client whole, and the usage reported
+// around it must still be counted.
+func TestStreamEventsLargerThanCopyBuffer(t *testing.T) {
+	up := newScriptedUpstream(t)
+	st := teststack.Start(t, func(c *config.Config) {
+		c.Provider(provider.Anthropic).Upstream = up.URL
+	})
+	token := st.Token(t, "large-events@example.com")
+
+	text := strings.Repeat("word ", 8<<10) // 40 KiB
+	delta, err := json.Marshal(map[string]any{"type": "content_block_delta", "index": 0, "delta": map[string]any{"type": "text_delta", "text": text}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-haiku-4-5\",\"usage\":{\"input_tokens\":11,\"output_tokens\":1}}}\n\n" +
+		"event: content_block_delta\ndata: " + string(delta) + "\n\n" +
+		"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":4097}}\n\n" +
+		"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"
+	up.set(scriptedResponse{status: http.StatusOK, contentType: "text/event-stream", body: []byte(body)})
+
+	_, got := st.Do(t, "POST", "/anthropic/v1/messages", token, `{"model":"claude-haiku-4-5","max_tokens":5000,"stream":true}`)
+	if string(got) != body {
+		t.Fatalf("client received %d bytes that differ from the %d the upstream sent", len(got), len(body))
+	}
+	events := teststack.EventsOf(st.AuditEvents(t), "large-events@example.com")
+	if len(events) != 1 {
+		t.Fatalf("audit events: %d, want 1", len(events))
+	}
+	if events[0]["input_tokens"] != float64(11) {
+		t.Errorf("input_tokens = %v, want 11", events[0]["input_tokens"])
+	}
+	if events[0]["output_tokens"] != float64(4097) {
+		t.Errorf("output_tokens = %v, want 4097", events[0]["output_tokens"])
 	}
 }
