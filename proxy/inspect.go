@@ -255,13 +255,18 @@ func withIncludeUsage(body []byte) ([]byte, error) {
 		return nil, err
 	}
 	if at < 0 {
-		// No stream_options: add it as the first member.
-		open := skipSpace(body, 0)
-		member := `"stream_options":{"include_usage":true}`
-		if body[skipSpace(body, open+1)] != '}' {
-			member += ","
+		// No stream_options: add it as the last member, where a parser that
+		// matches names regardless of case and keeps the last match still
+		// reads it rather than a client's "Stream_Options".
+		end := len(body) - 1
+		for body[end] != '}' {
+			end--
 		}
-		return slices.Concat(body[:open+1], []byte(member), body[open+1:]), nil
+		member := `"stream_options":{"include_usage":true}`
+		if body[skipSpace(body, skipSpace(body, 0)+1)] != '}' {
+			member = "," + member
+		}
+		return slices.Concat(body[:end], []byte(member), body[end:]), nil
 	}
 	opts := map[string]json.RawMessage{}
 	if raw := body[at:end]; !bytes.Equal(raw, []byte("null")) {

@@ -95,10 +95,11 @@ func FuzzValidJSON(f *testing.F) {
 func TestWithIncludeUsageKeepsBytes(t *testing.T) {
 	cases := []struct{ body, want string }{
 		{`{"model":"m","stream":true,"messages":[{"content":"<b>&amp;</b> \u00e9"}]}`,
-			`{"stream_options":{"include_usage":true},"model":"m","stream":true,"messages":[{"content":"<b>&amp;</b> \u00e9"}]}`},
-		{` { "stream" : true } `, ` {"stream_options":{"include_usage":true}, "stream" : true } `},
+			`{"model":"m","stream":true,"messages":[{"content":"<b>&amp;</b> \u00e9"}],"stream_options":{"include_usage":true}}`},
+		{` { "stream" : true } `, ` { "stream" : true ,"stream_options":{"include_usage":true}} `},
+		{`{"Stream_Options":{"include_usage":false}}`, `{"Stream_Options":{"include_usage":false},"stream_options":{"include_usage":true}}`},
 		{`{}`, `{"stream_options":{"include_usage":true}}`},
-		{"{ \n}", "{\"stream_options\":{\"include_usage\":true} \n}"},
+		{"{ \n}", "{ \n\"stream_options\":{\"include_usage\":true}}"},
 		{`{"z":1,"stream_options":null,"a":2}`, `{"z":1,"stream_options":{"include_usage":true},"a":2}`},
 		{`{"stream_options": {"include_usage":false,"x":[1]} ,"a":2}`, `{"stream_options": {"include_usage":true,"x":[1]} ,"a":2}`},
 		{`{"stream_options":{"include\u005fusage":false}}`, `{"stream_options":{"include_usage":true}}`},
