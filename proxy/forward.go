@@ -376,7 +376,10 @@ func (h *Handler) finish(x *exchange, source string, log *slog.Logger) {
 			x.model = counts.Model
 		}
 	}
-	if x.source == keystore.SourceShared && !counts.Seen && x.errText != "" && status < 400 {
+	// A client that hangs up before the final usage event could otherwise
+	// take the output for free: Anthropic reports one output token when a
+	// stream starts, and Google the output so far.
+	if x.source == keystore.SourceShared && x.errText != "" && status < 400 && (!counts.Seen || x.cancelled) {
 		counts = estimateUsage(x, counts)
 	}
 	h.metrics.Requests.WithLabelValues(name, source, strconv.Itoa(status)).Inc()
@@ -433,13 +436,22 @@ func (h *Handler) event(x *exchange, counts *usage.Counts) audit.Event {
 }
 
 // estimateUsage charges a shared request that ended before the provider
-// reported its usage, such as a stream the client cut off, so cutting
+// reported its final usage, such as a stream the client cut off, so cutting
 // streams cannot make the shared key free. It counts one token per four
 // bytes of request body and of response received: more than the provider
-// bills, since the response bytes include the JSON around the text.
+// bills, since the response bytes include the JSON around the text. Input
+// the provider already reported is kept, and output is charged at least the
+// estimate.
 func estimateUsage(x *exchange, counts usage.Counts) usage.Counts {
-	counts.InputTokens = (x.requestBytes + 3) / 4
-	counts.OutputTokens = (x.received + 3) / 4
+	input := counts.InputTokens
+	if !counts.Seen {
+		input = (x.requestBytes + 3) / 4
+	}
+	output := max(counts.OutputTokens, (x.received+3)/4)
+	if input == counts.InputTokens && output == counts.OutputTokens {
+		return counts
+	}
+	counts.InputTokens, counts.OutputTokens = input, output
 	x.errText += "; usage estimated from bytes because the response ended before the provider reported it"
 	return counts
 }

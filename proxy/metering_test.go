@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"context"
 	"encoding/json"
 	"net/http"
 	"strconv"
@@ -326,38 +327,46 @@ func TestAllowanceRejectionStopsSDKRetries(t *testing.T) {
 	}
 }
 
+// TestCutStreamStillCharged cuts a shared stream after its first event. On
+// Anthropic that event reports one output token, and on Google the output so
+// far, so the estimate must still apply to the output.
 func TestCutStreamStillCharged(t *testing.T) {
 	st := teststack.Start(t)
-	m := "cutter@example.com"
-	token := st.Token(t, m)
-	up := st.Upstreams[provider.OpenAI]
-	up.SetEventDelay(200 * time.Millisecond)
-	req, _ := http.NewRequest("POST", st.ProxyURL+streaming[provider.OpenAI].path, strings.NewReader(streaming[provider.OpenAI].body))
-	req.Header.Set("Authorization", "Bearer "+token)
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Read the first event, then hang up before the usage chunk.
-	buf := make([]byte, 64)
-	resp.Body.Read(buf)
-	resp.Body.Close()
-	time.Sleep(500 * time.Millisecond)
+	for _, p := range provider.Names {
+		t.Run(p, func(t *testing.T) {
+			m := "cutter-" + p + "@example.com"
+			token := st.Token(t, m)
+			up := st.Upstreams[p]
+			up.SetEventDelay(200 * time.Millisecond)
+			defer up.SetEventDelay(0)
+			resp, err := http.DefaultClient.Do(callRequest(context.Background(), st.ProxyURL, p, token, streaming[p]))
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Read the first event, then hang up before the final usage.
+			buf := make([]byte, 64)
+			resp.Body.Read(buf)
+			resp.Body.Close()
+			time.Sleep(500 * time.Millisecond)
 
-	events := teststack.EventsOf(st.AuditEvents(t), m)
-	if len(events) != 1 {
-		t.Fatalf("audit events = %d, want 1", len(events))
-	}
-	e := events[0]
-	if e["input_tokens"].(float64) <= 0 || e["output_tokens"].(float64) <= 0 {
-		t.Errorf("a cut shared stream was recorded as free: %v/%v tokens", e["input_tokens"], e["output_tokens"])
-	}
-	if !strings.Contains(e["error"].(string), "estimated") {
-		t.Errorf("audit error = %q, want it to say the usage was estimated", e["error"])
-	}
-	code, body := st.AdminDo(t, "GET", "/admin/v1/mailboxes/"+m+"/usage", nil)
-	if code != 200 || strings.Contains(string(body), `"input_tokens":0,"output_tokens":0,"requests":1`) {
-		t.Errorf("usage after a cut stream: %s", body)
+			events := teststack.EventsOf(st.AuditEvents(t), m)
+			if len(events) != 1 {
+				t.Fatalf("audit events = %d, want 1", len(events))
+			}
+			e := events[0]
+			if e["input_tokens"].(float64) <= 0 {
+				t.Errorf("a cut shared stream was charged %v input tokens", e["input_tokens"])
+			}
+			if e["output_tokens"].(float64) <= 1 {
+				t.Errorf("a cut shared stream was charged %v output tokens, want the estimate from its bytes", e["output_tokens"])
+			}
+			if !strings.Contains(e["error"].(string), "estimated") {
+				t.Errorf("audit error = %q, want it to say the usage was estimated", e["error"])
+			}
+			code, body := st.AdminDo(t, "GET", "/admin/v1/mailboxes/"+m+"/usage", nil)
+			if code != 200 || strings.Contains(string(body), `"input_tokens":0,"output_tokens":0,"requests":1`) {
+				t.Errorf("usage after a cut stream: %s", body)
+			}
+		})
 	}
 }
