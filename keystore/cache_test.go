@@ -24,18 +24,24 @@ func cachedReplica(t *testing.T, base *Store, ttl time.Duration) *Store {
 	t.Helper()
 	s := New(base.rdb, base.layout.Prefix, base.Identities())
 	s.EnableCache(ttl)
+	startWatch(t, s)
+	waitLive(t, s)
+	return s
+}
+
+// startWatch runs s.Watch until the test ends, and waits for it to return
+// in the test's cleanup.
+func startWatch(tb testing.TB, s *Store) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
 		s.Watch(ctx, slog.New(slog.DiscardHandler))
 		close(done)
 	}()
-	t.Cleanup(func() {
+	tb.Cleanup(func() {
 		cancel()
 		<-done
 	})
-	waitLive(t, s)
-	return s
 }
 
 func waitLive(t *testing.T, s *Store) {
@@ -472,16 +478,7 @@ func TestCacheTTLCountsFromTheRead(t *testing.T) {
 	}})
 	r := New(rdb, base.layout.Prefix, base.Identities())
 	r.EnableCache(MaxCacheTTL)
-	watchCtx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() {
-		r.Watch(watchCtx, slog.New(slog.DiscardHandler))
-		close(done)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		<-done
-	})
+	startWatch(t, r)
 	waitLive(t, r)
 
 	slow.Store(true)

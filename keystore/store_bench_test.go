@@ -2,7 +2,6 @@ package keystore
 
 import (
 	"context"
-	"log/slog"
 	"testing"
 	"time"
 
@@ -54,16 +53,7 @@ func BenchmarkStoreLookup(b *testing.B) {
 	ctx := context.Background()
 	cached := New(s.rdb, s.layout.Prefix, s.Identities())
 	cached.EnableCache(MaxCacheTTL)
-	watchCtx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() {
-		cached.Watch(watchCtx, slog.New(slog.DiscardHandler))
-		close(done)
-	}()
-	b.Cleanup(func() {
-		cancel()
-		<-done
-	})
+	startWatch(b, cached)
 	for !cached.cache.live.Load() {
 		time.Sleep(time.Millisecond)
 	}
