@@ -15,7 +15,6 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"errors"
-	"fmt"
 	"strconv"
 	"strings"
 )
@@ -147,7 +146,13 @@ func tokenChars(s string) bool {
 }
 
 func sign(secret []byte, encodedID, gen string) []byte {
+	const domain = "byokproxy mailbox token v1\x00"
+	msg := make([]byte, 0, len(domain)+len(encodedID)+1+len(gen))
+	msg = append(msg, domain...)
+	msg = append(msg, encodedID...)
+	msg = append(msg, 0)
+	msg = append(msg, gen...)
 	h := hmac.New(sha256.New, secret)
-	fmt.Fprintf(h, "byokproxy mailbox token v1\x00%s\x00%s", encodedID, gen)
+	h.Write(msg)
 	return h.Sum(nil)
 }
