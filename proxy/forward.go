@@ -25,11 +25,27 @@ import (
 )
 
 // forward sends the request upstream and streams the response back, then
-// records the exchange.
+// records the exchange. Its setup and its ending live in functions of their
+// own so that its frame, which sits below the whole reverse proxy for as
+// long as a stream stays open, stays small (see admit).
 func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, log *slog.Logger) {
-	name := x.up.spec.Name
-	source := metrics.SourceLabel(x.source)
-	h.metrics.InFlight.WithLabelValues(name).Inc()
+	out := h.startForward(w, r, x)
+	// endForward runs even when the reverse proxy aborts the handler with
+	// http.ErrAbortHandler after an upstream breaks off mid-stream.
+	defer h.endForward(r, x, log)
+	reverseProxy := x.up.proxy
+	if x.stream {
+		reverseProxy = x.up.streamProxy
+	}
+	reverseProxy.ServeHTTP(w, out)
+	// The reverse proxy returns normally only after it has written and
+	// flushed all it read, and aborts the handler on a failed write.
+	x.delivered = x.bodyEnded
+}
+
+// startForward prepares the upstream request of x.
+func (h *Handler) startForward(w http.ResponseWriter, r *http.Request, x *exchange) *http.Request {
+	h.metrics.InFlight.WithLabelValues(x.up.spec.Name).Inc()
 
 	// Once the response header is flushed, the HTTP/1 server closes the
 	// request body unless full duplex is on, and the transport then drops
@@ -41,38 +57,27 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, l
 		GotFirstResponseByte: func() { x.ttfb = time.Now() },
 	}
 	ctx, cancel := context.WithCancelCause(r.Context())
-	defer cancel(nil)
 	x.cancel = cancel
 	ctx = context.WithValue(ctx, exchangeKey{}, x)
 	ctx = httptrace.WithClientTrace(ctx, trace)
-	out := r.WithContext(ctx)
+	return r.WithContext(ctx)
+}
 
+// endForward releases what startForward took and records the exchange.
+func (h *Handler) endForward(r *http.Request, x *exchange, log *slog.Logger) {
+	x.cancel(nil)
 	// With full duplex on, draining an unread body after the handler returns
 	// races the read of the next request (golang/go#68560), so it is closed here.
-	defer r.Body.Close()
-
-	// finish runs even when the reverse proxy aborts the handler with
-	// http.ErrAbortHandler after an upstream breaks off mid-stream.
-	delivered := false
-	defer func() {
-		h.metrics.InFlight.WithLabelValues(name).Dec()
-		// A client that closes its connection once it has the whole
-		// response ends the request's context too, so only a response
-		// not delivered in full counts as a disconnect.
-		if r.Context().Err() != nil && x.errText == "" && !delivered {
-			x.cancelled = true
-			x.errText = "client disconnected"
-		}
-		h.finish(x, source, log)
-	}()
-	reverseProxy := x.up.proxy
-	if x.stream {
-		reverseProxy = x.up.streamProxy
+	r.Body.Close()
+	h.metrics.InFlight.WithLabelValues(x.up.spec.Name).Dec()
+	// A client that closes its connection once it has the whole response
+	// ends the request's context too, so only a response not delivered in
+	// full counts as a disconnect.
+	if r.Context().Err() != nil && x.errText == "" && !x.delivered {
+		x.cancelled = true
+		x.errText = "client disconnected"
 	}
-	reverseProxy.ServeHTTP(w, out)
-	// The reverse proxy returns normally only after it has written and
-	// flushed all it read, and aborts the handler on a failed write.
-	delivered = x.bodyEnded
+	h.finish(x, metrics.SourceLabel(x.source), log)
 }
 
 // rewrite builds the upstream request: the configured upstream only, the
