@@ -65,10 +65,6 @@ func (h *Handler) startForward(w http.ResponseWriter, r *http.Request, x *exchan
 
 // endForward releases what startForward took and records the exchange.
 func (h *Handler) endForward(r *http.Request, x *exchange, log *slog.Logger) {
-	x.cancel(nil)
-	// With full duplex on, draining an unread body after the handler returns
-	// races the read of the next request (golang/go#68560), so it is closed here.
-	r.Body.Close()
 	h.metrics.InFlight.WithLabelValues(x.up.spec.Name).Dec()
 	// A client that closes its connection once it has the whole response
 	// ends the request's context too, so only a response not delivered in
@@ -78,6 +74,11 @@ func (h *Handler) endForward(r *http.Request, x *exchange, log *slog.Logger) {
 		x.errText = "client disconnected"
 	}
 	h.finish(x, metrics.SourceLabel(x.source), log)
+
+	// With full duplex on, draining an unread body after the handler returns
+	// races the read of the next request (golang/go#68560), so it is closed here.
+	r.Body.Close()
+	x.cancel(nil)
 }
 
 // rewrite builds the upstream request: the configured upstream only, the
