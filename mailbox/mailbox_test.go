@@ -58,8 +58,14 @@ func TestTokenKnownAnswer(t *testing.T) {
 		t.Errorf("Issue = %q, want %q", got, token)
 	}
 	id, gen, err := s.Verify(token)
-	if err != nil || id != "carol@example.com" || gen != 42 {
-		t.Errorf("Verify = %q, %d, %v; want carol@example.com, 42, nil", id, gen, err)
+	if err != nil {
+		t.Fatalf("Verify: %v", err)
+	}
+	if id != "carol@example.com" {
+		t.Errorf("id = %q, want carol@example.com", id)
+	}
+	if gen != 42 {
+		t.Errorf("generation = %d, want 42", gen)
 	}
 }
 

@@ -80,10 +80,10 @@ func (h *Handler) serveProvider(w http.ResponseWriter, r *http.Request) {
 
 // admit runs every check before a request goes upstream. It returns the
 // exchange with the key to inject, or nil after writing an error response.
-// serveProvider calls forward rather than admit, because admit's frame is
-// about 600 bytes: without it below the reverse proxy, a stream's handler
-// goroutine stays within an 8 KiB stack while the server writes the
-// response header, instead of growing to 16 KiB for the stream's life.
+// It returns instead of calling forward, because its frame is about 600
+// bytes. Without that frame below the reverse proxy, a stream's handler
+// goroutine stays within 8 KiB of stack when the server writes the response
+// header, rather than growing to 16 KiB for as long as the stream is open.
 func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slog.Logger) {
 	s := h.settings.Load()
 	x := &exchange{id: newRequestID(r), start: time.Now(), method: r.Method}
