@@ -45,9 +45,9 @@ func TestTokenRoundTrip(t *testing.T) {
 }
 
 // TestTokenKnownAnswer pins the token format: HMAC-SHA256 over the domain
-// string, the base64url id and the generation, each ended by a zero byte
-// but the last. The token below was computed outside Go, so tokens issued
-// by an earlier build keep verifying after the signing code changes.
+// string, the base64url id and the generation, each but the last ended by a
+// zero byte. The token below was computed with Python's hmac module, so
+// tokens issued by an earlier build keep verifying after the code changes.
 func TestTokenKnownAnswer(t *testing.T) {
 	s, err := NewSigner([]string{"known-answer-secret"})
 	if err != nil {

@@ -25,9 +25,9 @@ import (
 )
 
 // forward sends the request upstream and streams the response back, then
-// records the exchange. Its setup and its ending live in functions of their
-// own so that its frame, which sits below the whole reverse proxy for as
-// long as a stream stays open, stays small (see admit).
+// records the exchange. Its setup and ending are separate functions because
+// its frame stays below the reverse proxy while a stream is open, so it must
+// stay small (see admit).
 func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, log *slog.Logger) {
 	out := h.startForward(w, r, x)
 	// endForward runs even when the reverse proxy aborts the handler with
