@@ -62,7 +62,7 @@ func meteredEntry(m, requestID, prov string, input, output int64) audit.Entry {
 		},
 	}
 	if prov == provider.OpenAI {
-		e.ResponseID = "resp_" + requestID
+		e.Owned = []string{"resp_" + requestID}
 	}
 	return e
 }
@@ -185,9 +185,9 @@ func TestWriterOnSingleNodeAndCluster(t *testing.T) {
 						}
 					}
 				}
-				owns, err := store.OwnsResponse(context.Background(), mailbox.ID(m), "resp_"+m+"-openai-0")
+				owns, err := store.Owns(context.Background(), mailbox.ID(m), "resp_"+m+"-openai-0")
 				if err != nil || !owns {
-					t.Errorf("%s: OwnsResponse of its response = %v, %v, want true", m, owns, err)
+					t.Errorf("%s: Owns of its response = %v, %v, want true", m, owns, err)
 				}
 			}
 		})

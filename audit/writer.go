@@ -26,7 +26,8 @@ type Options struct {
 	Stdout io.Writer
 	// RetentionMonths is how long monthly usage counters are kept.
 	RetentionMonths int
-	// ResponseTTL is how long shared response ids are remembered.
+	// ResponseTTL is how long the ids of responses and containers created on
+	// the shared key are remembered.
 	ResponseTTL time.Duration
 	// Dropped counts events dropped because the queue was full.
 	Dropped prometheus.Counter
@@ -39,9 +40,10 @@ type Entry struct {
 	Event Event
 	// Usage, when not nil, is added to the mailbox's monthly counters.
 	Usage *keystore.UsageRecord
-	// ResponseID, when set, is remembered as created by Event.Mailbox on the
-	// shared key.
-	ResponseID string
+	// Owned are response and container ids to remember as created by
+	// Event.Mailbox on the shared key: those the proxy could not store while
+	// it forwarded the response.
+	Owned []string
 }
 
 // Writer delivers entries to Redis from a bounded queue.
@@ -226,8 +228,8 @@ func (w *Writer) send(ctx context.Context, batch []Entry) error {
 			}
 			usage[w.layout.QueueUsageBySHA(sendCtx, pipe, *e.Usage, w.opts.RetentionMonths)] = e.Usage
 		}
-		if e.ResponseID != "" {
-			w.layout.QueueResponse(sendCtx, pipe, e.Event.Mailbox, e.ResponseID, e.Event.Time, w.opts.ResponseTTL)
+		for _, id := range e.Owned {
+			w.layout.QueueOwned(sendCtx, pipe, e.Event.Mailbox, id, e.Event.Time, w.opts.ResponseTTL)
 		}
 	}
 	cmds, err := pipe.Exec(sendCtx)

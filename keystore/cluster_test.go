@@ -383,19 +383,19 @@ func suiteResponses(t *testing.T, store *keystore.Store, id, other mailbox.ID) {
 	t.Helper()
 	ctx := context.Background()
 	pipe := store.Client().Pipeline()
-	store.Layout().QueueResponse(ctx, pipe, string(id), "resp_"+string(id), time.Now(), time.Hour)
+	store.Layout().QueueOwned(ctx, pipe, string(id), "resp_"+string(id), time.Now(), time.Hour)
 	if _, err := pipe.Exec(ctx); err != nil {
 		t.Fatalf("response pipeline: %v", err)
 	}
-	owns, err := store.OwnsResponse(ctx, id, "resp_"+string(id))
+	owns, err := store.Owns(ctx, id, "resp_"+string(id))
 	if err != nil || !owns {
-		t.Errorf("OwnsResponse of its own response = %v, %v, want true", owns, err)
+		t.Errorf("Owns of its own response = %v, %v, want true", owns, err)
 	}
-	if owns, err := store.OwnsResponse(ctx, other, "resp_"+string(id)); err != nil || owns {
-		t.Errorf("OwnsResponse of another mailbox's response = %v, %v, want false", owns, err)
+	if owns, err := store.Owns(ctx, other, "resp_"+string(id)); err != nil || owns {
+		t.Errorf("Owns of another mailbox's response = %v, %v, want false", owns, err)
 	}
-	if owns, err := store.OwnsResponse(ctx, id, "resp_unknown"); err != nil || owns {
-		t.Errorf("OwnsResponse of an unknown response = %v, %v, want false", owns, err)
+	if owns, err := store.Owns(ctx, id, "resp_unknown"); err != nil || owns {
+		t.Errorf("Owns of an unknown response = %v, %v, want false", owns, err)
 	}
 }
 
@@ -435,8 +435,8 @@ func suiteDeleteMailbox(t *testing.T, store *keystore.Store, id mailbox.ID) {
 	if rec.Generation != genBefore+1 {
 		t.Errorf("generation after DeleteMailbox = %d, want %d", rec.Generation, genBefore+1)
 	}
-	if owns, err := store.OwnsResponse(ctx, id, "resp_"+string(id)); err != nil || owns {
-		t.Errorf("OwnsResponse after DeleteMailbox = %v, %v, want false", owns, err)
+	if owns, err := store.Owns(ctx, id, "resp_"+string(id)); err != nil || owns {
+		t.Errorf("Owns after DeleteMailbox = %v, %v, want false", owns, err)
 	}
 	usageAfter, err := store.Usage(ctx, id, keystore.Month(time.Now()))
 	if err != nil {
@@ -467,7 +467,7 @@ func TestClusterMailboxKeysShareSlot(t *testing.T) {
 			layout.Usage(m, "2026-01"),
 			layout.Usage(m, keystore.Month(time.Now())),
 			layout.Seen(m, "req-0123456789abcdef"),
-			layout.Responses(m),
+			layout.Owned(m),
 		}
 		want, err := rdb.ClusterKeySlot(ctx, keys[0]).Result()
 		if err != nil {

@@ -25,9 +25,9 @@ func (l Layout) Seen(id, requestID string) string {
 	return l.Prefix + "seen:{" + id + "}:" + requestID
 }
 
-// Responses returns the key of the set of response ids the mailbox created
-// on the shared key.
-func (l Layout) Responses(id string) string { return l.Prefix + "resp:{" + id + "}" }
+// Owned returns the key of the sorted set of the response and container ids
+// that the mailbox created on the shared key, each scored by its expiry.
+func (l Layout) Owned(id string) string { return l.Prefix + "resp:{" + id + "}" }
 
 // Audit returns the key of the audit stream.
 func (l Layout) Audit() string { return l.Prefix + "audit" }

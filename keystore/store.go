@@ -426,7 +426,7 @@ return gen
 // id in one atomic step and revokes its tokens for good. Usage counters stay.
 func (s *Store) DeleteMailbox(ctx context.Context, id mailbox.ID) error {
 	err := deleteMailboxScript.Run(ctx, s.rdb,
-		[]string{s.layout.Mailbox(string(id)), s.layout.Responses(string(id))}).Err()
+		[]string{s.layout.Mailbox(string(id)), s.layout.Owned(string(id))}).Err()
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}

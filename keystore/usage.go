@@ -136,20 +136,34 @@ func (s *Store) Usage(ctx context.Context, id mailbox.ID, month string) (MonthUs
 	return out, nil
 }
 
-// QueueResponse adds to pipe that mailbox id created response respID on the
-// shared key, remembered for ttl.
-func (l Layout) QueueResponse(ctx context.Context, pipe redis.Pipeliner, id, respID string, now time.Time, ttl time.Duration) {
-	key := l.Responses(id)
+// QueueOwned adds to pipe that mailbox id created resource, a response or a
+// container id, on the shared key, remembered for ttl.
+func (l Layout) QueueOwned(ctx context.Context, pipe redis.Pipeliner, id, resource string, now time.Time, ttl time.Duration) {
+	key := l.Owned(id)
 	expiry := float64(now.Add(ttl).Unix())
-	pipe.ZAdd(ctx, key, redis.Z{Score: expiry, Member: respID})
+	pipe.ZAdd(ctx, key, redis.Z{Score: expiry, Member: resource})
 	pipe.ZRemRangeByScore(ctx, key, "-inf", strconv.FormatInt(now.Unix(), 10))
 	pipe.ExpireAt(ctx, key, now.Add(ttl))
 }
 
-// OwnsResponse reports whether mailbox id created response respID on the
-// shared key within the remembered period.
-func (s *Store) OwnsResponse(ctx context.Context, id mailbox.ID, respID string) (bool, error) {
-	score, err := s.rdb.ZScore(ctx, s.layout.Responses(string(id)), respID).Result()
+// RecordOwned stores that mailbox id created the resources, response or
+// container ids, on the shared key, remembered for ttl.
+func (s *Store) RecordOwned(ctx context.Context, id mailbox.ID, resources []string, ttl time.Duration) error {
+	pipe := s.rdb.Pipeline()
+	now := s.now()
+	for _, r := range resources {
+		s.layout.QueueOwned(ctx, pipe, string(id), r, now, ttl)
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	return nil
+}
+
+// Owns reports whether mailbox id created resource, a response or a
+// container id, on the shared key within the remembered period.
+func (s *Store) Owns(ctx context.Context, id mailbox.ID, resource string) (bool, error) {
+	score, err := s.rdb.ZScore(ctx, s.layout.Owned(string(id)), resource).Result()
 	if err == redis.Nil {
 		return false, nil
 	}

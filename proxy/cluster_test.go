@@ -355,7 +355,7 @@ func TestProxyOnCluster(t *testing.T) {
 		var created struct{ ID string }
 		json.Unmarshal(body, &created)
 		clusterWaitFor(t, 5*time.Second, func() error {
-			owns, err := a.store.OwnsResponse(context.Background(), mailbox.ID(owner), created.ID)
+			owns, err := a.store.Owns(context.Background(), mailbox.ID(owner), created.ID)
 			if err != nil || !owns {
 				return fmt.Errorf("response %q not recorded as %s's: %v, %v", created.ID, owner, owns, err)
 			}

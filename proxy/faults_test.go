@@ -19,6 +19,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/tidwall/gjson"
 
 	"github.com/byokproxy/byokproxy/audit"
 	"github.com/byokproxy/byokproxy/config"
@@ -91,6 +92,27 @@ func callRequest(ctx context.Context, baseURL, p, token string, c call) *http.Re
 		req.Header.Set(h[i], h[i+1])
 	}
 	return req
+}
+
+// openHeldStream starts stream c of provider p and returns its response
+// once the upstream holds the stream after its first event.
+func openHeldStream(t *testing.T, st *teststack.Stack, p, token string, c call) *http.Response {
+	t.Helper()
+	up := st.Upstreams[p]
+	up.Reset()
+	up.Hold()
+	t.Cleanup(up.Release)
+	ctx, cancel := context.WithTimeout(context.Background(), hangLimit)
+	t.Cleanup(cancel)
+	resp, err := http.DefaultClient.Do(callRequest(ctx, st.ProxyURL, p, token, c))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { resp.Body.Close() })
+	if !eventually(hangLimit, func() bool { return up.HeldStreams() == 1 }) {
+		t.Fatal("the upstream never held the stream")
+	}
+	return resp
 }
 
 func readyStatus(t *testing.T, baseURL string) int {
@@ -221,20 +243,7 @@ func TestStreamInFlightSurvivesRedisOutage(t *testing.T) {
 	token := useBYOKEverywhere(t, st, m)
 	p := provider.Anthropic
 	up := st.Upstreams[p]
-	up.Reset()
-	up.Hold()
-	defer up.Release()
-
-	ctx, cancel := context.WithTimeout(context.Background(), hangLimit)
-	defer cancel()
-	resp, err := http.DefaultClient.Do(callRequest(ctx, st.ProxyURL, p, token, streaming[p]))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	if !eventually(hangLimit, func() bool { return up.HeldStreams() == 1 }) {
-		t.Fatal("the upstream never held the stream")
-	}
+	resp := openHeldStream(t, st, p, token, streaming[p])
 
 	srv.Stop()
 	up.Release()
@@ -864,5 +873,45 @@ func TestStalledStreamCut(t *testing.T) {
 	events := teststack.EventsOf(st.AuditEvents(t), m)
 	if len(events) != 1 || !strings.Contains(events[0]["error"].(string), "stalled") {
 		t.Errorf("audit events = %v, want one whose error says the upstream stalled", events)
+	}
+}
+
+// TestCreatedIDsStoredAfterRedisOutage checks that a container created on
+// the shared key while Redis is down still becomes the mailbox's once Redis
+// is back, through the audit writer's retries. The container shows up in the
+// stream's message_delta, long after the upstream is held.
+func TestCreatedIDsStoredAfterRedisOutage(t *testing.T) {
+	srv := redistest.StartOwn(t)
+	st := teststack.StartOn(t, srv, srv.Prefix(t))
+	token := st.Token(t, "outage-owner@example.com")
+	up := st.Upstreams[provider.Anthropic]
+	tools := `"tools":[{"type":"code_execution_20250825","name":"code_execution"}]`
+	resp := openHeldStream(t, st, provider.Anthropic, token, call{path: "/anthropic/v1/messages",
+		body: `{"model":"claude-sonnet-4-5","max_tokens":8,"stream":true,"messages":[{"role":"user","content":"run"}],` + tools + `}`})
+
+	srv.Stop()
+	up.Release()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("stream broke during the outage: %v", err)
+	}
+	var id string
+	for _, line := range strings.Split(string(body), "\n") {
+		if data, ok := strings.CutPrefix(line, "data: "); ok && id == "" {
+			id = gjson.Get(data, "delta.container.id").String()
+		}
+	}
+	if id == "" {
+		t.Fatalf("no container id in the stream:\n%s", body)
+	}
+	if !strings.Contains(st.Logs(), "storing created ids failed") {
+		t.Error("the failed write of the container id was not logged")
+	}
+
+	srv.Restart()
+	st.WaitAudit(t)
+	reuse := `{"model":"claude-sonnet-4-5","max_tokens":8,"messages":[{"role":"user","content":"again"}],` + tools + `,"container":"` + id + `"}`
+	if resp, out := st.Do(t, "POST", "/anthropic/v1/messages", token, reuse, "Anthropic-Version", "2023-06-01"); resp.StatusCode != 200 {
+		t.Errorf("naming a container created during the outage: status %d: %s", resp.StatusCode, out)
 	}
 }

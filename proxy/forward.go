@@ -29,7 +29,7 @@ import (
 // its frame stays below the reverse proxy while a stream is open, so it must
 // stay small (see admit).
 func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, log *slog.Logger) {
-	out := h.startForward(w, r, x)
+	out := h.startForward(w, r, x, log)
 	// endForward runs even when the reverse proxy aborts the handler with
 	// http.ErrAbortHandler after an upstream breaks off mid-stream.
 	defer h.endForward(r, x, log)
@@ -44,8 +44,11 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, l
 }
 
 // startForward prepares the upstream request of x.
-func (h *Handler) startForward(w http.ResponseWriter, r *http.Request, x *exchange) *http.Request {
+func (h *Handler) startForward(w http.ResponseWriter, r *http.Request, x *exchange, log *slog.Logger) *http.Request {
 	h.metrics.InFlight.WithLabelValues(x.up.spec.Name).Inc()
+	if x.source == keystore.SourceShared && tracksOwnership(x.up.spec.Name, x.rest) {
+		x.owner = &ownerRecorder{h: h, x: x, ctx: r.Context(), log: log, sniffID: x.up.spec.Name == provider.OpenAI}
+	}
 
 	// Once the response header is flushed, the HTTP/1 server closes the
 	// request body unless full duplex is on, and the transport then drops
@@ -130,8 +133,10 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 
 	// The usage tap can decode gzip only. Without an Accept-Encoding the
 	// transport requests gzip itself and decodes it transparently. With one,
-	// it passes the encoded body through, and the tap decodes a copy.
-	if acceptsGzip(pr.In.Header) && !x.injectUsage {
+	// it passes the encoded body through, and the tap decodes a copy in
+	// another goroutine, which could see a created id only after the client
+	// does. So a response whose ids the proxy records always comes decoded.
+	if acceptsGzip(pr.In.Header) && !x.injectUsage && x.owner == nil {
 		out.Header.Set("Accept-Encoding", "gzip")
 	} else {
 		out.Header.Del("Accept-Encoding")
@@ -193,9 +198,9 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 	encoding := strings.ToLower(resp.Header.Get("Content-Encoding"))
 	x.tap = usage.NewTap(x.up.spec.Name, resp.Header.Get("Content-Type"))
 	var sink io.Writer = x.tap
-	if x.source == keystore.SourceShared && x.up.spec.Name == provider.OpenAI && strings.HasSuffix(x.rest, "responses") {
-		x.sniff = &responseIDSniffer{}
-		sink = io.MultiWriter(x.tap, x.sniff)
+	if x.owner != nil {
+		x.owner.tap = x.tap
+		sink = io.MultiWriter(x.tap, x.owner)
 	}
 	tb := &tapBody{ReadCloser: resp.Body, ctx: resp.Request.Context(), x: x, sink: usage.NewDecoder(encoding, sink)}
 	if idle := x.up.idleTimeout; idle > 0 {
@@ -404,8 +409,8 @@ func (h *Handler) finish(x *exchange, source string, log *slog.Logger) {
 			InputTokens: counts.InputTokens, OutputTokens: counts.OutputTokens, Time: x.start,
 		}
 	}
-	if x.sniff != nil && status < 400 {
-		entry.ResponseID = x.sniff.id
+	if x.owner != nil {
+		entry.Owned = x.owner.pending
 	}
 	h.audit.Record(entry)
 

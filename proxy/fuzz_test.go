@@ -213,12 +213,19 @@ func (u *scriptedUpstream) set(resp scriptedResponse) {
 // passThroughRoutes are requests whose successful responses the proxy must
 // pass on byte for byte. OpenAI chat completion streams are left out, since
 // the proxy removes the usage chunk it requested there.
-var passThroughRoutes = []struct{ prov, path, body string }{
-	{provider.Anthropic, "/anthropic/v1/messages", `{"model":"claude-haiku-4-5","max_tokens":5,"stream":true}`},
-	{provider.OpenAI, "/openai/v1/responses", `{"model":"gpt-4o-mini","input":"hi","stream":true}`},
-	{provider.OpenAI, "/openai/v1/embeddings", `{"model":"text-embedding-3-small","input":"hi"}`},
-	{provider.Google, "/google/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", `{}`},
-	{provider.Google, "/google/v1beta/models/gemini-2.5-flash:generateContent", `{}`},
+// passThroughRoutes are routes whose successful responses reach the client
+// unchanged. On those marked decoded, the proxy has the transport decode a
+// gzip response, because it records the ids the shared response creates,
+// so the client gets the decoded bytes.
+var passThroughRoutes = []struct {
+	prov, path, body string
+	decoded          bool
+}{
+	{provider.Anthropic, "/anthropic/v1/messages", `{"model":"claude-haiku-4-5","max_tokens":5,"stream":true}`, true},
+	{provider.OpenAI, "/openai/v1/responses", `{"model":"gpt-4o-mini","input":"hi","stream":true}`, true},
+	{provider.OpenAI, "/openai/v1/embeddings", `{"model":"text-embedding-3-small","input":"hi"}`, false},
+	{provider.Google, "/google/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", `{}`, false},
+	{provider.Google, "/google/v1beta/models/gemini-2.5-flash:generateContent", `{}`, false},
 }
 
 var fuzzContentTypes = []string{"text/event-stream", "application/json", "text/event-stream; charset=utf-8", "text/plain", ""}
@@ -255,6 +262,8 @@ func FuzzUpstreamResponse(f *testing.F) {
 	f.Fuzz(func(t *testing.T, routeIndex, typeIndex uint8, useGzip, errorMode bool, data []byte, at, cut uint16) {
 		route := passThroughRoutes[int(routeIndex)%len(passThroughRoutes)]
 		resp := scriptedResponse{status: http.StatusOK, contentType: fuzzContentTypes[int(typeIndex)%len(fuzzContentTypes)], body: data}
+		// want is what the client must receive of a successful response.
+		want := data
 		key := teststack.SharedKeys[route.prov]
 		if errorMode {
 			resp.status = upstreamErrorStatuses[int(at)%len(upstreamErrorStatuses)]
@@ -271,6 +280,10 @@ func FuzzUpstreamResponse(f *testing.F) {
 		}
 		if useGzip {
 			resp.encoding = "gzip"
+		}
+		validGzip := useGzip && (errorMode || len(data)%2 == 0)
+		if !route.decoded || !useGzip {
+			want = resp.body
 		}
 		up.set(resp)
 
@@ -289,6 +302,11 @@ func FuzzUpstreamResponse(f *testing.F) {
 		}
 		defer got.Body.Close()
 		received, err := io.ReadAll(got.Body)
+		if err != nil && route.decoded && useGzip && !validGzip {
+			// The transport cannot decode a body that only claims to be
+			// gzip, so the proxy cuts the response off.
+			return
+		}
 		if err != nil {
 			t.Fatalf("%s: reading the response: %v", route.path, err)
 		}
@@ -296,8 +314,8 @@ func FuzzUpstreamResponse(f *testing.F) {
 			t.Fatalf("%s: status %d, upstream sent %d", route.path, got.StatusCode, resp.status)
 		}
 		if !errorMode {
-			if !bytes.Equal(received, resp.body) {
-				t.Fatalf("%s: client received %d bytes that differ from the %d the upstream sent", route.path, len(received), len(resp.body))
+			if !bytes.Equal(received, want) {
+				t.Fatalf("%s: client received %d bytes that differ from the %d expected", route.path, len(received), len(want))
 			}
 			return
 		}

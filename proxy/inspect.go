@@ -19,11 +19,14 @@ type requestInfo struct {
 	Stream             bool
 	StreamOptions      json.RawMessage
 	PreviousResponseID string
+	// Container and Tools are raw values, read by requestedContainers.
+	Container json.RawMessage
+	Tools     json.RawMessage
 }
 
 // requestFields are the top-level names readRequestInfo reads, in the order
 // of requestInfo's fields.
-var requestFields = []string{"model", "stream", "stream_options", "previous_response_id"}
+var requestFields = []string{"model", "stream", "stream_options", "previous_response_id", "container", "tools"}
 
 // Errors of readRequestInfo.
 var (
@@ -62,10 +65,14 @@ func readRequestInfo(body []byte) (requestInfo, error) {
 			}
 		case 2:
 			info.StreamOptions = value
-		default:
+		case 3:
 			if json.Unmarshal(value, &info.PreviousResponseID) != nil {
 				return invalidField(name, "a string")
 			}
+		case 4:
+			info.Container = value
+		default:
+			info.Tools = value
 		}
 		return nil
 	})
@@ -287,4 +294,79 @@ func withIncludeUsage(body []byte) ([]byte, error) {
 // isGoogleStream reports whether a Google path requests a stream.
 func isGoogleStream(path string) bool {
 	return strings.HasSuffix(path, ":streamGenerateContent")
+}
+
+// requestedContainers returns the ids of existing code execution containers
+// that a request body asks to run in: Anthropic's top-level container, as an
+// id or as an object with one, and on the OpenAI Responses API a tool's
+// container id or its environment's container_id (code_interpreter and
+// shell). Objects that name a member twice are rejected, because the
+// provider could read another copy than the one checked.
+func requestedContainers(prov, rest string, info *requestInfo) ([]string, error) {
+	switch {
+	case prov == provider.Anthropic && len(info.Container) > 0:
+		id, err := containerValue(info.Container, "id", "container")
+		if err != nil || id == "" {
+			return nil, err
+		}
+		return []string{id}, nil
+	case prov == provider.OpenAI && strings.HasSuffix(rest, "responses") && len(info.Tools) > 0:
+		tools := gjson.ParseBytes(info.Tools)
+		if !tools.IsArray() {
+			return nil, nil
+		}
+		var ids []string
+		var err error
+		tools.ForEach(func(_, tool gjson.Result) bool {
+			if !tool.IsObject() {
+				return true
+			}
+			err = scanObject([]byte(tool.Raw), []string{"container", "environment"}, func(field, _ int, value []byte) error {
+				var id string
+				var err error
+				if field == 0 {
+					id, err = containerValue(value, "", "tools[].container")
+				} else {
+					id, err = containerValue(value, "container_id", "tools[].environment")
+				}
+				if id != "" {
+					ids = append(ids, id)
+				}
+				return err
+			})
+			return err == nil
+		})
+		return ids, err
+	}
+	return nil, nil
+}
+
+// containerValue returns the container id that value names: value itself
+// when it is a string, or its member idField when it is an object and
+// idField is not "". Other JSON types name no container.
+func containerValue(value []byte, idField, name string) (string, error) {
+	var id string
+	switch value[0] {
+	case '"':
+		if json.Unmarshal(value, &id) != nil {
+			return "", invalidField(name, "a string")
+		}
+	case '{':
+		if idField == "" {
+			return "", nil
+		}
+		err := scanObject(value, []string{idField}, func(_, _ int, member []byte) error {
+			if member[0] == 'n' { // null
+				return nil
+			}
+			if json.Unmarshal(member, &id) != nil {
+				return invalidField(name+"."+idField, "a string")
+			}
+			return nil
+		})
+		if err != nil {
+			return "", err
+		}
+	}
+	return id, nil
 }

@@ -48,6 +48,9 @@ type Handler struct {
 	audit   *audit.Writer
 	metrics *metrics.Metrics
 	log     *slog.Logger
+	// ownedTTL is how long the ids of responses and containers created on
+	// the shared key are remembered.
+	ownedTTL time.Duration
 
 	// settings holds what a reload may replace: signer, limits, upstreams
 	// and shared keys. Requests load it once and use that value throughout.
@@ -82,7 +85,11 @@ type upstream struct {
 
 // New returns a handler for opts.
 func New(opts Options) (*Handler, error) {
-	h := &Handler{store: opts.Store, audit: opts.Audit, metrics: opts.Metrics, log: opts.Logger}
+	h := &Handler{store: opts.Store, audit: opts.Audit, metrics: opts.Metrics, log: opts.Logger,
+		ownedTTL: opts.Config.Metering.ResponseTTL}
+	if h.ownedTTL <= 0 {
+		h.ownedTTL = 30 * 24 * time.Hour
+	}
 	if h.log == nil {
 		h.log = slog.New(slog.DiscardHandler)
 	}

@@ -255,7 +255,8 @@ func FuzzRequestBody(f *testing.F) {
 		}
 		if err == nil {
 			if info.Model != want.Model || info.Stream != want.Stream || info.PreviousResponseID != want.PreviousResponseID ||
-				!bytes.Equal(info.StreamOptions, want.StreamOptions) {
+				!bytes.Equal(info.StreamOptions, want.StreamOptions) || !bytes.Equal(info.Container, want.Container) ||
+				!bytes.Equal(info.Tools, want.Tools) {
 				t.Fatalf("readRequestInfo %+v, reference %+v\n%q", info, want, body)
 			}
 			_ = info.includeUsage()
@@ -330,6 +331,10 @@ func referenceRequestInfo(body []byte) (requestInfo, error) {
 			}
 		case "stream_options":
 			info.StreamOptions = raw
+		case "container":
+			info.Container = raw
+		case "tools":
+			info.Tools = raw
 		case "previous_response_id":
 			err = json.Unmarshal(raw, &info.PreviousResponseID)
 		}

@@ -39,6 +39,9 @@ type exchange struct {
 	injectUsage bool   // the proxy added stream_options.include_usage
 	// previousResponse is the Responses API previous_response_id, if any.
 	previousResponse string
+	// containers are the existing code execution containers a shared
+	// request asks to run in.
+	containers []string
 
 	// requestBytes and received count the request body and the response
 	// bytes from the upstream, for estimating usage the provider never
@@ -51,8 +54,10 @@ type exchange struct {
 	ttfb    time.Time
 	tap     *usage.Tap
 	// cancel ends the upstream request with a cause, such as a stall.
-	cancel    context.CancelCauseFunc
-	sniff     *responseIDSniffer
+	cancel context.CancelCauseFunc
+	// owner stores the response and container ids a shared response
+	// creates, or is nil.
+	owner     *ownerRecorder
 	cancelled bool
 	// bodyEnded is set once the response body the reverse proxy copies to
 	// the client has been read to its end.
@@ -226,15 +231,12 @@ func (h *Handler) admitShared(w http.ResponseWriter, r *http.Request, x *exchang
 		return false
 	}
 	if prev := x.previousResponse; prev != "" {
-		owned, err := h.store.OwnsResponse(r.Context(), x.mailbox, prev)
-		if err != nil {
-			h.metrics.KeyErrors.WithLabelValues(up.spec.Name, metrics.ReasonStoreUnavailable).Inc()
-			log.Error("response ownership check failed", "error", err)
-			h.rejectAudited(w, x, log, provider.Unavailable, "the key store is unavailable; retry shortly", 0)
+		if !h.checkOwned(w, r, x, log, prev, "previous_response_id names a response") {
 			return false
 		}
-		if !owned {
-			h.rejectAudited(w, x, log, provider.Forbidden, "previous_response_id names a response this mailbox did not create on the shared key", 0)
+	}
+	for _, id := range x.containers {
+		if !h.checkOwned(w, r, x, log, id, "the request names a code execution container") {
 			return false
 		}
 	}
@@ -252,6 +254,24 @@ func (h *Handler) admitShared(w http.ResponseWriter, r *http.Request, x *exchang
 	}
 	x.key = keystore.NewSecret([]byte(up.sharedKey))
 	x.keyText = up.sharedKey
+	return true
+}
+
+// checkOwned reports whether the mailbox created resource, a response or
+// container id, on the shared key. Otherwise it writes a 403 that starts with
+// what, or a 503 when Redis cannot tell.
+func (h *Handler) checkOwned(w http.ResponseWriter, r *http.Request, x *exchange, log *slog.Logger, resource, what string) bool {
+	owned, err := h.store.Owns(r.Context(), x.mailbox, resource)
+	if err != nil {
+		h.metrics.KeyErrors.WithLabelValues(x.up.spec.Name, metrics.ReasonStoreUnavailable).Inc()
+		log.Error("ownership check failed", "error", err)
+		h.rejectAudited(w, x, log, provider.Unavailable, "the key store is unavailable; retry shortly", 0)
+		return false
+	}
+	if !owned {
+		h.rejectAudited(w, x, log, provider.Forbidden, what+" that this mailbox did not create on the shared key", 0)
+		return false
+	}
 	return true
 }
 
@@ -305,6 +325,13 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 		}
 	}
 	x.previousResponse = info.PreviousResponseID
+	if x.source == keystore.SourceShared {
+		x.containers, err = requestedContainers(spec.Name, x.rest, &info)
+		if err != nil {
+			h.rejectAudited(w, x, log, provider.BadRequest, err.Error(), 0)
+			return false
+		}
+	}
 	return true
 }
 

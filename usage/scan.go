@@ -18,9 +18,20 @@ const (
 	nAnthropicMessage // "message" of an Anthropic message_start event
 	nAnthropicUsage   // "usage" of an Anthropic message or event
 	nGoogleUsage      // "usageMetadata" of a Gemini response
+	nAnthropicDelta   // "delta" of an Anthropic message_delta event
+	// nAnthropicContainer is the "container" of an Anthropic message, of its
+	// message_start event or of a message_delta's delta.
+	nAnthropicContainer
+	nOpenAIOutput // "output" array of an OpenAI Responses response
+	// nOpenAIItem is an element of nOpenAIOutput, or the "item" of a Responses
+	// stream event such as response.output_item.done.
+	nOpenAIItem
 
 	// Leaf fields. The numeric ones index record.values, starting at firstCount.
 	fModel
+	// fContainerID is the id of a code execution container: Anthropic
+	// container.id, or OpenAI container_id of a code_interpreter_call item.
+	fContainerID
 	fPromptTokens     // OpenAI usage.prompt_tokens, includes cached input
 	fCompletionTokens // OpenAI usage.completion_tokens, includes reasoning
 	fInputTokens      // OpenAI Responses or Anthropic usage.input_tokens
@@ -76,6 +87,22 @@ func lookupKey(p providerKind, node target, key []byte) target {
 			if p == providerAnthropic {
 				return nAnthropicMessage
 			}
+		case "delta":
+			if p == providerAnthropic {
+				return nAnthropicDelta
+			}
+		case "container":
+			if p == providerAnthropic {
+				return nAnthropicContainer
+			}
+		case "output":
+			if p == providerOpenAI {
+				return nOpenAIOutput
+			}
+		case "item":
+			if p == providerOpenAI {
+				return nOpenAIItem
+			}
 		case "modelVersion":
 			if p == providerGoogle {
 				return fModel
@@ -91,6 +118,12 @@ func lookupKey(p providerKind, node target, key []byte) target {
 			return fModel
 		case "usage":
 			return nOpenAIUsage
+		case "output":
+			return nOpenAIOutput
+		}
+	case nOpenAIItem:
+		if string(key) == "container_id" {
+			return fContainerID
 		}
 	case nAnthropicMessage:
 		switch string(key) {
@@ -98,6 +131,16 @@ func lookupKey(p providerKind, node target, key []byte) target {
 			return fModel
 		case "usage":
 			return nAnthropicUsage
+		case "container":
+			return nAnthropicContainer
+		}
+	case nAnthropicDelta:
+		if string(key) == "container" {
+			return nAnthropicContainer
+		}
+	case nAnthropicContainer:
+		if string(key) == "id" {
+			return fContainerID
 		}
 	case nOpenAIUsage:
 		switch string(key) {
@@ -148,18 +191,22 @@ const maxCapture = 256
 // malformed, which keeps the stack at most maxDepth bytes.
 const maxDepth = 4096
 
-// record is the usage and model reported by one response object or stream
-// event.
+// record is the usage, model and container reported by one response object
+// or stream event.
 type record struct {
 	values   [countCount]int64
 	set      uint32 // bit i set when values[i] was read
 	model    [maxCapture]byte
 	modelLen int
+	// containers are the container ids the record named, at most
+	// maxContainers. They are rare, so only a record with one allocates.
+	containers []string
 }
 
 func (r *record) reset() {
 	r.set = 0
 	r.modelLen = 0
+	r.containers = r.containers[:0]
 }
 
 type scanState uint8
@@ -352,8 +399,11 @@ func (s *scanner) structural(c byte) {
 // elementTarget returns the target of an element of the array whose stack
 // entry is top.
 func elementTarget(top byte) target {
-	if target(top&^arrayBit) == nRecordList {
+	switch target(top &^ arrayBit) {
+	case nRecordList:
 		return nRecord
+	case nOpenAIOutput:
+		return nOpenAIItem
 	}
 	return tNone
 }
@@ -381,14 +431,17 @@ func (s *scanner) startValue(c byte) {
 		s.state = stKeyOrEnd
 	case c == '[':
 		node := tNone
-		if len(s.stack) == 0 && s.recordList {
+		switch {
+		case len(s.stack) == 0 && s.recordList:
 			node = nRecordList
+		case s.next == nOpenAIOutput:
+			node = nOpenAIOutput
 		}
 		s.push(byte(node) | arrayBit)
 		s.next = elementTarget(byte(node))
 		s.state = stValueOrEnd
 	case c == '"':
-		s.startString(false, s.next == fModel, s.next)
+		s.startString(false, s.next == fModel || s.next == fContainerID, s.next)
 	case c == '-' || (c >= '0' && c <= '9'):
 		s.numTarget = s.next
 		s.numValue = 0
@@ -538,8 +591,12 @@ func (s *scanner) endString() {
 		s.state = stColon
 		return
 	}
-	if usable && s.strTarget == fModel {
+	switch {
+	case !usable:
+	case s.strTarget == fModel:
 		s.rec.modelLen = copy(s.rec.model[:], text)
+	case s.strTarget == fContainerID && len(text) > 0 && len(s.rec.containers) < maxContainers:
+		s.rec.containers = append(s.rec.containers, string(text))
 	}
 	s.endValue()
 }

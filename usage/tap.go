@@ -14,6 +14,7 @@ import (
 	"bytes"
 	"fmt"
 	"mime"
+	"slices"
 	"strings"
 	"sync"
 )
@@ -26,12 +27,18 @@ type Counts struct {
 	Seen         bool   // true once any usage field was read
 }
 
+// maxContainers bounds the container ids kept of one response.
+const maxContainers = 4
+
 // tally accumulates the records of one response.
 type tally struct {
 	values [countCount]int64
 	has    [countCount]bool
 	model  string
 	seen   bool
+	// containers are the distinct container ids the records named, in
+	// order, at most maxContainers.
+	containers []string
 }
 
 // add merges a record. A field keeps its latest non-zero value, because
@@ -50,6 +57,11 @@ func (t *tally) add(r *record) {
 	}
 	if r.modelLen > 0 && string(r.model[:r.modelLen]) != t.model {
 		t.model = string(r.model[:r.modelLen])
+	}
+	for _, id := range r.containers {
+		if len(t.containers) < maxContainers && !slices.Contains(t.containers, id) {
+			t.containers = append(t.containers, id)
+		}
 	}
 }
 
@@ -165,6 +177,18 @@ func (t *Tap) Write(p []byte) (int, error) {
 		t.stopped = true
 	}
 	return len(p), nil
+}
+
+// Containers returns the code execution container ids that the records
+// completed so far named, starting with the from-th. It allocates only when
+// there are new ones.
+func (t *Tap) Containers(from int) []string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if from >= len(t.tally.containers) {
+		return nil
+	}
+	return slices.Clone(t.tally.containers[from:])
 }
 
 // Counts returns what the response reported so far.

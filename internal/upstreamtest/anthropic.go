@@ -3,6 +3,7 @@ package upstreamtest
 import (
 	"net/http"
 	"strings"
+	"time"
 )
 
 // anthropicModels are the models GET /v1/models lists, id and display name.
@@ -73,6 +74,7 @@ func (s *Server) anthropicMessages(c *call) {
 		stop = "max_tokens"
 	}
 	id := s.nextID("msg_")
+	container := s.anthropicContainer(c.json)
 
 	if !stream {
 		s.writeJSON(c, http.StatusOK, map[string]any{
@@ -81,6 +83,7 @@ func (s *Server) anthropicMessages(c *call) {
 			"role":          "assistant",
 			"model":         model,
 			"content":       []any{map[string]any{"type": "text", "text": ReplyText(out)}},
+			"container":     container,
 			"stop_reason":   stop,
 			"stop_sequence": nil,
 			"usage":         anthropicUsage(u.InputTokens, u.OutputTokens),
@@ -112,12 +115,37 @@ func (s *Server) anthropicMessages(c *call) {
 		step{sse("content_block_stop", `{"type":"content_block_stop","index":0}`), false},
 		step{sse("message_delta", mustJSON(map[string]any{
 			"type":  "message_delta",
-			"delta": map[string]any{"stop_reason": stop, "stop_sequence": nil},
+			"delta": map[string]any{"stop_reason": stop, "stop_sequence": nil, "container": container},
 			"usage": map[string]any{"output_tokens": out},
 		})), false},
 		step{sse("message_stop", `{"type":"message_stop"}`), false},
 	)
 	s.startStream(c, "text/event-stream; charset=utf-8").sendAll(steps)
+}
+
+// anthropicContainer returns the container a message reports: the one the
+// request names, as an id or an object with one, or a new one when the
+// request offers a code execution tool, or nil. As on the API, the
+// container shows up in the message and in the message_delta event.
+func (s *Server) anthropicContainer(req map[string]any) any {
+	id, _ := req["container"].(string)
+	if obj, ok := req["container"].(map[string]any); ok {
+		id, _ = obj["id"].(string)
+	}
+	if id == "" {
+		tools, _ := req["tools"].([]any)
+		for _, t := range tools {
+			tool, _ := t.(map[string]any)
+			if typ, _ := tool["type"].(string); strings.HasPrefix(typ, "code_execution") {
+				id = s.nextID("container_")
+				break
+			}
+		}
+	}
+	if id == "" {
+		return nil
+	}
+	return map[string]any{"id": id, "expires_at": time.Now().Add(time.Hour).UTC().Format(time.RFC3339)}
 }
 
 func anthropicUsage(input, output int) map[string]any {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 )
@@ -257,9 +258,19 @@ func (s *Server) openAIResponses(c *call) {
 	if cut {
 		final = "incomplete"
 	}
+	// A code_interpreter tool runs once, in the container the request
+	// names or in a new one, before the message.
+	var calls []any
+	if container := s.openAIContainer(c.json); container != "" {
+		calls = append(calls, map[string]any{
+			"id": s.nextID("ci_"), "type": "code_interpreter_call", "status": "completed",
+			"container_id": container, "code": "print(6 * 7)", "outputs": nil,
+		})
+	}
+	msgIndex := len(calls)
 
 	if !stream {
-		s.writeJSON(c, http.StatusOK, response(final, []any{item("completed", []any{part(text)})}, responsesUsage(u)))
+		s.writeJSON(c, http.StatusOK, response(final, append(slices.Clip(calls), item("completed", []any{part(text)})), responsesUsage(u)))
 		return
 	}
 
@@ -273,17 +284,24 @@ func (s *Server) openAIResponses(c *call) {
 	steps := []step{
 		{event("response.created", map[string]any{"response": response("in_progress", []any{}, nil)}), false},
 		{event("response.in_progress", map[string]any{"response": response("in_progress", []any{}, nil)}), false},
-		{event("response.output_item.added", map[string]any{"output_index": 0, "item": item("in_progress", []any{})}), false},
-		{event("response.content_part.added", map[string]any{"item_id": msgID, "output_index": 0, "content_index": 0, "part": part("")}), false},
 	}
-	for _, d := range ReplyDeltas[:out] {
-		steps = append(steps, step{event("response.output_text.delta", map[string]any{"item_id": msgID, "output_index": 0, "content_index": 0, "delta": d, "logprobs": []any{}}), true})
+	for i, call := range calls {
+		steps = append(steps,
+			step{event("response.output_item.added", map[string]any{"output_index": i, "item": call}), false},
+			step{event("response.output_item.done", map[string]any{"output_index": i, "item": call}), false})
 	}
 	steps = append(steps,
-		step{event("response.output_text.done", map[string]any{"item_id": msgID, "output_index": 0, "content_index": 0, "text": text, "logprobs": []any{}}), false},
-		step{event("response.content_part.done", map[string]any{"item_id": msgID, "output_index": 0, "content_index": 0, "part": part(text)}), false},
-		step{event("response.output_item.done", map[string]any{"output_index": 0, "item": item("completed", []any{part(text)})}), false},
-		step{event("response."+final, map[string]any{"response": response(final, []any{item("completed", []any{part(text)})}, responsesUsage(u))}), false},
+		step{event("response.output_item.added", map[string]any{"output_index": msgIndex, "item": item("in_progress", []any{})}), false},
+		step{event("response.content_part.added", map[string]any{"item_id": msgID, "output_index": msgIndex, "content_index": 0, "part": part("")}), false},
+	)
+	for _, d := range ReplyDeltas[:out] {
+		steps = append(steps, step{event("response.output_text.delta", map[string]any{"item_id": msgID, "output_index": msgIndex, "content_index": 0, "delta": d, "logprobs": []any{}}), true})
+	}
+	steps = append(steps,
+		step{event("response.output_text.done", map[string]any{"item_id": msgID, "output_index": msgIndex, "content_index": 0, "text": text, "logprobs": []any{}}), false},
+		step{event("response.content_part.done", map[string]any{"item_id": msgID, "output_index": msgIndex, "content_index": 0, "part": part(text)}), false},
+		step{event("response.output_item.done", map[string]any{"output_index": msgIndex, "item": item("completed", []any{part(text)})}), false},
+		step{event("response."+final, map[string]any{"response": response(final, append(slices.Clip(calls), item("completed", []any{part(text)})), responsesUsage(u))}), false},
 	)
 	s.startStream(c, "text/event-stream; charset=utf-8").sendAll(steps)
 }
@@ -338,4 +356,22 @@ func EmbeddingVector(index, dims int) []float32 {
 		vec[j] = float32(index+1)/10 + float32(j)/100
 	}
 	return vec
+}
+
+// openAIContainer returns the container a Responses request runs its
+// code_interpreter tool in: the id the tool names, or a new one for an
+// automatic container, or "" without the tool.
+func (s *Server) openAIContainer(req map[string]any) string {
+	tools, _ := req["tools"].([]any)
+	for _, t := range tools {
+		tool, _ := t.(map[string]any)
+		if tool["type"] != "code_interpreter" {
+			continue
+		}
+		if id, ok := tool["container"].(string); ok {
+			return id
+		}
+		return s.nextID("cntr_")
+	}
+	return ""
 }
