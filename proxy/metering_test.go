@@ -12,6 +12,7 @@ import (
 
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
+	"github.com/tidwall/gjson"
 
 	"github.com/byokproxy/byokproxy/config"
 	"github.com/byokproxy/byokproxy/internal/teststack"
@@ -368,5 +369,31 @@ func TestCutStreamStillCharged(t *testing.T) {
 				t.Errorf("usage after a cut stream: %s", body)
 			}
 		})
+	}
+}
+
+// TestRepeatedRequestIDCharged checks that a client cannot make the proxy
+// count its usage once by sending the same X-Request-Id every time.
+func TestRepeatedRequestIDCharged(t *testing.T) {
+	st := teststack.Start(t)
+	m := "repeat-id@example.com"
+	token := st.Token(t, m)
+	c := nonStream[provider.OpenAI]
+	ids := map[string]bool{}
+	const n = 3
+	for range n {
+		resp, body := st.Do(t, "POST", c.path, token, c.body, "X-Request-Id", "same-id-every-time")
+		if resp.StatusCode != 200 {
+			t.Fatalf("status %d: %s", resp.StatusCode, body)
+		}
+		ids[resp.Header.Get("X-Byokproxy-Request-Id")] = true
+	}
+	if len(ids) != n || ids["same-id-every-time"] {
+		t.Errorf("request ids %v: want %d random ids, none taken from the client", ids, n)
+	}
+	st.WaitAudit(t)
+	_, body := st.AdminDo(t, "GET", "/admin/v1/mailboxes/"+m+"/usage", nil)
+	if got := gjson.GetBytes(body, "providers.openai.shared.requests").Int(); got != n {
+		t.Errorf("shared requests counted = %d, want %d: %s", got, n, body)
 	}
 }

@@ -266,25 +266,13 @@ func (h *Handler) ready(w http.ResponseWriter, r *http.Request) {
 	w.Write([]byte("ok\n"))
 }
 
-// newRequestID returns the client's X-Request-Id when it is short and plain,
-// so a caller can correlate its logs, and a random id otherwise.
-func newRequestID(r *http.Request) string {
-	if id := r.Header.Get("X-Request-Id"); id != "" && len(id) <= 64 && plainID(id) {
-		return id
-	}
+// newRequestID returns a random request id. It is never taken from the
+// client: the id names the marker that keeps a request's usage from being
+// counted twice, so a client that repeated an id would be charged once.
+func newRequestID() string {
 	b := make([]byte, 12)
 	rand.Read(b)
 	return hex.EncodeToString(b)
-}
-
-func plainID(s string) bool {
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
-			return false
-		}
-	}
-	return true
 }
 
 // splitRoute returns the provider name and the rest of the path (no leading

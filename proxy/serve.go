@@ -91,7 +91,7 @@ func (h *Handler) serveProvider(w http.ResponseWriter, r *http.Request) {
 // header, rather than growing to 16 KiB for as long as the stream is open.
 func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slog.Logger) {
 	s := h.settings.Load()
-	x := &exchange{id: newRequestID(r), start: time.Now(), method: r.Method}
+	x := &exchange{id: newRequestID(), start: time.Now(), method: r.Method}
 	// The provider's own x-request-id passes through for the SDKs that read
 	// it, so the proxy's id travels in a header of its own.
 	w.Header().Set("X-Byokproxy-Request-Id", x.id)
