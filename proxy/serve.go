@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strconv"
+	"slices"
 	"strings"
 	"time"
 
@@ -335,17 +336,37 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 	return true
 }
 
-// readAll reads a request body into one buffer of its Content-Length, where
-// io.ReadAll would grow and copy its buffer several times. The server ends
-// the body after Content-Length bytes, so nothing is left to read. A body
-// of unknown length, or one over limit, goes through io.ReadAll.
+// firstBodyBuffer is the most readAll allocates for a request body before
+// any of it has arrived.
+const firstBodyBuffer = 64 << 10
+
+// readAll reads a request body of the given Content-Length into one buffer
+// for a body up to firstBodyBuffer, where io.ReadAll would grow and copy its
+// buffer several times. A longer body's buffer doubles as bytes arrive, up
+// to Content-Length, so a client that declares a large body and sends
+// little cannot make the proxy allocate it. The server ends the body after
+// Content-Length bytes. A body of unknown length, or one over limit, goes
+// through io.ReadAll.
 func readAll(body io.Reader, contentLength, limit int64) ([]byte, error) {
 	if contentLength <= 0 || contentLength > limit {
 		return io.ReadAll(body)
 	}
-	buf := make([]byte, contentLength)
-	if _, err := io.ReadFull(body, buf); err != nil {
-		return nil, err
+	buf := make([]byte, 0, min(contentLength, firstBodyBuffer))
+	for int64(len(buf)) < contentLength {
+		if len(buf) == cap(buf) {
+			buf = slices.Grow(buf, int(min(contentLength, 2*int64(cap(buf))))-len(buf))
+		}
+		n, err := body.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if err == io.EOF && int64(len(buf)) < contentLength {
+			return nil, io.ErrUnexpectedEOF
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
 	}
 	return buf, nil
 }
