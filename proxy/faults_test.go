@@ -2,6 +2,9 @@ package proxy_test
 
 import (
 	"bufio"
+	"bytes"
+	"compress/flate"
+	"compress/zlib"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -913,5 +916,122 @@ func TestCreatedIDsStoredAfterRedisOutage(t *testing.T) {
 	reuse := `{"model":"claude-sonnet-4-5","max_tokens":8,"messages":[{"role":"user","content":"again"}],` + tools + `,"container":"` + id + `"}`
 	if resp, out := st.Do(t, "POST", "/anthropic/v1/messages", token, reuse, "Anthropic-Version", "2023-06-01"); resp.StatusCode != 200 {
 		t.Errorf("naming a container created during the outage: status %d: %s", resp.StatusCode, out)
+	}
+}
+
+// TestEncodedErrorBodyScrubbed makes the upstream respond 401 with a body
+// that echoes the key in each Content-Encoding a client might decode. The
+// proxy decodes and scrubs gzip and deflate, and drops a body in any other
+// coding, so the client cannot read the key from it either way.
+func TestEncodedErrorBodyScrubbed(t *testing.T) {
+	up := newScriptedUpstream(t)
+	st := teststack.Start(t, func(c *config.Config) {
+		for _, p := range provider.Names {
+			c.Provider(p).Upstream = up.URL
+		}
+	})
+	token := useBYOKEverywhere(t, st, "encoded-error@example.com")
+	client := &http.Client{Transport: &http.Transport{DisableCompression: true}}
+	defer client.CloseIdleConnections()
+	compress := func(w io.WriteCloser, buf *bytes.Buffer, data []byte) []byte {
+		w.Write(data)
+		w.Close()
+		return buf.Bytes()
+	}
+	for _, p := range provider.Names {
+		key := teststack.BYOKKeys[p]
+		plain := []byte(`{"error":{"message":"Incorrect API key provided: ` + key + `."}}`)
+		var zbuf, fbuf bytes.Buffer
+		fw, _ := flate.NewWriter(&fbuf, flate.BestSpeed)
+		cases := []struct {
+			encoding string
+			body     []byte
+			dropped  bool
+		}{
+			{"deflate", compress(zlib.NewWriter(&zbuf), &zbuf, plain), false},
+			{"deflate", compress(fw, &fbuf, plain), false},
+			{"x-gzip", gzipOf(t, plain), false},
+			{"GZIP", gzipOf(t, plain), false},
+			{"gzip, identity", gzipOf(t, plain), true},
+			{"br", plain, true},
+		}
+		for _, c := range cases {
+			up.set(scriptedResponse{status: http.StatusUnauthorized, contentType: "application/json", encoding: c.encoding, body: c.body})
+			req := callRequest(context.Background(), st.ProxyURL, p, token, nonStream[p])
+			req.Header.Set("Accept-Encoding", "gzip, deflate, br")
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusUnauthorized {
+				t.Errorf("%s %q: status %d, want the upstream's 401", p, c.encoding, resp.StatusCode)
+			}
+			if got := resp.Header.Get("Content-Encoding"); got != "" {
+				t.Errorf("%s %q: Content-Encoding %q reached the client", p, c.encoding, got)
+			}
+			for _, text := range readableForms(body) {
+				if strings.Contains(string(text), key) {
+					t.Errorf("%s %q: the error body shows the client the key", p, c.encoding)
+				}
+			}
+			if c.dropped && !strings.Contains(string(body), "cannot check for the key") {
+				t.Errorf("%s %q: body not replaced: %s", p, c.encoding, body)
+			}
+			if !c.dropped && !strings.Contains(string(body), "Incorrect API key provided: [REDACTED]") {
+				t.Errorf("%s %q: body not decoded and scrubbed: %s", p, c.encoding, body)
+			}
+		}
+	}
+}
+
+// TestKeyInResponseHeadersScrubbed makes the upstream quote the key in
+// response headers of an error, a redirect and a success.
+func TestKeyInResponseHeadersScrubbed(t *testing.T) {
+	up := newScriptedUpstream(t)
+	st := teststack.Start(t, func(c *config.Config) {
+		for _, p := range provider.Names {
+			c.Provider(p).Upstream = up.URL
+		}
+	})
+	token := useBYOKEverywhere(t, st, "header-echo@example.com")
+	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	defer client.CloseIdleConnections()
+	for _, p := range provider.Names {
+		key := teststack.BYOKKeys[p]
+		masked := key[:6] + "*****" + key[len(key)-4:]
+		cases := []struct {
+			status int
+			header http.Header
+			body   string
+		}{
+			{http.StatusUnauthorized, http.Header{"Www-Authenticate": {`Bearer realm="api", error="invalid_token", token="` + key + `"`}}, `{"error":{"message":"bad key"}}`},
+			{http.StatusUnauthorized, http.Header{"X-Key-Hint": {masked}}, `{"error":{"message":"bad key"}}`},
+			{http.StatusTemporaryRedirect, http.Header{"Location": {"https://elsewhere.invalid/v1?k=" + url.QueryEscape("Bearer "+key)}}, "moved: " + key},
+			{http.StatusOK, http.Header{"X-Debug": {"auth=" + key}}, `{"ok":true}`},
+		}
+		for _, c := range cases {
+			up.set(scriptedResponse{status: c.status, contentType: "application/json", header: c.header, body: []byte(c.body)})
+			resp, err := client.Do(callRequest(context.Background(), st.ProxyURL, p, token, nonStream[p]))
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != c.status {
+				t.Errorf("%s %d: status %d", p, c.status, resp.StatusCode)
+			}
+			for name, values := range resp.Header {
+				for _, v := range values {
+					if strings.Contains(v, key) || strings.Contains(v, url.QueryEscape(key)) || strings.Contains(v, masked) {
+						t.Errorf("%s %d: header %s shows the key: %q", p, c.status, name, v)
+					}
+				}
+			}
+			if strings.Contains(string(body), key) {
+				t.Errorf("%s %d: body shows the key: %s", p, c.status, body)
+			}
+		}
 	}
 }

@@ -2,9 +2,9 @@ package proxy
 
 import (
 	"bytes"
-	"compress/gzip"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -188,10 +188,11 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 	// The response has begun, so the body will not be sent again.
 	x.body = nil
 
+	scrubHeaders(resp.Header, x.keyText, resp.StatusCode >= 300)
 	if resp.StatusCode == http.StatusSwitchingProtocols {
 		return nil
 	}
-	if resp.StatusCode >= 400 {
+	if resp.StatusCode >= 300 && resp.StatusCode != http.StatusNotModified {
 		return scrubErrorBody(resp, x)
 	}
 
@@ -285,12 +286,19 @@ func scrubErrorBody(resp *http.Response, x *exchange) error {
 	}
 	cut := err != nil || len(raw) > maxErrorBody
 	raw = raw[:min(len(raw), maxErrorBody)]
-	if strings.EqualFold(resp.Header.Get("Content-Encoding"), "gzip") {
+	if encoding := strings.Join(resp.Header.Values("Content-Encoding"), ","); encoding != "" {
 		// Bytes that do not decode are dropped, never passed on: without
 		// their Content-Encoding the scrubber cannot see a key in them, but
-		// a client that decompresses them can.
+		// a client that decompresses them can. So is a body in a coding
+		// the proxy does not decode.
 		var decoded []byte
-		if zr, zerr := gzip.NewReader(bytes.NewReader(raw)); zerr == nil {
+		zr, zerr := usage.NewReader(encoding, bytes.NewReader(raw))
+		switch {
+		case errors.Is(zerr, usage.ErrUnsupportedEncoding):
+			decoded = x.up.spec.ErrorBody(provider.BadGateway, fmt.Sprintf(
+				"the provider's error body used Content-Encoding %q, which the proxy cannot check for the key, so it was removed", encoding))
+			cut = false
+		case zerr == nil:
 			var derr error
 			decoded, derr = io.ReadAll(io.LimitReader(zr, maxErrorBody+1))
 			cut = cut || derr != nil || len(decoded) > maxErrorBody
@@ -312,6 +320,33 @@ func scrubErrorBody(resp *http.Response, x *exchange) error {
 		x.errText = "upstream status " + strconv.Itoa(resp.StatusCode)
 	}
 	return nil
+}
+
+// scrubHeaders removes the injected key from response header values, such as
+// a WWW-Authenticate or a redirect's Location that quotes it. The masked
+// forms are looked for only when masked is set (error and redirect
+// responses), because matching them costs a regular expression per value.
+func scrubHeaders(h http.Header, key string, masked bool) {
+	if key == "" {
+		return
+	}
+	forms := []string{key}
+	for _, f := range []string{url.QueryEscape(key), url.PathEscape(key)} {
+		if f != key {
+			forms = append(forms, f)
+		}
+	}
+	for _, values := range h {
+		for i, v := range values {
+			found := masked && maskedKey.MatchString(v)
+			for _, f := range forms {
+				found = found || strings.Contains(v, f)
+			}
+			if found {
+				values[i] = string(scrubKey([]byte(v), key))
+			}
+		}
+	}
 }
 
 // scrubKeyPrefix replaces the end of a body that was cut inside the key:

@@ -3,7 +3,9 @@ package proxy_test
 import (
 	"bufio"
 	"bytes"
+	"compress/flate"
 	"compress/gzip"
+	"compress/zlib"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -172,6 +174,7 @@ type scriptedResponse struct {
 	status      int
 	contentType string
 	encoding    string
+	header      http.Header // more response headers
 	body        []byte
 }
 
@@ -196,6 +199,9 @@ func newScriptedUpstream(t testing.TB) *scriptedUpstream {
 		if resp.encoding != "" {
 			w.Header().Set("Content-Encoding", resp.encoding)
 		}
+		for name, values := range resp.header {
+			w.Header()[name] = values
+		}
 		w.Header().Set("Content-Length", strconv.Itoa(len(resp.body)))
 		w.WriteHeader(resp.status)
 		w.Write(resp.body)
@@ -212,11 +218,10 @@ func (u *scriptedUpstream) set(resp scriptedResponse) {
 
 // passThroughRoutes are requests whose successful responses the proxy must
 // pass on byte for byte. OpenAI chat completion streams are left out, since
-// the proxy removes the usage chunk it requested there.
-// passThroughRoutes are routes whose successful responses reach the client
-// unchanged. On those marked decoded, the proxy has the transport decode a
-// gzip response, because it records the ids the shared response creates,
-// so the client gets the decoded bytes.
+// the proxy removes the usage chunk it requested there. On the routes marked
+// decoded, the proxy has the transport decode a gzip response, because it
+// records the ids that a shared response creates, so the client gets the
+// decoded bytes.
 var passThroughRoutes = []struct {
 	prov, path, body string
 	decoded          bool
@@ -337,7 +342,12 @@ func readableForms(body []byte) [][]byte {
 		decoded, _ := io.ReadAll(zr)
 		forms = append(forms, decoded)
 	}
-	return forms
+	if zr, err := zlib.NewReader(bytes.NewReader(body)); err == nil {
+		decoded, _ := io.ReadAll(zr)
+		forms = append(forms, decoded)
+	}
+	decoded, _ := io.ReadAll(flate.NewReader(bytes.NewReader(body)))
+	return append(forms, decoded)
 }
 
 func gzipOf(t testing.TB, data []byte) []byte {

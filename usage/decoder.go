@@ -59,6 +59,25 @@ type discardCloser struct{}
 func (discardCloser) Write(p []byte) (int, error) { return len(p), nil }
 func (discardCloser) Close() error                { return nil }
 
+// ErrUnsupportedEncoding is returned by NewReader for a Content-Encoding it
+// cannot decode.
+var ErrUnsupportedEncoding = errors.New("unsupported Content-Encoding")
+
+// NewReader returns a reader of r's bytes decoded from the Content-Encoding
+// encoding: "" or "identity", "gzip", "x-gzip" or "deflate". Any other
+// value, such as "br" or a list of codings, returns ErrUnsupportedEncoding.
+func NewReader(encoding string, r io.Reader) (io.Reader, error) {
+	switch strings.ToLower(strings.TrimSpace(encoding)) {
+	case "", "identity":
+		return r, nil
+	case "gzip", "x-gzip":
+		return openGzip(r)
+	case "deflate":
+		return openDeflate(r)
+	}
+	return nil, ErrUnsupportedEncoding
+}
+
 func openGzip(r io.Reader) (io.Reader, error) {
 	return gzip.NewReader(r)
 }
