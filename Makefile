@@ -48,7 +48,9 @@ deps:
 		fi; \
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get update; \
-		apt-get install -y $$missing; \
+		pkgs="$$missing"; \
+		case " $$missing " in *" chromium "*) pkgs="$$pkgs fonts-liberation";; esac; \
+		apt-get install -y --no-install-recommends $$pkgs; \
 	fi
 	@for dir in $(NPM_DIRS); do \
 		[ -f "$$dir/package-lock.json" ] || continue; \

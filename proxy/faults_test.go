@@ -766,8 +766,14 @@ func TestClientDisconnectCancelsUpstream(t *testing.T) {
 		if len(events) != 1 {
 			t.Fatalf("audit events %d, want 1", len(events))
 		}
-		if events[0]["error"] != "client disconnected" {
-			t.Errorf("audit error %q, want \"client disconnected\"", events[0]["error"])
+		// The upstream had the whole request, so the shared key is charged
+		// its input, estimated from the request bytes.
+		if want := "client disconnected; input usage estimated from the request's bytes"; events[0]["error"] != want {
+			t.Errorf("audit error %q, want %q", events[0]["error"], want)
+		}
+		requests, input, output := sharedUsage(t, st, m, provider.OpenAI)
+		if want := int64(len(c.body)+3) / 4; requests != 1 || input != want || output != 0 {
+			t.Errorf("charged %d requests, %d/%d tokens, want 1 and %d/0", requests, input, output, want)
 		}
 		assertNoKeyMaterial(t, st)
 	})

@@ -58,6 +58,9 @@ func (h *Handler) startForward(w http.ResponseWriter, r *http.Request, x *exchan
 
 	trace := &httptrace.ClientTrace{
 		GotFirstResponseByte: func() { x.ttfb = time.Now() },
+		// The transport's writer goroutine reports this, maybe while the
+		// handler's goroutine records a disconnect, hence the atomic.
+		WroteRequest: func(info httptrace.WroteRequestInfo) { x.sent.Store(info.Err == nil) },
 	}
 	ctx, cancel := context.WithCancelCause(r.Context())
 	x.cancel = cancel
@@ -382,7 +385,7 @@ func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err erro
 	case r.Context().Err() != nil:
 		// The client went away, so no response is written.
 		x.cancelled = true
-		x.status = 499
+		x.status = statusClientClosed
 		x.errText = "client disconnected"
 		return
 	case errors.As(err, &tooBig):
@@ -401,6 +404,19 @@ func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err erro
 	// The transport's error can quote the request URL, which never holds a
 	// key: the key travels in a header only.
 	log.Warn("upstream request failed", "error", err, "status", x.status)
+}
+
+// statusClientClosed is the status recorded for a request whose client
+// left before the response began, as nginx logs it. No response is written.
+const statusClientClosed = 499
+
+// usageUnreported reports whether a successful response of the endpoint
+// carries no token usage though the provider bills its input: Gemini's
+// embedContent and batchEmbedContents. The proxy then charges one input
+// token per four request bytes.
+func usageUnreported(prov, method, rest string) bool {
+	return prov == provider.Google && method == http.MethodPost &&
+		(strings.HasSuffix(rest, ":embedContent") || strings.HasSuffix(rest, ":batchEmbedContents"))
 }
 
 func isTimeout(err error) bool {
@@ -422,11 +438,20 @@ func (h *Handler) finish(x *exchange, source string, log *slog.Logger) {
 			x.model = counts.Model
 		}
 	}
-	// A client that hangs up before the final usage event could otherwise
-	// take the output for free: Anthropic reports one output token when a
-	// stream starts, and Google the output so far.
-	if x.source == keystore.SourceShared && x.errText != "" && status < 400 && (!counts.Seen || x.cancelled) {
+	switch {
+	case x.source != keystore.SourceShared:
+	case x.errText != "" && status < 400 && (!counts.Seen || x.cancelled):
+		// A client that hangs up before the final usage event could
+		// otherwise take the output for free: Anthropic reports one output
+		// token when a stream starts, and Google the output so far.
 		counts = estimateUsage(x, counts)
+	case x.sent.Load() && (status == statusClientClosed || status == http.StatusGatewayTimeout):
+		// The provider had the whole request and may bill for it, though
+		// the client left or the proxy gave up before the response began.
+		counts.InputTokens = (x.requestBytes + 3) / 4
+		x.errText += "; input usage estimated from the request's bytes"
+	case status < 400 && x.errText == "" && !counts.Seen && usageUnreported(name, x.method, x.rest):
+		counts.InputTokens = (x.requestBytes + 3) / 4
 	}
 	h.metrics.Requests.WithLabelValues(name, source, strconv.Itoa(status)).Inc()
 	h.metrics.Duration.WithLabelValues(name, source).Observe(time.Since(x.start).Seconds())

@@ -22,11 +22,17 @@ type requestInfo struct {
 	// Container and Tools are raw values, read by requestedContainers.
 	Container json.RawMessage
 	Tools     json.RawMessage
+	// Background requests that the Responses API run the response later
+	// and store it.
+	Background bool
+	// Conversation and Input are raw values, read by storedItemReference.
+	Conversation json.RawMessage
+	Input        json.RawMessage
 }
 
 // requestFields are the top-level names readRequestInfo reads, in the order
 // of requestInfo's fields.
-var requestFields = []string{"model", "stream", "stream_options", "previous_response_id", "container", "tools"}
+var requestFields = []string{"model", "stream", "stream_options", "previous_response_id", "container", "tools", "background", "conversation", "input"}
 
 // Errors of readRequestInfo.
 var (
@@ -71,8 +77,16 @@ func readRequestInfo(body []byte) (requestInfo, error) {
 			}
 		case 4:
 			info.Container = value
-		default:
+		case 5:
 			info.Tools = value
+		case 6:
+			if json.Unmarshal(value, &info.Background) != nil {
+				return invalidField(name, "true or false")
+			}
+		case 7:
+			info.Conversation = value
+		default:
+			info.Input = value
 		}
 		return nil
 	})
@@ -297,7 +311,7 @@ func isGoogleStream(path string) bool {
 }
 
 // requestedContainers returns the ids of existing code execution containers
-// that a request body asks to run in: Anthropic's top-level container, as an
+// that a request body requests to run in: Anthropic's top-level container, as an
 // id or as an object with one, and on the OpenAI Responses API a tool's
 // container id or its environment's container_id (code_interpreter and
 // shell). Objects that name a member twice are rejected, because the
@@ -369,4 +383,35 @@ func containerValue(value []byte, idField, name string) (string, error) {
 		}
 	}
 	return id, nil
+}
+
+// storedItemReference returns what a Responses API request names of the
+// items stored upstream, other than previous_response_id: a conversation, or
+// an input item of type item_reference. The proxy cannot tell which mailbox
+// created those, so a shared request may name neither. It returns "" when
+// the request names none.
+func storedItemReference(info *requestInfo) (string, error) {
+	if len(info.Conversation) > 0 && !bytes.Equal(info.Conversation, []byte("null")) {
+		return "conversation", nil
+	}
+	input := gjson.ParseBytes(info.Input)
+	if !input.IsArray() {
+		return "", nil
+	}
+	var found string
+	var err error
+	input.ForEach(func(_, item gjson.Result) bool {
+		if !item.IsObject() {
+			return true
+		}
+		err = scanObject([]byte(item.Raw), []string{"type"}, func(_, _ int, value []byte) error {
+			var typ string
+			if json.Unmarshal(value, &typ) == nil && typ == "item_reference" {
+				found = "an input item of type item_reference"
+			}
+			return nil
+		})
+		return err == nil && found == ""
+	})
+	return found, err
 }

@@ -397,3 +397,112 @@ func TestRepeatedRequestIDCharged(t *testing.T) {
 		t.Errorf("shared requests counted = %d, want %d: %s", got, n, body)
 	}
 }
+
+// sharedUsage returns the shared-key requests and tokens counted for
+// mailbox m and provider p this month.
+func sharedUsage(t *testing.T, st *teststack.Stack, m, p string) (requests, input, output int64) {
+	t.Helper()
+	st.WaitAudit(t)
+	code, body := st.AdminDo(t, "GET", "/admin/v1/mailboxes/"+m+"/usage", nil)
+	if code != 200 {
+		t.Fatalf("usage: %d %s", code, body)
+	}
+	s := gjson.GetBytes(body, "providers."+p+".shared")
+	return s.Get("requests").Int(), s.Get("input_tokens").Int(), s.Get("output_tokens").Int()
+}
+
+func TestLegacyCompletionsStreamCharged(t *testing.T) {
+	st := teststack.Start(t)
+	m := "legacy-stream@example.com"
+	resp, body := st.Do(t, "POST", "/openai/v1/completions", st.Token(t, m),
+		`{"model":"gpt-3.5-turbo-instruct","prompt":"Say this is a test","max_tokens":7,"stream":true}`)
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d: %s", resp.StatusCode, body)
+	}
+	if strings.Contains(string(body), `"usage":{`) {
+		t.Errorf("the usage chunk the proxy requested reached a client that did not ask for it:\n%s", body)
+	}
+	if !strings.Contains(string(body), "[DONE]") {
+		t.Errorf("stream incomplete:\n%s", body)
+	}
+	want := st.Upstreams[provider.OpenAI].Requests()[0].Usage
+	requests, input, output := sharedUsage(t, st, m, provider.OpenAI)
+	if requests != 1 || input != int64(want.InputTokens) || output != int64(want.OutputTokens) {
+		t.Errorf("charged %d requests, %d/%d tokens, want 1 and %d/%d", requests, input, output, want.InputTokens, want.OutputTokens)
+	}
+}
+
+func TestGoogleEmbeddingsCharged(t *testing.T) {
+	st := teststack.Start(t)
+	m := "gemini-embed@example.com"
+	body := `{"requests":[{"model":"models/gemini-embedding-001","content":{"parts":[{"text":"` + strings.Repeat("word ", 200) + `"}]}}]}`
+	resp, out := st.Do(t, "POST", "/google/v1beta/models/gemini-embedding-001:batchEmbedContents", st.Token(t, m), body)
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d: %s", resp.StatusCode, out)
+	}
+	if strings.Contains(string(out), "usageMetadata") {
+		t.Fatalf("the emulator reports usage for embeddings, so this test checks nothing: %s", out)
+	}
+	requests, input, output := sharedUsage(t, st, m, provider.Google)
+	if want := int64(len(body)+3) / 4; requests != 1 || input != want || output != 0 {
+		t.Errorf("charged %d requests, %d/%d tokens, want 1 and %d/0 estimated from the request bytes", requests, input, output, want)
+	}
+}
+
+func TestBackgroundResponseRejectedOnShared(t *testing.T) {
+	st := teststack.Start(t)
+	up := st.Upstreams[provider.OpenAI]
+	body := `{"model":"gpt-4o-mini","input":"later","background":true}`
+	resp, out := st.Do(t, "POST", "/openai/v1/responses", st.Token(t, "background@example.com"), body)
+	if resp.StatusCode != 403 || !inShape(provider.OpenAI, out, "", "forbidden", "") {
+		t.Errorf("shared background response: status %d, want 403 in OpenAI's shape: %s", resp.StatusCode, out)
+	}
+	if n := len(up.Requests()); n != 0 {
+		t.Errorf("shared background response forwarded %d times", n)
+	}
+	resp, out = st.Do(t, "POST", "/openai/v1/responses", st.Token(t, "background@example.com"), `{"model":"gpt-4o-mini","input":"x","background":"yes"}`)
+	if resp.StatusCode != 400 {
+		t.Errorf("background that is not a boolean: status %d, want 400: %s", resp.StatusCode, out)
+	}
+
+	st.UseBYOK(t, "own-background@example.com", provider.OpenAI)
+	resp, out = st.Do(t, "POST", "/openai/v1/responses", st.Token(t, "own-background@example.com"), body)
+	if resp.StatusCode != 200 {
+		t.Errorf("background response on the mailbox's own key: status %d: %s", resp.StatusCode, out)
+	}
+}
+
+func TestStoredItemReferencesRejectedOnShared(t *testing.T) {
+	st := teststack.Start(t)
+	token := st.Token(t, "items@example.com")
+	up := st.Upstreams[provider.OpenAI]
+	forbidden := []string{
+		`{"model":"gpt-4o-mini","input":"hi","conversation":"conv_123"}`,
+		`{"model":"gpt-4o-mini","input":"hi","conversation":{"id":"conv_123"}}`,
+		`{"model":"gpt-4o-mini","input":[{"role":"user","content":"hi"},{"type":"item_reference","id":"msg_123"}]}`,
+		`{"model":"gpt-4o-mini","input":[{"id":"msg_123","type":"item_reference"}]}`,
+	}
+	for _, body := range forbidden {
+		resp, out := st.Do(t, "POST", "/openai/v1/responses", token, body)
+		if resp.StatusCode != 403 {
+			t.Errorf("%s: status %d, want 403: %s", body, resp.StatusCode, out)
+		}
+	}
+	resp, out := st.Do(t, "POST", "/openai/v1/responses", token,
+		`{"model":"gpt-4o-mini","input":[{"type":"message","type":"item_reference","id":"msg_123"}]}`)
+	if resp.StatusCode != 400 {
+		t.Errorf("input item naming its type twice: status %d, want 400: %s", resp.StatusCode, out)
+	}
+	if n := len(up.Requests()); n != 0 {
+		t.Errorf("%d requests naming stored items were forwarded", n)
+	}
+	allowed := []string{
+		`{"model":"gpt-4o-mini","input":[{"role":"user","content":"item_reference"}]}`,
+		`{"model":"gpt-4o-mini","input":"hi","conversation":null}`,
+	}
+	for _, body := range allowed {
+		if resp, out := st.Do(t, "POST", "/openai/v1/responses", token, body); resp.StatusCode != 200 {
+			t.Errorf("%s: status %d, want 200: %s", body, resp.StatusCode, out)
+		}
+	}
+}

@@ -256,7 +256,8 @@ func FuzzRequestBody(f *testing.F) {
 		if err == nil {
 			if info.Model != want.Model || info.Stream != want.Stream || info.PreviousResponseID != want.PreviousResponseID ||
 				!bytes.Equal(info.StreamOptions, want.StreamOptions) || !bytes.Equal(info.Container, want.Container) ||
-				!bytes.Equal(info.Tools, want.Tools) {
+				!bytes.Equal(info.Tools, want.Tools) || info.Background != want.Background ||
+				!bytes.Equal(info.Conversation, want.Conversation) || !bytes.Equal(info.Input, want.Input) {
 				t.Fatalf("readRequestInfo %+v, reference %+v\n%q", info, want, body)
 			}
 			_ = info.includeUsage()
@@ -327,6 +328,14 @@ func referenceRequestInfo(body []byte) (requestInfo, error) {
 			err = json.Unmarshal(raw, &info.Model)
 		case "stream":
 			if json.Unmarshal(raw, &info.Stream) != nil {
+				return info, fmt.Errorf("invalid %q in the request body: send true or false", name)
+			}
+		case "conversation":
+			info.Conversation = raw
+		case "input":
+			info.Input = raw
+		case "background":
+			if json.Unmarshal(raw, &info.Background) != nil {
 				return info, fmt.Errorf("invalid %q in the request body: send true or false", name)
 			}
 		case "stream_options":

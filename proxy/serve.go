@@ -7,9 +7,10 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"strconv"
 	"slices"
+	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/byokproxy/byokproxy/audit"
@@ -43,6 +44,8 @@ type exchange struct {
 	// containers are the existing code execution containers a shared
 	// request asks to run in.
 	containers []string
+	// background is set for a Responses API request that runs later.
+	background bool
 
 	// requestBytes and received count the request body and the response
 	// bytes from the upstream, for estimating usage the provider never
@@ -66,6 +69,8 @@ type exchange struct {
 	// delivered is set once the reverse proxy has written and flushed the
 	// whole response.
 	delivered bool
+	// sent is set once the transport has written the whole request.
+	sent atomic.Bool
 }
 
 type exchangeKey struct{}
@@ -231,6 +236,13 @@ func (h *Handler) admitShared(w http.ResponseWriter, r *http.Request, x *exchang
 		h.rejectAudited(w, x, log, provider.Forbidden, fmt.Sprintf("model %q is not available on the shared key", x.model), 0)
 		return false
 	}
+	if x.background {
+		// The response would be fetched later from the stored responses,
+		// which no shared request may read, while its usage would never
+		// pass through the proxy.
+		h.rejectAudited(w, x, log, provider.Forbidden, "background responses are not available on the shared key; use your own key for them", 0)
+		return false
+	}
 	if prev := x.previousResponse; prev != "" {
 		if !h.checkOwned(w, r, x, log, prev, "previous_response_id names a response") {
 			return false
@@ -319,13 +331,28 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 	}
 	x.model = info.Model
 	x.stream = info.Stream
-	if spec.Name == provider.OpenAI && info.Stream && strings.HasSuffix(x.rest, "chat/completions") && !info.includeUsage() {
+	// Chat completions and legacy completions report a stream's usage only
+	// when stream_options asks for it.
+	if spec.Name == provider.OpenAI && info.Stream && strings.HasSuffix(x.rest, "completions") && !info.includeUsage() {
 		if patched, err := withIncludeUsage(body); err == nil {
 			x.body = patched
 			x.injectUsage = true
 		}
 	}
 	x.previousResponse = info.PreviousResponseID
+	responses := spec.Name == provider.OpenAI && strings.HasSuffix(x.rest, "responses")
+	x.background = info.Background && responses
+	if x.source == keystore.SourceShared && responses {
+		what, err := storedItemReference(&info)
+		if err != nil {
+			h.rejectAudited(w, x, log, provider.BadRequest, err.Error(), 0)
+			return false
+		}
+		if what != "" {
+			h.rejectAudited(w, x, log, provider.Forbidden, "the request names "+what+", which the shared key does not allow; send previous_response_id or the items themselves, or use your own key", 0)
+			return false
+		}
+	}
 	if x.source == keystore.SourceShared {
 		x.containers, err = requestedContainers(spec.Name, x.rest, &info)
 		if err != nil {

@@ -28,6 +28,10 @@ func (s *Server) serveOpenAI(c *call) {
 		if s.requireJSON(c) {
 			s.openAIChat(c)
 		}
+	case c.r.Method == http.MethodPost && path == "/v1/completions":
+		if s.requireJSON(c) {
+			s.openAICompletions(c)
+		}
 	case c.r.Method == http.MethodPost && path == "/v1/responses":
 		if s.requireJSON(c) {
 			s.openAIResponses(c)
@@ -183,6 +187,59 @@ func (s *Server) openAIChat(c *call) {
 		}
 	}
 	if st.send(chunk(choice(map[string]any{}, finish), nil), false) != nil {
+		return
+	}
+	if includeUsage {
+		if st.send(chunk([]any{}, openAIChatUsage(u)), false) != nil {
+			return
+		}
+	}
+	st.send(sse("", "[DONE]"), false)
+}
+
+// openAICompletions serves the legacy completions API, whose stream reports
+// usage in a last chunk with no choices only when stream_options asks.
+func (s *Server) openAICompletions(c *call) {
+	model := stringField(c.json, "model")
+	out, cut := outputTokens(c.json)
+	u := Usage{InputTokens: inputTokens(c.json), OutputTokens: out}
+	stream := boolField(c.json, "stream")
+	s.setResult(c, model, stream, u)
+	finish := "stop"
+	if cut {
+		finish = "length"
+	}
+	id := s.nextID("cmpl-")
+	created := time.Now().Unix()
+	completion := func(choices []any, usage any) map[string]any {
+		return map[string]any{
+			"id": id, "object": "text_completion", "created": created, "model": model,
+			"system_fingerprint": "fp_emulator", "choices": choices, "usage": usage,
+		}
+	}
+	choice := func(text string, finish any) []any {
+		return []any{map[string]any{"text": text, "index": 0, "logprobs": nil, "finish_reason": finish}}
+	}
+	if !stream {
+		s.writeJSON(c, http.StatusOK, completion(choice(ReplyText(out), finish), openAIChatUsage(u)))
+		return
+	}
+
+	includeUsage := boolField(c.json, "stream_options", "include_usage")
+	chunk := func(choices []any, usage any) string {
+		m := completion(choices, usage)
+		if !includeUsage {
+			delete(m, "usage")
+		}
+		return sse("", mustJSON(m))
+	}
+	st := s.startStream(c, "text/event-stream; charset=utf-8")
+	for _, d := range ReplyDeltas[:out] {
+		if st.send(chunk(choice(d, nil), nil), true) != nil {
+			return
+		}
+	}
+	if st.send(chunk(choice("", finish), nil), false) != nil {
 		return
 	}
 	if includeUsage {
