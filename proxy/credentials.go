@@ -3,6 +3,7 @@ package proxy
 import (
 	"errors"
 	"net/http"
+	"net/url"
 	"strings"
 )
 
@@ -16,6 +17,44 @@ var credentialHeaders = []string{
 	"Proxy-Authorization",
 	"Cookie",
 	"X-Mailbox-Id",
+}
+
+// credentialParams are the query parameter names, compared in lower case,
+// that carry a credential: the API key that Google's SDKs send as "key", an
+// OAuth access token, and the names other clients use for API keys.
+var credentialParams = map[string]bool{
+	"key": true, "api_key": true, "apikey": true, "api-key": true,
+	"access_token": true, "oauth_token": true, "bearer_token": true,
+}
+
+// stripQueryCredentials returns rawQuery without the parameters named in
+// credentialParams, whatever their case or percent-encoding. A part that
+// names one after a semicolon goes too, for servers that split on
+// semicolons. The other parts keep their order and encoding.
+func stripQueryCredentials(rawQuery string) string {
+	if rawQuery == "" {
+		return ""
+	}
+	kept := make([]string, 0, 4)
+	for part := range strings.SplitSeq(rawQuery, "&") {
+		if !namesCredential(part) {
+			kept = append(kept, part)
+		}
+	}
+	return strings.Join(kept, "&")
+}
+
+func namesCredential(part string) bool {
+	for param := range strings.SplitSeq(part, ";") {
+		name, _, _ := strings.Cut(param, "=")
+		if unescaped, err := url.QueryUnescape(name); err == nil {
+			name = unescaped
+		}
+		if credentialParams[strings.ToLower(strings.TrimSpace(name))] {
+			return true
+		}
+	}
+	return false
 }
 
 var errConflictingTokens = errors.New("the request carries more than one different credential; send the mailbox token in one place")

@@ -100,15 +100,16 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 	out.URL.Host = base.Host
 	out.URL.Path = strings.TrimSuffix(base.Path, "/") + "/" + x.rest
 	out.URL.RawPath = ""
-	query := pr.In.URL.Query()
-	if query.Has("key") {
-		query.Del("key")
-		out.URL.RawQuery = query.Encode()
-	}
+	out.URL.RawQuery = stripQueryCredentials(out.URL.RawQuery)
 	out.Host = ""
 
 	for _, name := range credentialHeaders {
 		out.Header.Del(name)
+	}
+	if x.source == keystore.SourceShared && x.up.spec.Name == provider.Google {
+		// It names the Google Cloud project to bill, which on the shared
+		// key is the platform's choice.
+		out.Header.Del("X-Goog-User-Project")
 	}
 	if x.source == keystore.SourceShared && x.up.spec.Name == provider.OpenAI {
 		out.Header.Del("OpenAI-Organization")
