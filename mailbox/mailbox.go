@@ -58,6 +58,13 @@ var ErrInvalidToken = errors.New("invalid mailbox token")
 
 const tokenVersion = "bp1"
 
+// LooksLikeToken reports whether s has the form of a mailbox token, valid or
+// not: it starts with the token version. Other strings, such as the
+// placeholder key an SDK needs before it sends a request, are not tokens.
+func LooksLikeToken(s string) bool {
+	return strings.HasPrefix(s, tokenVersion+".")
+}
+
 // Signer issues and verifies tokens. The first secret signs and every secret
 // verifies, so a new secret can be put first while tokens signed with the
 // old one keep working until it is removed.

@@ -101,11 +101,39 @@ func TestTrustedMailboxHeader(t *testing.T) {
 		t.Errorf("invalid mailbox id: status %d, want 400", resp.StatusCode)
 	}
 
-	// Without trust, the header alone is not enough.
+	// The SDKs send a placeholder key, where a token would go, next to the
+	// header. Only a string in the token's form counts as a token.
+	for _, p := range provider.Names {
+		st.UseBYOK(t, "sidecar-sdk@example.com", p)
+	}
+	for _, p := range provider.Names {
+		up := st.Upstreams[p]
+		up.Reset()
+		resp, body = st.Do(t, "POST", nonStream[p].path, "sk-placeholder", nonStream[p].body,
+			append(sdkHeaders(p), "X-Mailbox-Id", "sidecar-sdk@example.com")...)
+		if resp.StatusCode != 200 {
+			t.Errorf("%s: placeholder key with the header: status %d: %s", p, resp.StatusCode, body)
+			continue
+		}
+		if got := up.Requests()[0].Key; got != teststack.BYOKKeys[p] {
+			t.Errorf("%s: placeholder key with the header reached the upstream with %q, want the mailbox's key", p, got)
+		}
+		resp, _ = st.Do(t, "POST", nonStream[p].path, "bp1.Zm9yZ2Vk.0.AAAA", nonStream[p].body,
+			append(sdkHeaders(p), "X-Mailbox-Id", "sidecar-sdk@example.com")...)
+		if resp.StatusCode != 401 {
+			t.Errorf("%s: invalid token with the header: status %d, want 401", p, resp.StatusCode)
+		}
+	}
+
+	// Without trust, the header alone is not enough, nor with a placeholder.
 	plain := teststack.Start(t)
 	resp, _ = plain.Do(t, "POST", c.path, "", c.body, "X-Mailbox-Id", "sidecar@example.com")
 	if resp.StatusCode != 401 {
 		t.Errorf("untrusted header: status %d, want 401", resp.StatusCode)
+	}
+	resp, _ = plain.Do(t, "POST", c.path, "sk-placeholder", c.body, "X-Mailbox-Id", "sidecar@example.com")
+	if resp.StatusCode != 401 {
+		t.Errorf("untrusted header with a placeholder key: status %d, want 401", resp.StatusCode)
 	}
 }
 
