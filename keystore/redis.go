@@ -19,6 +19,8 @@ const fewRetries = 1
 // Retries are kept to one, so a request that needs a Redis that is down
 // fails in about two timeouts instead of waiting through go-redis's default
 // dial retries (five, with backoff). The audit writer retries on its own.
+// Commands also end at their context's deadline, so a caller that bounds a
+// call by one timeout is not held through the retry.
 func OpenRedis(c config.Redis) (redis.UniversalClient, error) {
 	var tlsConfig *tls.Config
 	if c.TLS {
@@ -40,6 +42,8 @@ func OpenRedis(c config.Redis) (redis.UniversalClient, error) {
 			WriteTimeout:  c.Timeout,
 			MaxRetries:    fewRetries,
 			DialerRetries: fewRetries,
+
+			ContextTimeoutEnabled: true,
 		}), nil
 	}
 	opts, err := redis.ParseURL(c.URL)
@@ -62,5 +66,6 @@ func OpenRedis(c config.Redis) (redis.UniversalClient, error) {
 	}
 	opts.MaxRetries = fewRetries
 	opts.DialerRetries = fewRetries
+	opts.ContextTimeoutEnabled = true
 	return redis.NewClient(opts), nil
 }

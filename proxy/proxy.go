@@ -51,6 +51,8 @@ type Handler struct {
 	// ownedTTL is how long the ids of responses and containers created on
 	// the shared key are remembered.
 	ownedTTL time.Duration
+	// redisTimeout bounds each Redis call of a request's admission.
+	redisTimeout time.Duration
 
 	// settings holds what a reload may replace: signer, limits, upstreams
 	// and shared keys. Requests load it once and use that value throughout.
@@ -89,6 +91,10 @@ func New(opts Options) (*Handler, error) {
 		ownedTTL: opts.Config.Metering.ResponseTTL}
 	if h.ownedTTL <= 0 {
 		h.ownedTTL = 30 * 24 * time.Hour
+	}
+	h.redisTimeout = opts.Config.Redis.Timeout
+	if h.redisTimeout <= 0 {
+		h.redisTimeout = 3 * time.Second // go-redis's own read timeout
 	}
 	if h.log == nil {
 		h.log = slog.New(slog.DiscardHandler)
