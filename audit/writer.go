@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -53,7 +54,10 @@ type Writer struct {
 	opts   Options
 	log    *slog.Logger
 
-	queue    chan Entry
+	queue chan Entry
+	// unsent counts the entries recorded and neither delivered nor given
+	// up: queued, or in the batch being sent.
+	unsent   atomic.Int64
 	mu       sync.RWMutex // guards closed against sends on a closed queue
 	closed   bool
 	closing  chan struct{} // closed by Close, to cut a linger short
@@ -92,10 +96,14 @@ func (w *Writer) Record(e Entry) {
 	w.mu.RLock()
 	defer w.mu.RUnlock()
 	if !w.closed {
+		// Counted before the send, so the writer cannot deliver the entry
+		// and count it off first.
+		w.unsent.Add(1)
 		select {
 		case w.queue <- e:
 			return
 		default:
+			w.unsent.Add(-1)
 		}
 	}
 	if w.opts.Dropped != nil {
@@ -125,7 +133,9 @@ func (w *Writer) Run(ctx context.Context) {
 		batch = append(batch[:0], first)
 		batch = w.fill(ctx, batch)
 		w.writeStdout(batch)
-		if !w.deliver(ctx, batch) {
+		delivered := w.deliver(ctx, batch)
+		w.unsent.Add(-int64(len(batch)))
+		if !delivered {
 			return
 		}
 	}
@@ -290,7 +300,8 @@ func (w *Writer) Close(ctx context.Context) error {
 	}
 }
 
-// Pending returns the number of queued entries.
+// Pending returns the number of entries recorded and not yet delivered:
+// queued, or in the batch being sent.
 func (w *Writer) Pending() int {
-	return len(w.queue)
+	return int(w.unsent.Load())
 }

@@ -15,6 +15,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -68,6 +69,8 @@ type Stack struct {
 	AdminToken string
 	logs       *SyncBuffer
 	auditStop  context.CancelFunc
+	// active counts the proxy requests being served.
+	active atomic.Int64
 }
 
 // Option changes the configuration before the stack starts.
@@ -164,7 +167,11 @@ func startOn(t testing.TB, srv *redistest.Server, prefix string, ids *keystore.I
 		Store: s.Store, Signer: s.Signer, Audit: s.Audit, Token: cfg.Admin.Token,
 		MonthlyTokenLimit: cfg.Metering.MonthlyTokenLimit, Prober: proxy.NewProber(cfg), Logger: log,
 	})
-	proxySrv := httptest.NewServer(s.Handler)
+	proxySrv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.active.Add(1)
+		defer s.active.Add(-1)
+		s.Handler.ServeHTTP(w, r)
+	}))
 	adminSrv := httptest.NewServer(s.Admin)
 	s.ProxyURL, s.AdminURL = proxySrv.URL, adminSrv.URL
 	t.Cleanup(func() {
@@ -245,15 +252,15 @@ func (s *Stack) AuditEvents(t testing.TB) []map[string]any {
 	return out
 }
 
-// WaitAudit waits up to 5 s for the audit queue to empty, then a little
-// longer for the batch in flight.
+// WaitAudit waits up to 5 s until no proxy request is being served and the
+// audit writer has delivered every entry. A client can see its response end
+// before the handler records the exchange, so the queue alone is not enough.
 func (s *Stack) WaitAudit(t testing.TB) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
-	for s.Audit.Pending() > 0 && time.Now().Before(deadline) {
+	for (s.active.Load() > 0 || s.Audit.Pending() > 0) && time.Now().Before(deadline) {
 		time.Sleep(5 * time.Millisecond)
 	}
-	time.Sleep(50 * time.Millisecond)
 }
 
 // EventsOf returns the request events of mailbox m.
