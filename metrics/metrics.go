@@ -80,6 +80,17 @@ func New(reg prometheus.Registerer) *Metrics {
 	return m
 }
 
+// AddProvider creates the provider's series of the counters and gauges that
+// only change on rare events, at zero, so that a rate or an alert on them
+// has a series from the start rather than from the first event.
+func (m *Metrics) AddProvider(name string) {
+	for _, reason := range []string{ReasonNoKey, ReasonDecryptFailed, ReasonWrongBinding, ReasonStoreUnavailable} {
+		m.KeyErrors.WithLabelValues(name, reason)
+	}
+	m.MeteredRejections.WithLabelValues(name)
+	m.InFlight.WithLabelValues(name)
+}
+
 // SourceLabel maps a key source to its metric and audit name: requests on the
 // shared source are "metered".
 func SourceLabel(source string) string {

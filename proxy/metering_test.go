@@ -506,3 +506,31 @@ func TestStoredItemReferencesRejectedOnShared(t *testing.T) {
 		}
 	}
 }
+
+// TestRareEventSeriesExistAtStart checks that the counters of rare events
+// have a zero series per provider before any traffic, so an alert on their
+// rate sees them from the start.
+func TestRareEventSeriesExistAtStart(t *testing.T) {
+	st := teststack.Start(t)
+	mfs, err := st.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	series := map[string]int{}
+	for _, mf := range mfs {
+		for range mf.GetMetric() {
+			series[mf.GetName()]++
+		}
+	}
+	n := len(provider.Names)
+	want := map[string]int{
+		"byokproxy_key_errors_total":         4 * n,
+		"byokproxy_metered_rejections_total": n,
+		"byokproxy_in_flight_requests":       n,
+	}
+	for name, count := range want {
+		if series[name] != count {
+			t.Errorf("%s: %d series before any request, want %d", name, series[name], count)
+		}
+	}
+}

@@ -127,6 +127,7 @@ func (h *Handler) Apply(cfg *config.Config, signer *mailbox.Signer) error {
 			return err
 		}
 		s.upstreams[name] = up
+		h.metrics.AddProvider(name)
 	}
 	h.settings.Store(s)
 	return nil
