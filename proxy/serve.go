@@ -125,7 +125,7 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slo
 		return nil, nil
 	}
 	if unsafePath(r) {
-		h.reject(w, x, log, provider.BadRequest, "invalid request path: dot segments and encoded slashes or dots are not allowed", 0)
+		h.reject(w, x, log, provider.BadRequest, "invalid request path: empty or dot segments, backslashes and encoded slashes or dots are not allowed", 0)
 		return nil, nil
 	}
 
