@@ -54,6 +54,24 @@ type Store struct {
 	now func() time.Time
 	// cache is nil unless EnableCache turned it on.
 	cache *recordCache
+	// callTimeout, in nanoseconds, bounds each Redis call of the request
+	// path; 0 leaves only the client's own timeouts.
+	callTimeout atomic.Int64
+}
+
+// SetCallTimeout bounds each Redis call that Lookup, Refresh and Owns make
+// by d. A Redis that accepts connections but does not reply then fails a
+// request after about d, where the client's retry would double it. A cached
+// record costs no call, and no timer either.
+func (s *Store) SetCallTimeout(d time.Duration) { s.callTimeout.Store(int64(d)) }
+
+// bound returns ctx with the call timeout, when one is set.
+func (s *Store) bound(ctx context.Context) (context.Context, context.CancelFunc) {
+	d := time.Duration(s.callTimeout.Load())
+	if d <= 0 {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(ctx, d)
 }
 
 // New returns a store on rdb under prefix, encrypting to ids.
@@ -130,6 +148,8 @@ func (s *Store) Read(ctx context.Context, id mailbox.ID, prov string) (*Record, 
 // The caller must not modify the record.
 func (s *Store) Lookup(ctx context.Context, id mailbox.ID, prov string, defaultLimit int64) (*Record, error) {
 	if s.cache == nil {
+		ctx, cancel := s.bound(ctx)
+		defer cancel()
 		return s.Read(ctx, id, prov)
 	}
 	key := cacheKey(id, prov)
@@ -137,6 +157,8 @@ func (s *Store) Lookup(ctx context.Context, id mailbox.ID, prov string, defaultL
 		if rec.Source != SourceShared || rec.limit(defaultLimit) == 0 {
 			return rec, nil
 		}
+		ctx, cancel := s.bound(ctx)
+		defer cancel()
 		used, err := s.rdb.HGet(ctx, s.layout.Usage(string(id), Month(s.now())), UsageTotalField).Result()
 		if err != nil && !errors.Is(err, redis.Nil) {
 			return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
@@ -147,6 +169,8 @@ func (s *Store) Lookup(ctx context.Context, id mailbox.ID, prov string, defaultL
 	}
 	readAt := time.Now()
 	start := s.cache.epoch.Load()
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
 	rec, err := s.Read(ctx, id, prov)
 	if err != nil {
 		return nil, err

@@ -163,6 +163,8 @@ func (s *Store) RecordOwned(ctx context.Context, id mailbox.ID, resources []stri
 // Owns reports whether mailbox id created resource, a response or a
 // container id, on the shared key within the remembered period.
 func (s *Store) Owns(ctx context.Context, id mailbox.ID, resource string) (bool, error) {
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
 	score, err := s.rdb.ZScore(ctx, s.layout.Owned(string(id)), resource).Result()
 	if err == redis.Nil {
 		return false, nil

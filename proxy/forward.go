@@ -334,19 +334,11 @@ func scrubHeaders(h http.Header, key string, masked bool) {
 	if key == "" {
 		return
 	}
-	forms := []string{key}
-	for _, f := range []string{url.QueryEscape(key), url.PathEscape(key)} {
-		if f != key {
-			forms = append(forms, f)
-		}
-	}
+	query, path := url.QueryEscape(key), url.PathEscape(key)
 	for _, values := range h {
 		for i, v := range values {
-			found := masked && maskedKey.MatchString(v)
-			for _, f := range forms {
-				found = found || strings.Contains(v, f)
-			}
-			if found {
+			if strings.Contains(v, key) || strings.Contains(v, query) || strings.Contains(v, path) ||
+				masked && maskedKey.MatchString(v) {
 				values[i] = string(scrubKey([]byte(v), key))
 			}
 		}

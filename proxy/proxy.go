@@ -51,8 +51,6 @@ type Handler struct {
 	// ownedTTL is how long the ids of responses and containers created on
 	// the shared key are remembered.
 	ownedTTL time.Duration
-	// redisTimeout bounds each Redis call of a request's admission.
-	redisTimeout time.Duration
 
 	// settings holds what a reload may replace: signer, limits, upstreams
 	// and shared keys. Requests load it once and use that value throughout.
@@ -92,10 +90,9 @@ func New(opts Options) (*Handler, error) {
 	if h.ownedTTL <= 0 {
 		h.ownedTTL = 30 * 24 * time.Hour
 	}
-	h.redisTimeout = opts.Config.Redis.Timeout
-	if h.redisTimeout <= 0 {
-		h.redisTimeout = 3 * time.Second // go-redis's own read timeout
-	}
+	// Each Redis call of a request's admission ends after one
+	// redis.timeout, without the client's retry.
+	h.store.SetCallTimeout(opts.Config.Redis.Timeout)
 	if h.log == nil {
 		h.log = slog.New(slog.DiscardHandler)
 	}

@@ -166,13 +166,11 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slo
 
 	// The mailbox's record: generation, source, ciphertext and limit, from
 	// the record cache or one round trip, with usage when it is limited.
-	rec, err := h.lookup(r.Context(), x, s)
+	rec, err := h.store.Lookup(r.Context(), x.mailbox, spec.Name, s.monthlyLimit)
 	if err == nil && gen > rec.Generation {
 		// A token newer than the record was issued after a revocation
 		// whose notice has not reached this replica yet.
-		ctx, cancel := context.WithTimeout(r.Context(), h.redisTimeout)
-		rec, err = h.store.Refresh(ctx, x.mailbox, x.up.spec.Name, s.monthlyLimit)
-		cancel()
+		rec, err = h.store.Refresh(r.Context(), x.mailbox, spec.Name, s.monthlyLimit)
 	}
 	if err != nil {
 		h.metrics.KeyErrors.WithLabelValues(spec.Name, metrics.ReasonStoreUnavailable).Inc()
@@ -277,22 +275,11 @@ func (h *Handler) admitShared(w http.ResponseWriter, r *http.Request, x *exchang
 	return true
 }
 
-// lookup reads the mailbox's record for x's provider within one
-// redis.timeout. A Redis that accepts connections but does not reply then
-// costs a request about one timeout, not one per retry.
-func (h *Handler) lookup(ctx context.Context, x *exchange, s *settings) (*keystore.Record, error) {
-	ctx, cancel := context.WithTimeout(ctx, h.redisTimeout)
-	defer cancel()
-	return h.store.Lookup(ctx, x.mailbox, x.up.spec.Name, s.monthlyLimit)
-}
-
 // checkOwned reports whether the mailbox created resource, a response or
 // container id, on the shared key. Otherwise it writes a 403 that starts with
 // what, or a 503 when Redis cannot tell.
 func (h *Handler) checkOwned(w http.ResponseWriter, r *http.Request, x *exchange, log *slog.Logger, resource, what string) bool {
-	ctx, cancel := context.WithTimeout(r.Context(), h.redisTimeout)
-	defer cancel()
-	owned, err := h.store.Owns(ctx, x.mailbox, resource)
+	owned, err := h.store.Owns(r.Context(), x.mailbox, resource)
 	if err != nil {
 		h.metrics.KeyErrors.WithLabelValues(x.up.spec.Name, metrics.ReasonStoreUnavailable).Inc()
 		log.Error("ownership check failed", "error", err)
