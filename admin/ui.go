@@ -454,9 +454,17 @@ func (u *UI) cookie(r *http.Request, value string, expires time.Time) *http.Cook
 		Expires:  expires,
 		MaxAge:   int(u.ttl / time.Second),
 		HttpOnly: true,
-		Secure:   r.TLS != nil,
+		Secure:   r.TLS != nil || forwardedHTTPS(r),
 		SameSite: http.SameSiteStrictMode,
 	}
+}
+
+// forwardedHTTPS reports whether a proxy in front, such as a load balancer
+// that ends TLS, says the client connected over HTTPS. The header is not
+// trusted for anything else: a client that sends it only gets a cookie its
+// browser keeps off plain HTTP.
+func forwardedHTTPS(r *http.Request) bool {
+	return strings.EqualFold(strings.TrimSpace(r.Header.Get("X-Forwarded-Proto")), "https")
 }
 
 func (u *UI) expiredCookie(r *http.Request) *http.Cookie {

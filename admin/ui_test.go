@@ -103,15 +103,22 @@ func TestUISignInCookieFlags(t *testing.T) {
 	tests := []struct {
 		name       string
 		url        string
+		proto      string // X-Forwarded-Proto
 		wantSecure bool
 	}{
-		{"plain http", "http://admin.test/ui/session", false},
-		{"tls", "https://admin.test/ui/session", true},
+		{"plain http", "http://admin.test/ui/session", "", false},
+		{"tls", "https://admin.test/ui/session", "", true},
+		{"tls ended by a load balancer", "http://admin.test/ui/session", "HTTPS", true},
+		{"plain http through a proxy", "http://admin.test/ui/session", "http", false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			before := time.Now()
-			rec := do(h, http.MethodPost, tt.url, `{"token":"`+testAdminToken+`"}`, jsonHeader)
+			header := jsonHeader.Clone()
+			if tt.proto != "" {
+				header.Set("X-Forwarded-Proto", tt.proto)
+			}
+			rec := do(h, http.MethodPost, tt.url, `{"token":"`+testAdminToken+`"}`, header)
 			if rec.Code != http.StatusOK {
 				t.Fatalf("status = %d, want 200; body %s", rec.Code, rec.Body)
 			}
