@@ -1040,3 +1040,94 @@ func TestKeyInResponseHeadersScrubbed(t *testing.T) {
 		}
 	}
 }
+
+// longAnthropicStream serves an Anthropic message stream of deltas text
+// deltas at once. Like the API, it reports one output token in
+// message_start and the rest only in message_delta at the end.
+func longAnthropicStream(t *testing.T, deltas int) *httptest.Server {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "text/event-stream")
+		bw := bufio.NewWriterSize(w, 64<<10)
+		fmt.Fprint(bw, "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-sonnet-4-5\",\"content\":[],\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n")
+		for i := range deltas {
+			if _, err := fmt.Fprintf(bw, "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"part %06d of a long reply\"}}\n\n", i); err != nil {
+				return
+			}
+		}
+		fmt.Fprintf(bw, "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":%d}}\n\n", 8*deltas)
+		fmt.Fprint(bw, "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n")
+		bw.Flush()
+	}))
+	t.Cleanup(func() {
+		srv.CloseClientConnections()
+		srv.Close()
+	})
+	return srv
+}
+
+// TestSlowReaderNotCutAsStall checks that a client that stops reading a
+// shared stream for longer than upstream.timeout does not make the proxy cut
+// the upstream as stalled, which would leave the stream charged only the
+// output that message_start reports.
+func TestSlowReaderNotCutAsStall(t *testing.T) {
+	const deltas = 100_000 // about 12 MB, far more than the socket buffers hold
+	up := longAnthropicStream(t, deltas)
+	st := teststack.Start(t, func(c *config.Config) {
+		c.Upstream.Timeout = 300 * time.Millisecond
+		c.Provider(provider.Anthropic).Upstream = up.URL
+	})
+	m := "slow-reader@example.com"
+	conn, err := net.Dial("tcp", strings.TrimPrefix(st.ProxyURL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	body := `{"model":"claude-sonnet-4-5","max_tokens":64000,"stream":true,"messages":[{"role":"user","content":"a long story"}]}`
+	fmt.Fprintf(conn, "POST /anthropic/v1/messages HTTP/1.1\r\nHost: proxy\r\nX-Api-Key: %s\r\nAnthropic-Version: 2023-06-01\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s",
+		st.Token(t, m), len(body), body)
+
+	time.Sleep(5 * 300 * time.Millisecond)
+	conn.SetReadDeadline(time.Now().Add(hangLimit))
+	got, err := io.ReadAll(conn)
+	if err != nil {
+		t.Fatalf("reading the stream: %v after %d bytes, message_stop %v", err, len(got), bytes.Contains(got, []byte("message_stop")))
+	}
+	if !bytes.Contains(got, []byte("message_stop")) {
+		t.Fatalf("the stream was cut after %d bytes while the client did not read", len(got))
+	}
+	events := teststack.EventsOf(st.AuditEvents(t), m)
+	if len(events) != 1 || events[0]["error"] != "" {
+		t.Errorf("audit events %v, want one without an error", events)
+	}
+	if _, _, output := sharedUsage(t, st, m, provider.Anthropic); output != 8*deltas {
+		t.Errorf("charged %d output tokens, want the %d the provider reported", output, 8*deltas)
+	}
+}
+
+// TestCutGzipStreamEstimateDecoded checks that a stream cut before its usage
+// is charged on its decoded size, also when the proxy passes it on
+// gzip-encoded.
+func TestCutGzipStreamEstimateDecoded(t *testing.T) {
+	st := teststack.Start(t)
+	up := st.Upstreams[provider.OpenAI]
+	up.SetFailMidStream(true)
+	body := `{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}`
+	charged := map[bool]int64{}
+	for _, gz := range []bool{false, true} {
+		up.SetGzip(gz)
+		m := fmt.Sprintf("cut-gzip-%v@example.com", gz)
+		var header []string
+		if gz {
+			header = []string{"Accept-Encoding", "gzip"}
+		}
+		resp, _ := st.Do(t, "POST", "/openai/v1/chat/completions", st.Token(t, m), body, header...)
+		if gz && resp.Header.Get("Content-Encoding") != "gzip" {
+			t.Fatalf("the stream was not passed on gzip-encoded, so this test checks nothing")
+		}
+		_, _, charged[gz] = sharedUsage(t, st, m, provider.OpenAI)
+	}
+	if charged[false] == 0 || charged[true] < charged[false] {
+		t.Errorf("the same cut stream is charged %d output tokens gzip-encoded and %d plain", charged[true], charged[false])
+	}
+}

@@ -207,11 +207,14 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 		x.owner.tap = x.tap
 		sink = io.MultiWriter(x.tap, x.owner)
 	}
+	sink = &countingWriter{w: sink, n: &x.decoded}
 	tb := &tapBody{ReadCloser: resp.Body, ctx: resp.Request.Context(), x: x, sink: usage.NewDecoder(encoding, sink)}
 	if idle := x.up.idleTimeout; idle > 0 {
 		// An upstream that stops sending mid-stream would hold the client
 		// forever. So upstream.timeout bounds each wait for the next bytes,
-		// as it bounds the wait for the headers.
+		// as it bounds the wait for the headers. Read runs the timer only
+		// while it waits for the upstream, never while the proxy writes to
+		// a client that reads slowly or not at all.
 		tb.idle = idle
 		tb.stall = time.AfterFunc(idle, func() { x.cancel(errUpstreamStalled) })
 	}
@@ -236,19 +239,33 @@ type tapBody struct {
 	idle  time.Duration
 }
 
+// countingWriter counts the bytes written through it into n.
+type countingWriter struct {
+	w io.Writer
+	n *int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	*c.n += int64(len(p))
+	return c.w.Write(p)
+}
+
 // errUpstreamStalled is the cancellation cause of a response whose upstream
 // sent nothing for upstream.timeout.
 var errUpstreamStalled = errors.New("upstream stalled")
 
 func (b *tapBody) Read(p []byte) (int, error) {
+	if b.stall != nil {
+		b.stall.Reset(b.idle)
+	}
 	n, err := b.ReadCloser.Read(p)
+	if b.stall != nil {
+		b.stall.Stop()
+	}
 	if err == io.EOF {
 		b.x.bodyEnded = true
 	}
 	if n > 0 {
-		if b.stall != nil {
-			b.stall.Reset(b.idle)
-		}
 		b.x.received += int64(n)
 		b.sink.Write(p[:n])
 	}
@@ -511,7 +528,7 @@ func estimateUsage(x *exchange, counts usage.Counts) usage.Counts {
 	if !counts.Seen {
 		input = (x.requestBytes + 3) / 4
 	}
-	output := max(counts.OutputTokens, (x.received+3)/4)
+	output := max(counts.OutputTokens, (max(x.received, x.decoded)+3)/4)
 	if input == counts.InputTokens && output == counts.OutputTokens {
 		return counts
 	}

@@ -47,11 +47,14 @@ type exchange struct {
 	// background is set for a Responses API request that runs later.
 	background bool
 
-	// requestBytes and received count the request body and the response
-	// bytes from the upstream, for estimating usage the provider never
-	// reported.
+	// requestBytes, received and decoded count the request body and the
+	// response bytes from the upstream as sent and as decoded, for
+	// estimating usage the provider never reported. A gzip body passed
+	// through is a fraction of its decoded size. The decoder has written
+	// decoded by the time the body is closed.
 	requestBytes int64
 	received     int64
+	decoded      int64
 
 	status  int
 	errText string
