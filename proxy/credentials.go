@@ -28,29 +28,32 @@ var credentialParams = map[string]bool{
 }
 
 // stripQueryCredentials returns rawQuery without the parameters named in
-// credentialParams, whatever their case or percent-encoding. A part that
-// names one after a semicolon goes too, for servers that split on
-// semicolons. The other parts keep their order and encoding.
-func stripQueryCredentials(rawQuery string) string {
+// credentialParams, whatever their case or percent-encoding, and with
+// Google's "$" prefix too ("$key" is "key"). On the shared key it also drops
+// userProject, Google's billing project, as X-Goog-User-Project is dropped.
+// A part that names one after a semicolon goes too, for servers that split
+// on semicolons. The other parts keep their order and encoding.
+func stripQueryCredentials(rawQuery string, shared bool) string {
 	if rawQuery == "" {
 		return ""
 	}
 	kept := make([]string, 0, 4)
 	for part := range strings.SplitSeq(rawQuery, "&") {
-		if !namesCredential(part) {
+		if !namesCredential(part, shared) {
 			kept = append(kept, part)
 		}
 	}
 	return strings.Join(kept, "&")
 }
 
-func namesCredential(part string) bool {
+func namesCredential(part string, shared bool) bool {
 	for param := range strings.SplitSeq(part, ";") {
 		name, _, _ := strings.Cut(param, "=")
 		if unescaped, err := url.QueryUnescape(name); err == nil {
 			name = unescaped
 		}
-		if credentialParams[strings.ToLower(strings.TrimSpace(name))] {
+		name = strings.TrimPrefix(strings.ToLower(strings.TrimSpace(name)), "$")
+		if credentialParams[name] || shared && name == "userproject" {
 			return true
 		}
 	}

@@ -47,7 +47,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, l
 func (h *Handler) startForward(w http.ResponseWriter, r *http.Request, x *exchange, log *slog.Logger) *http.Request {
 	h.metrics.InFlight.WithLabelValues(x.up.spec.Name).Inc()
 	if x.source == keystore.SourceShared && tracksOwnership(x.up.spec.Name, x.rest) {
-		x.owner = &ownerRecorder{h: h, x: x, ctx: r.Context(), log: log, sniffID: x.up.spec.Name == provider.OpenAI}
+		x.owner = &ownerRecorder{h: h, x: x, ctx: r.Context(), log: log, responses: x.up.spec.Name == provider.OpenAI}
 	}
 
 	// Once the response header is flushed, the HTTP/1 server closes the
@@ -100,7 +100,7 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 	out.URL.Host = base.Host
 	out.URL.Path = strings.TrimSuffix(base.Path, "/") + "/" + x.rest
 	out.URL.RawPath = ""
-	out.URL.RawQuery = stripQueryCredentials(out.URL.RawQuery)
+	out.URL.RawQuery = stripQueryCredentials(out.URL.RawQuery, x.source == keystore.SourceShared)
 	out.Host = ""
 
 	for _, name := range credentialHeaders {
@@ -440,6 +440,9 @@ func (h *Handler) finish(x *exchange, source string, log *slog.Logger) {
 	status := x.status
 	if status == 0 {
 		status = http.StatusBadGateway
+	}
+	if x.streamedBody != nil {
+		x.requestBytes = max(x.requestBytes, x.streamedBody.n.Load())
 	}
 	var counts usage.Counts
 	if x.tap != nil {

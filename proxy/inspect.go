@@ -385,33 +385,49 @@ func containerValue(value []byte, idField, name string) (string, error) {
 	return id, nil
 }
 
-// storedItemReference returns what a Responses API request names of the
-// items stored upstream, other than previous_response_id: a conversation, or
-// an input item of type item_reference. The proxy cannot tell which mailbox
-// created those, so a shared request may name neither. It returns "" when
-// the request names none.
-func storedItemReference(info *requestInfo) (string, error) {
+// inspectInput reads what a Responses API request names of the items stored
+// upstream, other than previous_response_id. It returns a description of a
+// conversation, or of an input item that refers to a stored item by id
+// (type item_reference, or no type and an id), and the container_id of any
+// input item, such as a code_interpreter_call passed back. The proxy cannot
+// tell which mailbox created the stored items, so a shared request may name
+// none, while the containers are checked against the mailbox's own.
+func inspectInput(info *requestInfo) (reference string, containers []string, err error) {
 	if len(info.Conversation) > 0 && !bytes.Equal(info.Conversation, []byte("null")) {
-		return "conversation", nil
+		return "a conversation", nil, nil
 	}
 	input := gjson.ParseBytes(info.Input)
 	if !input.IsArray() {
-		return "", nil
+		return "", nil, nil
 	}
-	var found string
-	var err error
 	input.ForEach(func(_, item gjson.Result) bool {
 		if !item.IsObject() {
 			return true
 		}
-		err = scanObject([]byte(item.Raw), []string{"type"}, func(_, _ int, value []byte) error {
-			var typ string
-			if json.Unmarshal(value, &typ) == nil && typ == "item_reference" {
-				found = "an input item of type item_reference"
+		typ, hasID := "", false
+		err = scanObject([]byte(item.Raw), []string{"type", "id", "container_id"}, func(field, _ int, value []byte) error {
+			switch field {
+			case 0:
+				json.Unmarshal(value, &typ)
+			case 1:
+				hasID = value[0] != 'n' // not null
+			default:
+				if value[0] == '"' {
+					var id string
+					if json.Unmarshal(value, &id) != nil {
+						return invalidField("input[].container_id", "a string")
+					}
+					containers = append(containers, id)
+				}
 			}
 			return nil
 		})
-		return err == nil && found == ""
+		switch {
+		case err != nil:
+		case typ == "item_reference", typ == "" && hasID:
+			reference = "an input item that refers to a stored item by id"
+		}
+		return err == nil && reference == ""
 	})
-	return found, err
+	return reference, containers, err
 }

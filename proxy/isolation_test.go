@@ -581,6 +581,10 @@ func TestQueryCredentialsNeverForwarded(t *testing.T) {
 		"%6Bey=" + token,
 		"alt=json;key=" + token,
 		"api_key=" + token + "&oauth_token=x&Bearer_Token=y",
+		"$key=" + token,
+		"%24KEY=" + token,
+		"userProject=other-project",
+		"$userProject=other-project",
 	}
 	for _, q := range queries {
 		up.Reset()
@@ -591,7 +595,7 @@ func TestQueryCredentialsNeverForwarded(t *testing.T) {
 		}
 		got := up.Requests()[0]
 		lower := strings.ToLower(got.RawQuery)
-		for _, leaked := range []string{strings.ToLower(token), "ya29", "key", "token"} {
+		for _, leaked := range []string{strings.ToLower(token), "ya29", "key", "token", "project"} {
 			if strings.Contains(lower, leaked) {
 				t.Errorf("%s: upstream query %q still carries %q", q, got.RawQuery, leaked)
 			}

@@ -3,6 +3,7 @@ package proxy_test
 import (
 	"context"
 	"encoding/json"
+	"io"
 	"net/http"
 	"strconv"
 	"strings"
@@ -481,6 +482,8 @@ func TestStoredItemReferencesRejectedOnShared(t *testing.T) {
 		`{"model":"gpt-4o-mini","input":"hi","conversation":{"id":"conv_123"}}`,
 		`{"model":"gpt-4o-mini","input":[{"role":"user","content":"hi"},{"type":"item_reference","id":"msg_123"}]}`,
 		`{"model":"gpt-4o-mini","input":[{"id":"msg_123","type":"item_reference"}]}`,
+		`{"model":"gpt-4o-mini","input":[{"id":"msg_123"}]}`,
+		`{"model":"gpt-4o-mini","input":[{"type":null,"id":"rs_123"}]}`,
 	}
 	for _, body := range forbidden {
 		resp, out := st.Do(t, "POST", "/openai/v1/responses", token, body)
@@ -499,6 +502,7 @@ func TestStoredItemReferencesRejectedOnShared(t *testing.T) {
 	allowed := []string{
 		`{"model":"gpt-4o-mini","input":[{"role":"user","content":"item_reference"}]}`,
 		`{"model":"gpt-4o-mini","input":"hi","conversation":null}`,
+		`{"model":"gpt-4o-mini","input":[{"type":"message","id":"msg_own","role":"assistant","content":[{"type":"output_text","text":"hi"}]},{"role":"user","content":"more"}]}`,
 	}
 	for _, body := range allowed {
 		if resp, out := st.Do(t, "POST", "/openai/v1/responses", token, body); resp.StatusCode != 200 {
@@ -532,5 +536,34 @@ func TestRareEventSeriesExistAtStart(t *testing.T) {
 		if series[name] != count {
 			t.Errorf("%s: %d series before any request, want %d", name, series[name], count)
 		}
+	}
+}
+
+// TestChunkedGoogleEmbeddingsCharged sends the embeddings request of
+// TestGoogleEmbeddingsCharged without a Content-Length, as a chunked body
+// that the proxy forwards unread.
+func TestChunkedGoogleEmbeddingsCharged(t *testing.T) {
+	st := teststack.Start(t)
+	m := "gemini-embed-chunked@example.com"
+	body := `{"requests":[{"model":"models/gemini-embedding-001","content":{"parts":[{"text":"` + strings.Repeat("word ", 200) + `"}]}}]}`
+	req, err := http.NewRequest("POST", st.ProxyURL+"/google/v1beta/models/gemini-embedding-001:batchEmbedContents",
+		io.NopCloser(strings.NewReader(body)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("X-Goog-Api-Key", st.Token(t, m))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || req.ContentLength != 0 {
+		t.Fatalf("status %d, Content-Length %d: %s", resp.StatusCode, req.ContentLength, out)
+	}
+	requests, input, _ := sharedUsage(t, st, m, provider.Google)
+	if want := int64(len(body)+3) / 4; requests != 1 || input != want {
+		t.Errorf("charged %d requests, %d input tokens, want 1 and %d", requests, input, want)
 	}
 }

@@ -3,20 +3,12 @@ package proxy
 import (
 	"context"
 	"log/slog"
-	"regexp"
 	"strings"
 	"time"
 
 	"github.com/byokproxy/byokproxy/provider"
 	"github.com/byokproxy/byokproxy/usage"
 )
-
-// sniffLimit bounds how much of a Responses API body is searched for the
-// response id. The id comes first in both the JSON body and the stream's
-// response.created event, so a few KiB are enough.
-const sniffLimit = 8 << 10
-
-var responseIDPattern = regexp.MustCompile(`"id"\s*:\s*"(resp_[A-Za-z0-9_\-]{1,200})"`)
 
 // ownerStoreTimeout bounds the Redis write that records a created id. The
 // response waits for it, so a slow Redis delays one response by at most this
@@ -38,19 +30,20 @@ func tracksOwnership(prov, rest string) bool {
 
 // ownerRecorder stores the ids of the responses and containers that a shared
 // response creates, as the response passes to the client. It writes to Redis
-// before the bytes that carry an id are released, so a client that continues
-// at once, with previous_response_id or the container, finds the id owned on
-// every replica. It is written to after the usage tap, whose records supply
-// the container ids.
+// before the bytes that complete the JSON body or stream event carrying an
+// id are released, so a client that continues at once, with
+// previous_response_id or the container, finds the id owned on every
+// replica. It is written to after the usage tap, whose records supply the
+// ids, read by their JSON path.
 type ownerRecorder struct {
-	h       *Handler
-	x       *exchange
-	ctx     context.Context
-	log     *slog.Logger
-	tap     *usage.Tap
-	sniffID bool // search the body for a Responses API id
-
-	buf        []byte // the start of the body, searched for the response id
+	h   *Handler
+	x   *exchange
+	ctx context.Context
+	log *slog.Logger
+	tap *usage.Tap
+	// responses is set on the OpenAI Responses API, whose response ids a
+	// later request may name.
+	responses  bool
 	responseID string
 	containers int // container ids of the tap already handled
 	// pending are the ids that could not be stored, left to the audit writer.
@@ -59,11 +52,8 @@ type ownerRecorder struct {
 
 func (o *ownerRecorder) Write(p []byte) (int, error) {
 	var ids []string
-	if o.sniffID && o.responseID == "" && len(o.buf) < sniffLimit {
-		o.buf = append(o.buf, p[:min(len(p), sniffLimit-len(o.buf))]...)
-		if m := responseIDPattern.FindSubmatch(o.buf); m != nil {
-			o.responseID = string(m[1])
-			o.buf = nil
+	if o.responses && o.responseID == "" {
+		if o.responseID = o.tap.ResponseID(); o.responseID != "" {
 			ids = append(ids, o.responseID)
 		}
 	}

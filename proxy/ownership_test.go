@@ -47,6 +47,9 @@ var containerCases = []containerCase{
 			return []string{
 				`{"model":"gpt-4o-mini","input":"again","tools":[{"type":"code_interpreter","container":"` + id + `"}]}`,
 				`{"model":"gpt-4o-mini","input":"again","tools":[{"type":"shell","environment":{"type":"container_reference","container_id":"` + id + `"}}]}`,
+				`{"model":"gpt-4o-mini","tools":[{"type":"code_interpreter","container":{"type":"auto"}}],"input":[` +
+					`{"type":"code_interpreter_call","id":"ci_1","status":"completed","code":"print(1)","outputs":null,"container_id":"` + id + `"},` +
+					`{"role":"user","content":"again"}]}`,
 			}
 		},
 		idPath: "output.#.container_id|item.container_id",

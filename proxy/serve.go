@@ -55,6 +55,9 @@ type exchange struct {
 	requestBytes int64
 	received     int64
 	decoded      int64
+	// streamedBody counts a request body that is forwarded without being
+	// read first, or is nil.
+	streamedBody *countingBody
 
 	status  int
 	errText string
@@ -312,6 +315,10 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 	}
 	x.requestBytes = max(r.ContentLength, 0)
 	if !needsBody(spec.Name, r.Method, x.rest) {
+		// The body streams through unread, and a chunked one has no
+		// Content-Length, so the bytes sent are counted as they go.
+		x.streamedBody = &countingBody{ReadCloser: r.Body}
+		r.Body = x.streamedBody
 		return true
 	}
 	body, err := readAll(r.Body, r.ContentLength, s.maxBodyBytes)
@@ -350,25 +357,40 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 	x.previousResponse = info.PreviousResponseID
 	responses := spec.Name == provider.OpenAI && strings.HasSuffix(x.rest, "responses")
 	x.background = info.Background && responses
-	if x.source == keystore.SourceShared && responses {
-		what, err := storedItemReference(&info)
-		if err != nil {
-			h.rejectAudited(w, x, log, provider.BadRequest, err.Error(), 0)
-			return false
-		}
-		if what != "" {
-			h.rejectAudited(w, x, log, provider.Forbidden, "the request names "+what+", which the shared key does not allow; send previous_response_id or the items themselves, or use your own key", 0)
-			return false
-		}
+	if x.source != keystore.SourceShared {
+		return true
 	}
-	if x.source == keystore.SourceShared {
-		x.containers, err = requestedContainers(spec.Name, x.rest, &info)
+	x.containers, err = requestedContainers(spec.Name, x.rest, &info)
+	if err != nil {
+		h.rejectAudited(w, x, log, provider.BadRequest, err.Error(), 0)
+		return false
+	}
+	if responses {
+		reference, containers, err := inspectInput(&info)
 		if err != nil {
 			h.rejectAudited(w, x, log, provider.BadRequest, err.Error(), 0)
 			return false
 		}
+		if reference != "" {
+			h.rejectAudited(w, x, log, provider.Forbidden, "the request names "+reference+", which the shared key does not allow; send previous_response_id or the items themselves, or use your own key", 0)
+			return false
+		}
+		x.containers = append(x.containers, containers...)
 	}
 	return true
+}
+
+// countingBody counts the bytes read from a request body. The transport
+// reads it on its own goroutine, hence the atomic.
+type countingBody struct {
+	io.ReadCloser
+	n atomic.Int64
+}
+
+func (b *countingBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.n.Add(int64(n))
+	return n, err
 }
 
 // firstBodyBuffer is the most readAll allocates for a request body before

@@ -1,6 +1,11 @@
 package usage
 
-import "encoding/json"
+import (
+	"bytes"
+	"encoding/json"
+)
+
+var responseIDPrefix = []byte("resp_")
 
 // target is the meaning of the value under a key for usage counting. It is a
 // container node whose keys are matched further, a leaf field, or tNone for a
@@ -32,6 +37,10 @@ const (
 	// fContainerID is the id of a code execution container: Anthropic
 	// container.id, or OpenAI container_id of a code_interpreter_call item.
 	fContainerID
+	// fResponseID is the id of an OpenAI response: the top-level id of a
+	// body, or response.id of a Responses stream event. Only ids that start
+	// with "resp_" are kept, which leaves out chat completion ids.
+	fResponseID
 	fPromptTokens     // OpenAI usage.prompt_tokens, includes cached input
 	fCompletionTokens // OpenAI usage.completion_tokens, includes reasoning
 	fInputTokens      // OpenAI Responses or Anthropic usage.input_tokens
@@ -99,6 +108,10 @@ func lookupKey(p providerKind, node target, key []byte) target {
 			if p == providerOpenAI {
 				return nOpenAIOutput
 			}
+		case "id":
+			if p == providerOpenAI {
+				return fResponseID
+			}
 		case "item":
 			if p == providerOpenAI {
 				return nOpenAIItem
@@ -120,6 +133,8 @@ func lookupKey(p providerKind, node target, key []byte) target {
 			return nOpenAIUsage
 		case "output":
 			return nOpenAIOutput
+		case "id":
+			return fResponseID
 		}
 	case nOpenAIItem:
 		if string(key) == "container_id" {
@@ -201,12 +216,14 @@ type record struct {
 	// containers are the container ids the record named, at most
 	// maxContainers. They are rare, so only a record with one allocates.
 	containers []string
+	responseID string
 }
 
 func (r *record) reset() {
 	r.set = 0
 	r.modelLen = 0
 	r.containers = r.containers[:0]
+	r.responseID = ""
 }
 
 type scanState uint8
@@ -441,7 +458,7 @@ func (s *scanner) startValue(c byte) {
 		s.next = elementTarget(byte(node))
 		s.state = stValueOrEnd
 	case c == '"':
-		s.startString(false, s.next == fModel || s.next == fContainerID, s.next)
+		s.startString(false, s.next == fModel || s.next == fContainerID || s.next == fResponseID, s.next)
 	case c == '-' || (c >= '0' && c <= '9'):
 		s.numTarget = s.next
 		s.numValue = 0
@@ -597,6 +614,8 @@ func (s *scanner) endString() {
 		s.rec.modelLen = copy(s.rec.model[:], text)
 	case s.strTarget == fContainerID && len(text) > 0 && len(s.rec.containers) < maxContainers:
 		s.rec.containers = append(s.rec.containers, string(text))
+	case s.strTarget == fResponseID && s.rec.responseID == "" && bytes.HasPrefix(text, responseIDPrefix):
+		s.rec.responseID = string(text)
 	}
 	s.endValue()
 }

@@ -39,6 +39,8 @@ type tally struct {
 	// containers are the distinct container ids the records named, in
 	// order, at most maxContainers.
 	containers []string
+	// responseID is the first OpenAI response id a record named.
+	responseID string
 }
 
 // add merges a record. A field keeps its latest non-zero value, because
@@ -57,6 +59,9 @@ func (t *tally) add(r *record) {
 	}
 	if r.modelLen > 0 && string(r.model[:r.modelLen]) != t.model {
 		t.model = string(r.model[:r.modelLen])
+	}
+	if t.responseID == "" {
+		t.responseID = r.responseID
 	}
 	for _, id := range r.containers {
 		if len(t.containers) < maxContainers && !slices.Contains(t.containers, id) {
@@ -189,6 +194,14 @@ func (t *Tap) Containers(from int) []string {
 		return nil
 	}
 	return slices.Clone(t.tally.containers[from:])
+}
+
+// ResponseID returns the id of the OpenAI response that the records
+// completed so far named, or "".
+func (t *Tap) ResponseID() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.tally.responseID
 }
 
 // Counts returns what the response reported so far.

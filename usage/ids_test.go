@@ -97,3 +97,36 @@ func TestTapContainersBounded(t *testing.T) {
 		t.Errorf("kept %d container ids, want %d", got, maxContainers)
 	}
 }
+
+func TestTapResponseID(t *testing.T) {
+	cases := []struct {
+		name        string
+		provider    string
+		contentType string
+		body        string
+		want        string
+	}{
+		{"json body", "openai", jsonType,
+			`{"metadata":{"id":"resp_FORGED"},"prompt":{"id":"resp_FORGED2"},"output":[{"id":"resp_FORGED3","type":"message"}],"id":"resp_OWN","object":"response"}`,
+			"resp_OWN"},
+		{"stream", "openai", sseType,
+			"event: response.output_item.added\ndata: {\"type\":\"response.output_item.added\",\"item\":{\"id\":\"resp_FORGED\"}}\n\n" +
+				"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"metadata\":{\"id\":\"resp_FORGED\"},\"id\":\"resp_OWN\"}}\n\n",
+			"resp_OWN"},
+		{"chat completion", "openai", jsonType, `{"id":"chatcmpl-1","object":"chat.completion"}`, ""},
+		{"text", "openai", jsonType, `{"output_text":"{\"id\":\"resp_FORGED\"}","id":42}`, ""},
+		{"anthropic", "anthropic", jsonType, `{"id":"resp_FORGED"}`, ""},
+		{"event cut before its end", "openai", sseType, "data: {\"response\":{\"id\":\"resp_OWN\"}", ""},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			tap := NewTap(c.provider, c.contentType)
+			for i := range len(c.body) {
+				tap.Write([]byte{c.body[i]})
+			}
+			if got := tap.ResponseID(); got != c.want {
+				t.Errorf("ResponseID() = %q, want %q", got, c.want)
+			}
+		})
+	}
+}
