@@ -160,6 +160,27 @@ func (s *Store) RecordOwned(ctx context.Context, id mailbox.ID, resources []stri
 	return nil
 }
 
+// FirstNotOwned returns the first of resources, response or container
+// ids, that mailbox id did not create on the shared key within the
+// remembered period, or "" when it created them all. One round trip checks
+// them all.
+func (s *Store) FirstNotOwned(ctx context.Context, id mailbox.ID, resources []string) (string, error) {
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	scores, err := s.rdb.ZMScore(ctx, s.layout.Owned(string(id)), resources...).Result()
+	if err != nil {
+		return "", fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	now := float64(s.now().Unix())
+	for i, score := range scores {
+		// A member that is not in the set reads as 0.
+		if score <= now {
+			return resources[i], nil
+		}
+	}
+	return "", nil
+}
+
 // Owns reports whether mailbox id created resource, a response or a
 // container id, on the shared key within the remembered period.
 func (s *Store) Owns(ctx context.Context, id mailbox.ID, resource string) (bool, error) {

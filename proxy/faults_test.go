@@ -778,18 +778,38 @@ func TestClientDisconnectCancelsUpstream(t *testing.T) {
 	})
 }
 
-// TestCutGzipErrorBodyScrubbed makes the upstream respond 401 with a gzip
-// body that echoes the key and breaks off before the gzip trailer, as when
-// the connection drops while the error is sent. The client must not be able
-// to read the key from what it gets, with or without decompressing it.
-func TestCutGzipErrorBodyScrubbed(t *testing.T) {
+// send does req with client and returns the response with its whole body.
+func send(t *testing.T, client *http.Client, req *http.Request) (*http.Response, []byte) {
+	t.Helper()
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	return resp, body
+}
+
+// scriptedStack starts a stack whose every provider upstream is one scripted
+// upstream, and returns it with the token of mailbox m, which uses its own
+// key everywhere.
+func scriptedStack(t *testing.T, m string) (*scriptedUpstream, *teststack.Stack, string) {
+	t.Helper()
 	up := newScriptedUpstream(t)
 	st := teststack.Start(t, func(c *config.Config) {
 		for _, p := range provider.Names {
 			c.Provider(p).Upstream = up.URL
 		}
 	})
-	token := useBYOKEverywhere(t, st, "gzip-error@example.com")
+	return up, st, useBYOKEverywhere(t, st, m)
+}
+
+// TestCutGzipErrorBodyScrubbed makes the upstream respond 401 with a gzip
+// body that echoes the key and breaks off before the gzip trailer, as when
+// the connection drops while the error is sent. The client must not be able
+// to read the key from what it gets, with or without decompressing it.
+func TestCutGzipErrorBodyScrubbed(t *testing.T) {
+	up, st, token := scriptedStack(t, "gzip-error@example.com")
 	client := &http.Client{Transport: &http.Transport{DisableCompression: true}}
 	defer client.CloseIdleConnections()
 	for _, p := range provider.Names {
@@ -799,12 +819,7 @@ func TestCutGzipErrorBodyScrubbed(t *testing.T) {
 			up.set(scriptedResponse{status: http.StatusUnauthorized, contentType: "application/json", encoding: "gzip", body: full[:len(full)-cut]})
 			req := callRequest(context.Background(), st.ProxyURL, p, token, nonStream[p])
 			req.Header.Set("Accept-Encoding", "gzip")
-			resp, err := client.Do(req)
-			if err != nil {
-				t.Fatal(err)
-			}
-			body, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
+			resp, body := send(t, client, req)
 			if resp.StatusCode != http.StatusUnauthorized {
 				t.Errorf("%s cut %d: status %d, want the upstream's 401", p, cut, resp.StatusCode)
 			}
@@ -929,13 +944,7 @@ func TestCreatedIDsStoredAfterRedisOutage(t *testing.T) {
 // proxy decodes and scrubs gzip and deflate, and drops a body in any other
 // coding, so the client cannot read the key from it either way.
 func TestEncodedErrorBodyScrubbed(t *testing.T) {
-	up := newScriptedUpstream(t)
-	st := teststack.Start(t, func(c *config.Config) {
-		for _, p := range provider.Names {
-			c.Provider(p).Upstream = up.URL
-		}
-	})
-	token := useBYOKEverywhere(t, st, "encoded-error@example.com")
+	up, st, token := scriptedStack(t, "encoded-error@example.com")
 	client := &http.Client{Transport: &http.Transport{DisableCompression: true}}
 	defer client.CloseIdleConnections()
 	compress := func(w io.WriteCloser, buf *bytes.Buffer, data []byte) []byte {
@@ -964,12 +973,7 @@ func TestEncodedErrorBodyScrubbed(t *testing.T) {
 			up.set(scriptedResponse{status: http.StatusUnauthorized, contentType: "application/json", encoding: c.encoding, body: c.body})
 			req := callRequest(context.Background(), st.ProxyURL, p, token, nonStream[p])
 			req.Header.Set("Accept-Encoding", "gzip, deflate, br")
-			resp, err := client.Do(req)
-			if err != nil {
-				t.Fatal(err)
-			}
-			body, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
+			resp, body := send(t, client, req)
 			if resp.StatusCode != http.StatusUnauthorized {
 				t.Errorf("%s %q: status %d, want the upstream's 401", p, c.encoding, resp.StatusCode)
 			}
@@ -994,13 +998,7 @@ func TestEncodedErrorBodyScrubbed(t *testing.T) {
 // TestKeyInResponseHeadersScrubbed makes the upstream quote the key in
 // response headers of an error, a redirect and a success.
 func TestKeyInResponseHeadersScrubbed(t *testing.T) {
-	up := newScriptedUpstream(t)
-	st := teststack.Start(t, func(c *config.Config) {
-		for _, p := range provider.Names {
-			c.Provider(p).Upstream = up.URL
-		}
-	})
-	token := useBYOKEverywhere(t, st, "header-echo@example.com")
+	up, st, token := scriptedStack(t, "header-echo@example.com")
 	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	defer client.CloseIdleConnections()
 	for _, p := range provider.Names {
@@ -1018,12 +1016,7 @@ func TestKeyInResponseHeadersScrubbed(t *testing.T) {
 		}
 		for _, c := range cases {
 			up.set(scriptedResponse{status: c.status, contentType: "application/json", header: c.header, body: []byte(c.body)})
-			resp, err := client.Do(callRequest(context.Background(), st.ProxyURL, p, token, nonStream[p]))
-			if err != nil {
-				t.Fatal(err)
-			}
-			body, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
+			resp, body := send(t, client, callRequest(context.Background(), st.ProxyURL, p, token, nonStream[p]))
 			if resp.StatusCode != c.status {
 				t.Errorf("%s %d: status %d", p, c.status, resp.StatusCode)
 			}
@@ -1129,5 +1122,40 @@ func TestCutGzipStreamEstimateDecoded(t *testing.T) {
 	}
 	if charged[false] == 0 || charged[true] < charged[false] {
 		t.Errorf("the same cut stream is charged %d output tokens gzip-encoded and %d plain", charged[true], charged[false])
+	}
+}
+
+// TestErrorBodyStallBounded makes the upstream send an error status and
+// headers, then nothing of the body it announced. The proxy reads an error
+// body whole to scrub it, so upstream.timeout must bound that read.
+func TestErrorBodyStallBounded(t *testing.T) {
+	release := make(chan struct{})
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", "200")
+		w.WriteHeader(http.StatusInternalServerError)
+		w.(http.Flusher).Flush()
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	}))
+	t.Cleanup(func() {
+		close(release)
+		up.CloseClientConnections()
+		up.Close()
+	})
+	const timeout = 300 * time.Millisecond
+	st := teststack.Start(t, func(c *config.Config) {
+		c.Upstream.Timeout = timeout
+		c.Provider(provider.OpenAI).Upstream = up.URL
+	})
+	status, body, took := timedDo(t, st, provider.OpenAI, st.Token(t, "error-stall@example.com"), nonStream[provider.OpenAI])
+	if status != http.StatusInternalServerError {
+		t.Errorf("status %d, want the upstream's 500: %s", status, body)
+	}
+	if took > 3*timeout {
+		t.Errorf("a stalled error body held the request for %v with upstream.timeout %v", took, timeout)
 	}
 }

@@ -300,6 +300,12 @@ var maskedKey = regexp.MustCompile(`[A-Za-z0-9_\-]*\*{3,}[A-Za-z0-9_\-]*`)
 // scrubErrorBody replaces every form of the injected key in an upstream
 // error body: raw, percent-encoded and masked.
 func scrubErrorBody(resp *http.Response, x *exchange) error {
+	// The body is read whole before any of it is sent, so upstream.timeout
+	// bounds the whole read, as it bounds the headers.
+	if idle := x.up.idleTimeout; idle > 0 {
+		stall := time.AfterFunc(idle, func() { x.cancel(errUpstreamStalled) })
+		defer stall.Stop()
+	}
 	raw, err := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody+1))
 	resp.Body.Close()
 	if err != nil {

@@ -388,11 +388,12 @@ func containerValue(value []byte, idField, name string) (string, error) {
 // inspectInput reads what a Responses API request names of the items stored
 // upstream, other than previous_response_id. It returns a description of a
 // conversation, or of an input item that refers to a stored item by id
-// (type item_reference, or no type and an id), and the container_id of any
-// input item, such as a code_interpreter_call passed back. The proxy cannot
-// tell which mailbox created the stored items, so a shared request may name
-// none, while the containers are checked against the mailbox's own.
-func inspectInput(info *requestInfo) (reference string, containers []string, err error) {
+// (type item_reference, or no type and an id): the proxy cannot tell which
+// mailbox created those, so a shared request may name none. It also returns
+// what must be the mailbox's own: the container_id of any input item, such
+// as a code_interpreter_call passed back, and the id of a reasoning item
+// passed back, which the Responses API looks up in its storage.
+func inspectInput(info *requestInfo) (reference string, owned []string, err error) {
 	if len(info.Conversation) > 0 && !bytes.Equal(info.Conversation, []byte("null")) {
 		return "a conversation", nil, nil
 	}
@@ -404,20 +405,21 @@ func inspectInput(info *requestInfo) (reference string, containers []string, err
 		if !item.IsObject() {
 			return true
 		}
-		typ, hasID := "", false
+		typ, id, hasID := "", "", false
 		err = scanObject([]byte(item.Raw), []string{"type", "id", "container_id"}, func(field, _ int, value []byte) error {
 			switch field {
 			case 0:
 				json.Unmarshal(value, &typ)
 			case 1:
 				hasID = value[0] != 'n' // not null
+				json.Unmarshal(value, &id)
 			default:
 				if value[0] == '"' {
-					var id string
-					if json.Unmarshal(value, &id) != nil {
+					var container string
+					if json.Unmarshal(value, &container) != nil {
 						return invalidField("input[].container_id", "a string")
 					}
-					containers = append(containers, id)
+					owned = append(owned, container)
 				}
 			}
 			return nil
@@ -426,8 +428,12 @@ func inspectInput(info *requestInfo) (reference string, containers []string, err
 		case err != nil:
 		case typ == "item_reference", typ == "" && hasID:
 			reference = "an input item that refers to a stored item by id"
+		case typ == "reasoning" && hasID && id == "":
+			err = invalidField("input[].id", "a string")
+		case typ == "reasoning" && id != "":
+			owned = append(owned, id)
 		}
 		return err == nil && reference == ""
 	})
-	return reference, containers, err
+	return reference, owned, err
 }

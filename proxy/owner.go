@@ -46,6 +46,7 @@ type ownerRecorder struct {
 	responses  bool
 	responseID string
 	containers int // container ids of the tap already handled
+	reasoning  int // reasoning item ids of the tap already handled
 	// pending are the ids that could not be stored, left to the audit writer.
 	pending []string
 }
@@ -60,6 +61,12 @@ func (o *ownerRecorder) Write(p []byte) (int, error) {
 	if found := o.tap.Containers(o.containers); len(found) > 0 {
 		o.containers += len(found)
 		ids = append(ids, found...)
+	}
+	if o.responses {
+		if found := o.tap.ReasoningItems(o.reasoning); len(found) > 0 {
+			o.reasoning += len(found)
+			ids = append(ids, found...)
+		}
 	}
 	if len(ids) > 0 {
 		o.store(ids)

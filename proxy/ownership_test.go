@@ -3,7 +3,10 @@ package proxy_test
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
+	"fmt"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -56,9 +59,9 @@ var containerCases = []containerCase{
 	},
 }
 
-// createdContainer returns the container id that a JSON body or an event
-// stream reports.
-func createdContainer(t *testing.T, body []byte, idPath string) string {
+// createdID returns the first id at idPath of a JSON body or of an event
+// stream.
+func createdID(t *testing.T, body []byte, idPath string) string {
 	t.Helper()
 	var docs [][]byte
 	if bytes.HasPrefix(bytes.TrimSpace(body), []byte("{")) {
@@ -108,7 +111,7 @@ func TestContainerOwnership(t *testing.T) {
 				if resp.StatusCode != 200 {
 					t.Fatalf("create: status %d: %s", resp.StatusCode, body)
 				}
-				id := createdContainer(t, body, c.idPath)
+				id := createdID(t, body, c.idPath)
 
 				// No wait for the audit writer: the id must be stored
 				// before the response that carries it ends.
@@ -216,6 +219,93 @@ func TestPreviousResponseAtOnce(t *testing.T) {
 			if resp.StatusCode != 200 {
 				t.Errorf("continuing %s at once (round %d): status %d: %s", id, i, resp.StatusCode, out)
 			}
+		}
+	}
+}
+
+// zmscoreCalls returns how many ZMSCORE commands the stack's Redis has run.
+func zmscoreCalls(t *testing.T, st *teststack.Stack) int64 {
+	t.Helper()
+	info, err := st.RDB.Info(context.Background(), "commandstats").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, found := strings.Cut(info, "cmdstat_zmscore:calls=")
+	if !found {
+		return 0
+	}
+	n, _ := strconv.ParseInt(rest[:strings.IndexByte(rest, ',')], 10, 64)
+	return n
+}
+
+// TestNamedContainersBounded checks that one request naming the same
+// container in many input items costs one ownership check, and that a
+// request may name only a few distinct containers.
+func TestNamedContainersBounded(t *testing.T) {
+	st := teststack.Start(t)
+	token := st.Token(t, "many-items@example.com")
+	c := containerCases[1] // OpenAI
+	resp, body := st.Do(t, "POST", c.path, token, c.create)
+	if resp.StatusCode != 200 {
+		t.Fatalf("create: status %d: %s", resp.StatusCode, body)
+	}
+	id := createdID(t, body, c.idPath)
+
+	item := `{"type":"code_interpreter_call","id":"ci_1","status":"completed","code":"print(1)","outputs":null,"container_id":"` + id + `"},`
+	many := `{"model":"gpt-4o-mini","input":[` + strings.Repeat(item, 5000) + `{"role":"user","content":"again"}]}`
+	before := zmscoreCalls(t, st)
+	if resp, body := st.Do(t, "POST", c.path, token, many); resp.StatusCode != 200 {
+		t.Fatalf("5,000 items naming the mailbox's own container: status %d: %s", resp.StatusCode, body)
+	}
+	if calls := zmscoreCalls(t, st) - before; calls != 1 {
+		t.Errorf("5,000 items naming one container cost %d ownership checks, want 1", calls)
+	}
+
+	var items strings.Builder
+	for i := range maxNamedContainers + 1 {
+		fmt.Fprintf(&items, `{"type":"code_interpreter_call","id":"ci_%d","container_id":"cntr_%d"},`, i, i)
+	}
+	distinct := `{"model":"gpt-4o-mini","input":[` + items.String() + `{"role":"user","content":"again"}]}`
+	if resp, body := st.Do(t, "POST", c.path, token, distinct); resp.StatusCode != 400 {
+		t.Errorf("%d distinct containers: status %d, want 400: %s", maxNamedContainers+1, resp.StatusCode, body)
+	}
+}
+
+// maxNamedContainers is the proxy's bound on the distinct containers one
+// request may name.
+const maxNamedContainers = 256
+
+// TestReasoningItemOwnership checks that a reasoning item passed back by id,
+// which the Responses API looks up in its storage, must be one the mailbox
+// created on the shared key, streamed or not.
+func TestReasoningItemOwnership(t *testing.T) {
+	st := teststack.Start(t)
+	alice := st.Token(t, "alice-reasoning@example.com")
+	mallory := st.Token(t, "mallory-reasoning@example.com")
+	up := st.Upstreams[provider.OpenAI]
+	for _, create := range []string{
+		`{"model":"o4-mini","input":"think","reasoning":{"effort":"low"}}`,
+		`{"model":"o4-mini","input":"think","reasoning":{"effort":"low"},"stream":true}`,
+	} {
+		resp, body := st.Do(t, "POST", "/openai/v1/responses", alice, create)
+		if resp.StatusCode != 200 {
+			t.Fatalf("create: status %d: %s", resp.StatusCode, body)
+		}
+		id := createdID(t, body, "output.#.id|item.id")
+		if !strings.HasPrefix(id, "rs_") {
+			t.Fatalf("first output item id %q is not a reasoning item's", id)
+		}
+		passBack := `{"model":"o4-mini","input":[{"type":"reasoning","id":"` + id + `","summary":[]},{"role":"user","content":"more"}]}`
+		if resp, body := st.Do(t, "POST", "/openai/v1/responses", alice, passBack); resp.StatusCode != 200 {
+			t.Errorf("owner passing its reasoning item back at once: status %d: %s", resp.StatusCode, body)
+		}
+		n := len(up.Requests())
+		resp, body = st.Do(t, "POST", "/openai/v1/responses", mallory, passBack)
+		if resp.StatusCode != 403 || !strings.Contains(string(body), "reasoning item") {
+			t.Errorf("another mailbox passing the reasoning item: status %d, want 403: %s", resp.StatusCode, body)
+		}
+		if len(up.Requests()) != n {
+			t.Error("another mailbox's reasoning item was forwarded")
 		}
 	}
 }

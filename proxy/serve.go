@@ -41,8 +41,9 @@ type exchange struct {
 	injectUsage bool   // the proxy added stream_options.include_usage
 	// previousResponse is the Responses API previous_response_id, if any.
 	previousResponse string
-	// containers are the existing code execution containers a shared
-	// request asks to run in.
+	// containers are the existing code execution containers, and the
+	// reasoning items passed back, that a shared request names: each must
+	// be one the mailbox created on the shared key.
 	containers []string
 	// background is set for a Responses API request that runs later.
 	background bool
@@ -254,15 +255,8 @@ func (h *Handler) admitShared(w http.ResponseWriter, r *http.Request, x *exchang
 		h.rejectAudited(w, x, log, provider.Forbidden, "background responses are not available on the shared key; use your own key for them", 0)
 		return false
 	}
-	if prev := x.previousResponse; prev != "" {
-		if !h.checkOwned(w, r, x, log, prev, "previous_response_id names a response") {
-			return false
-		}
-	}
-	for _, id := range x.containers {
-		if !h.checkOwned(w, r, x, log, id, "the request names a code execution container") {
-			return false
-		}
+	if !h.checkOwned(w, r, x, log) {
+		return false
 	}
 	limit := s.monthlyLimit
 	if rec.Limit != nil {
@@ -281,18 +275,32 @@ func (h *Handler) admitShared(w http.ResponseWriter, r *http.Request, x *exchang
 	return true
 }
 
-// checkOwned reports whether the mailbox created resource, a response or
-// container id, on the shared key. Otherwise it writes a 403 that starts with
-// what, or a 503 when Redis cannot tell.
-func (h *Handler) checkOwned(w http.ResponseWriter, r *http.Request, x *exchange, log *slog.Logger, resource, what string) bool {
-	owned, err := h.store.Owns(r.Context(), x.mailbox, resource)
+// checkOwned reports whether the mailbox created, on the shared key, the
+// previous response and every container the request names. Otherwise it
+// writes a 403, or a 503 when Redis cannot tell.
+func (h *Handler) checkOwned(w http.ResponseWriter, r *http.Request, x *exchange, log *slog.Logger) bool {
+	ids := x.containers
+	if x.previousResponse != "" {
+		ids = append([]string{x.previousResponse}, ids...)
+	}
+	if len(ids) == 0 {
+		return true
+	}
+	missing, err := h.store.FirstNotOwned(r.Context(), x.mailbox, ids)
 	if err != nil {
 		h.metrics.KeyErrors.WithLabelValues(x.up.spec.Name, metrics.ReasonStoreUnavailable).Inc()
 		log.Error("ownership check failed", "error", err)
 		h.rejectAudited(w, x, log, provider.Unavailable, "the key store is unavailable; retry shortly", 0)
 		return false
 	}
-	if !owned {
+	what := "the request names a code execution container"
+	if strings.HasPrefix(missing, "rs_") {
+		what = "the request names a reasoning item"
+	}
+	if missing == x.previousResponse {
+		what = "previous_response_id names a response"
+	}
+	if missing != "" {
 		h.rejectAudited(w, x, log, provider.Forbidden, what+" that this mailbox did not create on the shared key", 0)
 		return false
 	}
@@ -366,7 +374,7 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 		return false
 	}
 	if responses {
-		reference, containers, err := inspectInput(&info)
+		reference, owned, err := inspectInput(&info)
 		if err != nil {
 			h.rejectAudited(w, x, log, provider.BadRequest, err.Error(), 0)
 			return false
@@ -375,10 +383,23 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 			h.rejectAudited(w, x, log, provider.Forbidden, "the request names "+reference+", which the shared key does not allow; send previous_response_id or the items themselves, or use your own key", 0)
 			return false
 		}
-		x.containers = append(x.containers, containers...)
+		x.containers = append(x.containers, owned...)
+	}
+	// Items passed back repeat a container's id, and every distinct id is
+	// checked, so a request may name only so many.
+	slices.Sort(x.containers)
+	x.containers = slices.Compact(x.containers)
+	if len(x.containers) > maxNamedContainers {
+		h.rejectAudited(w, x, log, provider.BadRequest, fmt.Sprintf("the request names %d code execution containers and reasoning items; name at most %d", len(x.containers), maxNamedContainers), 0)
+		return false
 	}
 	return true
 }
+
+// maxNamedContainers bounds the distinct containers and reasoning items one
+// request may name. A long conversation passed back item by item names a
+// reasoning item per turn; ZMSCORE checks them all in one round trip.
+const maxNamedContainers = 256
 
 // countingBody counts the bytes read from a request body. The transport
 // reads it on its own goroutine, hence the atomic.

@@ -2,6 +2,7 @@ package usage
 
 import (
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -116,7 +117,7 @@ func TestTapResponseID(t *testing.T) {
 		{"chat completion", "openai", jsonType, `{"id":"chatcmpl-1","object":"chat.completion"}`, ""},
 		{"text", "openai", jsonType, `{"output_text":"{\"id\":\"resp_FORGED\"}","id":42}`, ""},
 		{"anthropic", "anthropic", jsonType, `{"id":"resp_FORGED"}`, ""},
-		{"event cut before its end", "openai", sseType, "data: {\"response\":{\"id\":\"resp_OWN\"}", ""},
+		{"body invalid after the id", "openai", jsonType, `{"id":"resp_OWN","tools":[` + strings.Repeat("[", 5000) + `]}`, "resp_OWN"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -128,5 +129,21 @@ func TestTapResponseID(t *testing.T) {
 				t.Errorf("ResponseID() = %q, want %q", got, c.want)
 			}
 		})
+	}
+}
+
+func TestTapReasoningItems(t *testing.T) {
+	body := `{"id":"resp_1","output":[{"type":"reasoning","id":"rs_A","summary":[]},{"type":"message","id":"msg_B"},` +
+		`{"type":"function_call","id":"fc_C","arguments":"{\"id\":\"rs_FORGED\"}"},{"type":"reasoning","id":"rs_D"}],` +
+		`"metadata":{"id":"rs_FORGED2"}}`
+	tap := NewTap("openai", jsonType)
+	tap.Write([]byte(body))
+	if got := tap.ReasoningItems(0); !slices.Equal(got, []string{"rs_A", "rs_D"}) {
+		t.Errorf("ReasoningItems(0) = %q, want [rs_A rs_D]", got)
+	}
+	stream := NewTap("openai", sseType)
+	stream.Write([]byte("data: {\"type\":\"response.output_item.done\",\"item\":{\"type\":\"reasoning\",\"id\":\"rs_E\"}}\n\n"))
+	if got := stream.ReasoningItems(0); !slices.Equal(got, []string{"rs_E"}) {
+		t.Errorf("stream ReasoningItems(0) = %q, want [rs_E]", got)
 	}
 }

@@ -5,7 +5,10 @@ import (
 	"encoding/json"
 )
 
-var responseIDPrefix = []byte("resp_")
+var (
+	responseIDPrefix  = []byte("resp_")
+	reasoningIDPrefix = []byte("rs_")
+)
 
 // target is the meaning of the value under a key for usage counting. It is a
 // container node whose keys are matched further, a leaf field, or tNone for a
@@ -37,6 +40,10 @@ const (
 	// fContainerID is the id of a code execution container: Anthropic
 	// container.id, or OpenAI container_id of a code_interpreter_call item.
 	fContainerID
+	// fItemID is the id of an OpenAI output item. Only reasoning item ids,
+	// which start with "rs_", are kept: the Responses API looks a reasoning
+	// item passed back by id up in its storage.
+	fItemID
 	// fResponseID is the id of an OpenAI response: the top-level id of a
 	// body, or response.id of a Responses stream event. Only ids that start
 	// with "resp_" are kept, which leaves out chat completion ids.
@@ -137,8 +144,11 @@ func lookupKey(p providerKind, node target, key []byte) target {
 			return fResponseID
 		}
 	case nOpenAIItem:
-		if string(key) == "container_id" {
+		switch string(key) {
+		case "container_id":
 			return fContainerID
+		case "id":
+			return fItemID
 		}
 	case nAnthropicMessage:
 		switch string(key) {
@@ -216,14 +226,16 @@ type record struct {
 	// containers are the container ids the record named, at most
 	// maxContainers. They are rare, so only a record with one allocates.
 	containers []string
-	responseID string
+	// reasoning are the reasoning item ids the record named, at most
+	// maxReasoning.
+	reasoning []string
 }
 
 func (r *record) reset() {
 	r.set = 0
 	r.modelLen = 0
 	r.containers = r.containers[:0]
-	r.responseID = ""
+	r.reasoning = r.reasoning[:0]
 }
 
 type scanState uint8
@@ -301,6 +313,10 @@ type scanner struct {
 	rec record
 	// recordDone is set when a record object closed without error.
 	recordDone bool
+	// responseID is the first OpenAI response id read, kept as soon as it
+	// is read: a parse error later in a large body would otherwise lose
+	// an id that came first.
+	responseID string
 }
 
 // reset prepares the scanner for a new top-level value.
@@ -458,7 +474,7 @@ func (s *scanner) startValue(c byte) {
 		s.next = elementTarget(byte(node))
 		s.state = stValueOrEnd
 	case c == '"':
-		s.startString(false, s.next == fModel || s.next == fContainerID || s.next == fResponseID, s.next)
+		s.startString(false, s.next == fModel || s.next == fContainerID || s.next == fItemID || s.next == fResponseID, s.next)
 	case c == '-' || (c >= '0' && c <= '9'):
 		s.numTarget = s.next
 		s.numValue = 0
@@ -614,8 +630,10 @@ func (s *scanner) endString() {
 		s.rec.modelLen = copy(s.rec.model[:], text)
 	case s.strTarget == fContainerID && len(text) > 0 && len(s.rec.containers) < maxContainers:
 		s.rec.containers = append(s.rec.containers, string(text))
-	case s.strTarget == fResponseID && s.rec.responseID == "" && bytes.HasPrefix(text, responseIDPrefix):
-		s.rec.responseID = string(text)
+	case s.strTarget == fItemID && bytes.HasPrefix(text, reasoningIDPrefix) && len(s.rec.reasoning) < maxReasoning:
+		s.rec.reasoning = append(s.rec.reasoning, string(text))
+	case s.strTarget == fResponseID && s.responseID == "" && bytes.HasPrefix(text, responseIDPrefix):
+		s.responseID = string(text)
 	}
 	s.endValue()
 }

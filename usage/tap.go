@@ -27,8 +27,12 @@ type Counts struct {
 	Seen         bool   // true once any usage field was read
 }
 
-// maxContainers bounds the container ids kept of one response.
-const maxContainers = 4
+// maxContainers and maxReasoning bound the container and reasoning item
+// ids kept of one response.
+const (
+	maxContainers = 4
+	maxReasoning  = 64
+)
 
 // tally accumulates the records of one response.
 type tally struct {
@@ -39,8 +43,8 @@ type tally struct {
 	// containers are the distinct container ids the records named, in
 	// order, at most maxContainers.
 	containers []string
-	// responseID is the first OpenAI response id a record named.
-	responseID string
+	// reasoning are the distinct reasoning item ids, at most maxReasoning.
+	reasoning []string
 }
 
 // add merges a record. A field keeps its latest non-zero value, because
@@ -60,12 +64,14 @@ func (t *tally) add(r *record) {
 	if r.modelLen > 0 && string(r.model[:r.modelLen]) != t.model {
 		t.model = string(r.model[:r.modelLen])
 	}
-	if t.responseID == "" {
-		t.responseID = r.responseID
-	}
 	for _, id := range r.containers {
 		if len(t.containers) < maxContainers && !slices.Contains(t.containers, id) {
 			t.containers = append(t.containers, id)
+		}
+	}
+	for _, id := range r.reasoning {
+		if len(t.reasoning) < maxReasoning && !slices.Contains(t.reasoning, id) {
+			t.reasoning = append(t.reasoning, id)
 		}
 	}
 }
@@ -196,12 +202,24 @@ func (t *Tap) Containers(from int) []string {
 	return slices.Clone(t.tally.containers[from:])
 }
 
-// ResponseID returns the id of the OpenAI response that the records
-// completed so far named, or "".
+// ReasoningItems returns the OpenAI reasoning item ids that the records
+// completed so far named, starting with the from-th.
+func (t *Tap) ReasoningItems(from int) []string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if from >= len(t.tally.reasoning) {
+		return nil
+	}
+	return slices.Clone(t.tally.reasoning[from:])
+}
+
+// ResponseID returns the id of the OpenAI response read so far, or "". It
+// is the top-level id of a body or the response.id of a stream event, read
+// as soon as its string ends.
 func (t *Tap) ResponseID() string {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.tally.responseID
+	return t.scan.responseID
 }
 
 // Counts returns what the response reported so far.

@@ -126,15 +126,8 @@ func openAIChatUsage(u Usage) map[string]any {
 }
 
 func (s *Server) openAIChat(c *call) {
-	model := stringField(c.json, "model")
-	out, cut := outputTokens(c.json)
-	u := Usage{InputTokens: inputTokens(c.json), OutputTokens: out}
-	stream := boolField(c.json, "stream")
-	s.setResult(c, model, stream, u)
-	finish := "stop"
-	if cut {
-		finish = "length"
-	}
+	model, u, stream, finish := s.startCompletion(c)
+	out := u.OutputTokens
 	id := s.nextID("chatcmpl-")
 	created := time.Now().Unix()
 
@@ -197,18 +190,27 @@ func (s *Server) openAIChat(c *call) {
 	st.send(sse("", "[DONE]"), false)
 }
 
-// openAICompletions serves the legacy completions API, whose stream reports
-// usage in a last chunk with no choices only when stream_options asks.
-func (s *Server) openAICompletions(c *call) {
-	model := stringField(c.json, "model")
+// startCompletion reads and records what a chat or legacy completion
+// request asks for: the model, the usage the reply reports, whether it
+// streams, and its finish reason.
+func (s *Server) startCompletion(c *call) (model string, u Usage, stream bool, finish string) {
+	model = stringField(c.json, "model")
 	out, cut := outputTokens(c.json)
-	u := Usage{InputTokens: inputTokens(c.json), OutputTokens: out}
-	stream := boolField(c.json, "stream")
+	u = Usage{InputTokens: inputTokens(c.json), OutputTokens: out}
+	stream = boolField(c.json, "stream")
 	s.setResult(c, model, stream, u)
-	finish := "stop"
+	finish = "stop"
 	if cut {
 		finish = "length"
 	}
+	return model, u, stream, finish
+}
+
+// openAICompletions serves the legacy completions API, whose stream reports
+// usage in a last chunk with no choices only when stream_options asks.
+func (s *Server) openAICompletions(c *call) {
+	model, u, stream, finish := s.startCompletion(c)
+	out := u.OutputTokens
 	id := s.nextID("cmpl-")
 	created := time.Now().Unix()
 	completion := func(choices []any, usage any) map[string]any {
@@ -315,9 +317,13 @@ func (s *Server) openAIResponses(c *call) {
 	if cut {
 		final = "incomplete"
 	}
-	// A code_interpreter tool runs once, in the container the request
-	// names or in a new one, before the message.
+	// A request with reasoning options gets a reasoning item, and a
+	// code_interpreter tool runs once, in the container the request names
+	// or in a new one, both before the message.
 	var calls []any
+	if c.json["reasoning"] != nil {
+		calls = append(calls, map[string]any{"id": s.nextID("rs_"), "type": "reasoning", "summary": []any{}})
+	}
 	if container := s.openAIContainer(c.json); container != "" {
 		calls = append(calls, map[string]any{
 			"id": s.nextID("ci_"), "type": "code_interpreter_call", "status": "completed",
