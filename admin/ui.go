@@ -460,7 +460,7 @@ func (u *UI) cookie(r *http.Request, value string, expires time.Time) *http.Cook
 }
 
 // forwardedHTTPS reports whether a proxy in front, such as a load balancer
-// that ends TLS, says the client connected over HTTPS. The header is not
+// that ends TLS, reports that the client connected over HTTPS. The header is not
 // trusted for anything else: a client that sends it only gets a cookie its
 // browser keeps off plain HTTP.
 func forwardedHTTPS(r *http.Request) bool {

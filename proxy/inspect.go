@@ -311,11 +311,12 @@ func isGoogleStream(path string) bool {
 }
 
 // requestedContainers returns the ids of existing code execution containers
-// that a request body requests to run in: Anthropic's top-level container, as an
-// id or as an object with one, and on the OpenAI Responses API a tool's
-// container id or its environment's container_id (code_interpreter and
-// shell). Objects that name a member twice are rejected, because the
-// provider could read another copy than the one checked.
+// that a request body requests to run in. On Anthropic that is the top-level
+// container, as an id or as an object with one. On the OpenAI Responses API
+// it is a tool's container id or its environment's container_id
+// (code_interpreter and shell). Objects that name a member twice are
+// rejected, because the provider could read another copy than the one
+// checked.
 func requestedContainers(prov, rest string, info *requestInfo) ([]string, error) {
 	switch {
 	case prov == provider.Anthropic && len(info.Container) > 0:
@@ -388,11 +389,12 @@ func containerValue(value []byte, idField, name string) (string, error) {
 // inspectInput reads what a Responses API request names of the items stored
 // upstream, other than previous_response_id. It returns a description of a
 // conversation, or of an input item that refers to a stored item by id
-// (type item_reference, or no type and an id): the proxy cannot tell which
+// (type item_reference, or no type and an id). The proxy cannot tell which
 // mailbox created those, so a shared request may name none. It also returns
-// what must be the mailbox's own: the container_id of any input item, such
-// as a code_interpreter_call passed back, and the id of a reasoning item
-// passed back, which the Responses API looks up in its storage.
+// the ids that must be the mailbox's own: the container_id of any input
+// item, such as a code_interpreter_call passed back, and the id of a
+// reasoning item passed back, which the Responses API looks up in its
+// storage.
 func inspectInput(info *requestInfo) (reference string, owned []string, err error) {
 	if len(info.Conversation) > 0 && !bytes.Equal(info.Conversation, []byte("null")) {
 		return "a conversation", nil, nil

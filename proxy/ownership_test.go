@@ -21,7 +21,7 @@ import (
 type containerCase struct {
 	provider string
 	path     string
-	// create asks for a new container.
+	// create requests a new container.
 	create string
 	// reuse returns request bodies that name container id.
 	reuse func(id string) []string
@@ -262,18 +262,18 @@ func TestNamedContainersBounded(t *testing.T) {
 	}
 
 	var items strings.Builder
-	for i := range maxNamedContainers + 1 {
+	for i := range maxNamedIDs + 1 {
 		fmt.Fprintf(&items, `{"type":"code_interpreter_call","id":"ci_%d","container_id":"cntr_%d"},`, i, i)
 	}
 	distinct := `{"model":"gpt-4o-mini","input":[` + items.String() + `{"role":"user","content":"again"}]}`
 	if resp, body := st.Do(t, "POST", c.path, token, distinct); resp.StatusCode != 400 {
-		t.Errorf("%d distinct containers: status %d, want 400: %s", maxNamedContainers+1, resp.StatusCode, body)
+		t.Errorf("%d distinct containers: status %d, want 400: %s", maxNamedIDs+1, resp.StatusCode, body)
 	}
 }
 
-// maxNamedContainers is the proxy's bound on the distinct containers one
+// maxNamedIDs is the proxy's bound on the distinct containers one
 // request may name.
-const maxNamedContainers = 256
+const maxNamedIDs = 256
 
 // TestReasoningItemOwnership checks that a reasoning item passed back by id,
 // which the Responses API looks up in its storage, must be one the mailbox

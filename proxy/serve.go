@@ -41,10 +41,10 @@ type exchange struct {
 	injectUsage bool   // the proxy added stream_options.include_usage
 	// previousResponse is the Responses API previous_response_id, if any.
 	previousResponse string
-	// containers are the existing code execution containers, and the
-	// reasoning items passed back, that a shared request names: each must
+	// namedIDs are the ids of existing code execution containers and of
+	// reasoning items passed back that a shared request names. Each must
 	// be one the mailbox created on the shared key.
-	containers []string
+	namedIDs []string
 	// background is set for a Responses API request that runs later.
 	background bool
 
@@ -279,7 +279,7 @@ func (h *Handler) admitShared(w http.ResponseWriter, r *http.Request, x *exchang
 // previous response and every container the request names. Otherwise it
 // writes a 403, or a 503 when Redis cannot tell.
 func (h *Handler) checkOwned(w http.ResponseWriter, r *http.Request, x *exchange, log *slog.Logger) bool {
-	ids := x.containers
+	ids := x.namedIDs
 	if x.previousResponse != "" {
 		ids = append([]string{x.previousResponse}, ids...)
 	}
@@ -355,7 +355,7 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 	x.model = info.Model
 	x.stream = info.Stream
 	// Chat completions and legacy completions report a stream's usage only
-	// when stream_options asks for it.
+	// when stream_options requests it.
 	if spec.Name == provider.OpenAI && info.Stream && strings.HasSuffix(x.rest, "completions") && !info.includeUsage() {
 		if patched, err := withIncludeUsage(body); err == nil {
 			x.body = patched
@@ -368,7 +368,7 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 	if x.source != keystore.SourceShared {
 		return true
 	}
-	x.containers, err = requestedContainers(spec.Name, x.rest, &info)
+	x.namedIDs, err = requestedContainers(spec.Name, x.rest, &info)
 	if err != nil {
 		h.rejectAudited(w, x, log, provider.BadRequest, err.Error(), 0)
 		return false
@@ -383,23 +383,23 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 			h.rejectAudited(w, x, log, provider.Forbidden, "the request names "+reference+", which the shared key does not allow; send previous_response_id or the items themselves, or use your own key", 0)
 			return false
 		}
-		x.containers = append(x.containers, owned...)
+		x.namedIDs = append(x.namedIDs, owned...)
 	}
 	// Items passed back repeat a container's id, and every distinct id is
 	// checked, so a request may name only so many.
-	slices.Sort(x.containers)
-	x.containers = slices.Compact(x.containers)
-	if len(x.containers) > maxNamedContainers {
-		h.rejectAudited(w, x, log, provider.BadRequest, fmt.Sprintf("the request names %d code execution containers and reasoning items; name at most %d", len(x.containers), maxNamedContainers), 0)
+	slices.Sort(x.namedIDs)
+	x.namedIDs = slices.Compact(x.namedIDs)
+	if len(x.namedIDs) > maxNamedIDs {
+		h.rejectAudited(w, x, log, provider.BadRequest, fmt.Sprintf("the request names %d code execution containers and reasoning items; name at most %d", len(x.namedIDs), maxNamedIDs), 0)
 		return false
 	}
 	return true
 }
 
-// maxNamedContainers bounds the distinct containers and reasoning items one
+// maxNamedIDs bounds the distinct containers and reasoning items one
 // request may name. A long conversation passed back item by item names a
 // reasoning item per turn; ZMSCORE checks them all in one round trip.
-const maxNamedContainers = 256
+const maxNamedIDs = 256
 
 // countingBody counts the bytes read from a request body. The transport
 // reads it on its own goroutine, hence the atomic.

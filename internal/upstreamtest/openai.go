@@ -190,9 +190,9 @@ func (s *Server) openAIChat(c *call) {
 	st.send(sse("", "[DONE]"), false)
 }
 
-// startCompletion reads and records what a chat or legacy completion
-// request asks for: the model, the usage the reply reports, whether it
-// streams, and its finish reason.
+// startCompletion reads and records the model of a chat or legacy
+// completion request, the usage its reply reports, whether it streams, and
+// its finish reason.
 func (s *Server) startCompletion(c *call) (model string, u Usage, stream bool, finish string) {
 	model = stringField(c.json, "model")
 	out, cut := outputTokens(c.json)
@@ -206,8 +206,9 @@ func (s *Server) startCompletion(c *call) (model string, u Usage, stream bool, f
 	return model, u, stream, finish
 }
 
-// openAICompletions serves the legacy completions API, whose stream reports
-// usage in a last chunk with no choices only when stream_options asks.
+// openAICompletions serves the legacy completions API. Its stream reports
+// usage, in a last chunk with no choices, only when stream_options requests
+// it.
 func (s *Server) openAICompletions(c *call) {
 	model, u, stream, finish := s.startCompletion(c)
 	out := u.OutputTokens
