@@ -184,14 +184,6 @@ func (s *Store) FirstNotOwned(ctx context.Context, id mailbox.ID, resources []st
 // Owns reports whether mailbox id created resource, a response or a
 // container id, on the shared key within the remembered period.
 func (s *Store) Owns(ctx context.Context, id mailbox.ID, resource string) (bool, error) {
-	ctx, cancel := s.bound(ctx)
-	defer cancel()
-	score, err := s.rdb.ZScore(ctx, s.layout.Owned(string(id)), resource).Result()
-	if err == redis.Nil {
-		return false, nil
-	}
-	if err != nil {
-		return false, fmt.Errorf("%w: %v", ErrUnavailable, err)
-	}
-	return score > float64(s.now().Unix()), nil
+	missing, err := s.FirstNotOwned(ctx, id, []string{resource})
+	return err == nil && missing == "", err
 }

@@ -325,7 +325,7 @@ func requestedContainers(prov, rest string, info *requestInfo) ([]string, error)
 			return nil, err
 		}
 		return []string{id}, nil
-	case prov == provider.OpenAI && strings.HasSuffix(rest, "responses") && len(info.Tools) > 0:
+	case isResponsesAPI(prov, rest) && len(info.Tools) > 0:
 		tools := gjson.ParseBytes(info.Tools)
 		if !tools.IsArray() {
 			return nil, nil
@@ -391,8 +391,8 @@ func containerValue(value []byte, idField, name string) (string, error) {
 // conversation, or of an input item that refers to a stored item by id
 // (type item_reference, or no type and an id). The proxy cannot tell which
 // mailbox created those, so a shared request may name none. It also returns
-// the ids that must be the mailbox's own: the container_id of any input
-// item, such as a code_interpreter_call passed back, and the id of a
+// the ids that must be the mailbox's own. Those are the container_id of any
+// input item, such as a code_interpreter_call passed back, and the id of a
 // reasoning item passed back, which the Responses API looks up in its
 // storage.
 func inspectInput(info *requestInfo) (reference string, owned []string, err error) {

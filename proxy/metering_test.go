@@ -513,7 +513,7 @@ func TestStoredItemReferencesRejectedOnShared(t *testing.T) {
 
 // TestRareEventSeriesExistAtStart checks that the counters of rare events
 // have a zero series per provider before any traffic, so an alert on their
-// rate sees them from the start.
+// rate has data from the start.
 func TestRareEventSeriesExistAtStart(t *testing.T) {
 	st := teststack.Start(t)
 	mfs, err := st.Registry.Gather()

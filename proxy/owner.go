@@ -23,9 +23,15 @@ func tracksOwnership(prov, rest string) bool {
 	case provider.Anthropic:
 		return strings.HasSuffix(rest, "messages")
 	case provider.OpenAI:
-		return strings.HasSuffix(rest, "responses")
+		return isResponsesAPI(prov, rest)
 	}
 	return false
+}
+
+// isResponsesAPI reports whether path rest of prov creates a response of
+// the OpenAI Responses API.
+func isResponsesAPI(prov, rest string) bool {
+	return prov == provider.OpenAI && strings.HasSuffix(rest, "responses")
 }
 
 // ownerRecorder stores the ids of the responses and containers that a shared

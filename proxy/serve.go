@@ -293,18 +293,18 @@ func (h *Handler) checkOwned(w http.ResponseWriter, r *http.Request, x *exchange
 		h.rejectAudited(w, x, log, provider.Unavailable, "the key store is unavailable; retry shortly", 0)
 		return false
 	}
-	what := "the request names a code execution container"
+	if missing == "" {
+		return true
+	}
+	subject := "the request names a code execution container"
 	if strings.HasPrefix(missing, "rs_") {
-		what = "the request names a reasoning item"
+		subject = "the request names a reasoning item"
 	}
 	if missing == x.previousResponse {
-		what = "previous_response_id names a response"
+		subject = "previous_response_id names a response"
 	}
-	if missing != "" {
-		h.rejectAudited(w, x, log, provider.Forbidden, what+" that this mailbox did not create on the shared key", 0)
-		return false
-	}
-	return true
+	h.rejectAudited(w, x, log, provider.Forbidden, subject+" that this mailbox did not create on the shared key", 0)
+	return false
 }
 
 func nextMonth(now time.Time) time.Time {
@@ -363,7 +363,7 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 		}
 	}
 	x.previousResponse = info.PreviousResponseID
-	responses := spec.Name == provider.OpenAI && strings.HasSuffix(x.rest, "responses")
+	responses := isResponsesAPI(spec.Name, x.rest)
 	x.background = info.Background && responses
 	if x.source != keystore.SourceShared {
 		return true

@@ -64,16 +64,19 @@ func (t *tally) add(r *record) {
 	if r.modelLen > 0 && string(r.model[:r.modelLen]) != t.model {
 		t.model = string(r.model[:r.modelLen])
 	}
-	for _, id := range r.containers {
-		if len(t.containers) < maxContainers && !slices.Contains(t.containers, id) {
-			t.containers = append(t.containers, id)
+	t.containers = addDistinct(t.containers, r.containers, maxContainers)
+	t.reasoning = addDistinct(t.reasoning, r.reasoning, maxReasoning)
+}
+
+// addDistinct appends to list the ids it does not contain yet, up to limit
+// ids in all.
+func addDistinct(list, ids []string, limit int) []string {
+	for _, id := range ids {
+		if len(list) < limit && !slices.Contains(list, id) {
+			list = append(list, id)
 		}
 	}
-	for _, id := range r.reasoning {
-		if len(t.reasoning) < maxReasoning && !slices.Contains(t.reasoning, id) {
-			t.reasoning = append(t.reasoning, id)
-		}
-	}
+	return list
 }
 
 func (t *tally) value(f target) int64 { return t.values[f-firstCount] }
@@ -196,10 +199,7 @@ func (t *Tap) Write(p []byte) (int, error) {
 func (t *Tap) Containers(from int) []string {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if from >= len(t.tally.containers) {
-		return nil
-	}
-	return slices.Clone(t.tally.containers[from:])
+	return idsFrom(t.tally.containers, from)
 }
 
 // ReasoningItems returns the OpenAI reasoning item ids that the records
@@ -207,10 +207,16 @@ func (t *Tap) Containers(from int) []string {
 func (t *Tap) ReasoningItems(from int) []string {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if from >= len(t.tally.reasoning) {
+	return idsFrom(t.tally.reasoning, from)
+}
+
+// idsFrom returns a copy of ids from the from-th on, or nil if there are
+// none.
+func idsFrom(ids []string, from int) []string {
+	if from >= len(ids) {
 		return nil
 	}
-	return slices.Clone(t.tally.reasoning[from:])
+	return slices.Clone(ids[from:])
 }
 
 // ResponseID returns the id of the OpenAI response read so far, or "". It

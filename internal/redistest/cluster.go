@@ -495,7 +495,7 @@ func (s *Sentinel) FailOver() {
 // command table to route commands, and SCAN, MULTI and EXEC serve
 // "byokproxy identity rewrap".
 const ProxyACLCommands = "+ping +hmget +hget +hgetall +hset +hsetnx +hdel +hexists +hincrby " +
-	"+set +del +expire +expireat +zadd +zscore +zremrangebyscore +xadd " +
+	"+set +del +expire +expireat +zadd +zmscore +zremrangebyscore +xadd " +
 	"+eval +evalsha +scan +multi +exec +cluster|slots +command +publish +subscribe +unsubscribe"
 
 // AddProxyUser creates an ACL user on each node in addrs that may run only
