@@ -216,7 +216,7 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 		// while it waits for the upstream, never while the proxy writes to
 		// a client that reads slowly or not at all.
 		tb.idle = idle
-		tb.stall = time.AfterFunc(idle, func() { x.cancel(errUpstreamStalled) })
+		tb.stall = newStallWatch(idle, func() { x.cancel(errUpstreamStalled) })
 	}
 	var body io.ReadCloser = tb
 	// The tap reads the upstream bytes before the filter removes the usage
@@ -235,7 +235,7 @@ type tapBody struct {
 	x    *exchange
 	sink io.WriteCloser
 	// stall cancels the upstream request when no bytes arrive for idle.
-	stall *time.Timer
+	stall *stallWatch
 	idle  time.Duration
 }
 
@@ -256,11 +256,11 @@ var errUpstreamStalled = errors.New("upstream stalled")
 
 func (b *tapBody) Read(p []byte) (int, error) {
 	if b.stall != nil {
-		b.stall.Reset(b.idle)
+		b.stall.waiting(true)
 	}
 	n, err := b.ReadCloser.Read(p)
 	if b.stall != nil {
-		b.stall.Stop()
+		b.stall.waiting(false)
 	}
 	if err == io.EOF {
 		b.x.bodyEnded = true
@@ -286,7 +286,7 @@ func (b *tapBody) Read(p []byte) (int, error) {
 
 func (b *tapBody) Close() error {
 	if b.stall != nil {
-		b.stall.Stop()
+		b.stall.stop()
 	}
 	b.sink.Close()
 	return b.ReadCloser.Close()

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/byokproxy/byokproxy/provider"
 	"github.com/tidwall/gjson"
@@ -62,17 +63,17 @@ func readRequestInfo(body []byte) (requestInfo, error) {
 		name := requestFields[field]
 		switch field {
 		case 0:
-			if json.Unmarshal(value, &info.Model) != nil {
+			if decodeString(value, &info.Model) != nil {
 				return invalidField(name, "a string")
 			}
 		case 1:
-			if json.Unmarshal(value, &info.Stream) != nil {
+			if decodeBool(value, &info.Stream) != nil {
 				return invalidField(name, "true or false")
 			}
 		case 2:
 			info.StreamOptions = value
 		case 3:
-			if json.Unmarshal(value, &info.PreviousResponseID) != nil {
+			if decodeString(value, &info.PreviousResponseID) != nil {
 				return invalidField(name, "a string")
 			}
 		case 4:
@@ -80,7 +81,7 @@ func readRequestInfo(body []byte) (requestInfo, error) {
 		case 5:
 			info.Tools = value
 		case 6:
-			if json.Unmarshal(value, &info.Background) != nil {
+			if decodeBool(value, &info.Background) != nil {
 				return invalidField(name, "true or false")
 			}
 		case 7:
@@ -91,6 +92,42 @@ func readRequestInfo(body []byte) (requestInfo, error) {
 		return nil
 	})
 	return info, err
+}
+
+// decodeString decodes the JSON value of a request field into dst, as
+// encoding/json would. A string with no escapes, control characters or
+// invalid UTF-8, which is how clients send model names and ids, decodes to
+// its bytes, so it is copied without encoding/json's scan and reflection.
+func decodeString(value []byte, dst *string) error {
+	if n := len(value); n >= 2 && value[0] == '"' && value[n-1] == '"' {
+		inner := value[1 : n-1]
+		plain := utf8.Valid(inner)
+		for _, c := range inner {
+			if c < 0x20 || c == '"' || c == '\\' {
+				plain = false
+				break
+			}
+		}
+		if plain {
+			*dst = string(inner)
+			return nil
+		}
+	}
+	return json.Unmarshal(value, dst)
+}
+
+// decodeBool decodes the JSON value of a request field into dst, as
+// encoding/json would.
+func decodeBool(value []byte, dst *bool) error {
+	switch string(value) {
+	case "true":
+		*dst = true
+		return nil
+	case "false":
+		*dst = false
+		return nil
+	}
+	return json.Unmarshal(value, dst)
 }
 
 // scanObject calls visit with the offset and the raw value, which shares

@@ -89,6 +89,46 @@ func FuzzValidJSON(f *testing.F) {
 	})
 }
 
+// decodeFieldCases are field values whose decoding must match
+// encoding/json's, on the fast path and off it.
+var decodeFieldCases = []string{
+	`"gpt-4o"`, `""`, `"caf\u00e9"`, `"a\"b"`, `"a\\b"`, "\"tab\there\"", "\"\xff\xfe\"",
+	`"é"`, `null`, `true`, `false`, `1`, `"`, `"a`, `a"`, `"a"b"`, ` "a"`, `{}`, `[]`, `True`,
+}
+
+// checkDecodeField fails t unless decodeString and decodeBool agree with
+// json.Unmarshal on value: the same error or none, and the same result.
+func checkDecodeField(t *testing.T, value []byte) {
+	t.Helper()
+	gotS, wantS := "before", "before"
+	gotErr, wantErr := decodeString(value, &gotS), json.Unmarshal(value, &wantS)
+	if (gotErr == nil) != (wantErr == nil) || gotS != wantS {
+		t.Errorf("decodeString(%q) = %q, %v; encoding/json gives %q, %v", value, gotS, gotErr, wantS, wantErr)
+	}
+	gotB, wantB := true, true
+	gotErr, wantErr = decodeBool(value, &gotB), json.Unmarshal(value, &wantB)
+	if (gotErr == nil) != (wantErr == nil) || gotB != wantB {
+		t.Errorf("decodeBool(%q) = %v, %v; encoding/json gives %v, %v", value, gotB, gotErr, wantB, wantErr)
+	}
+}
+
+func TestDecodeFieldAgreesWithEncodingJSON(t *testing.T) {
+	for _, c := range decodeFieldCases {
+		checkDecodeField(t, []byte(c))
+	}
+}
+
+// FuzzDecodeField checks decodeString and decodeBool against
+// encoding/json on any input.
+func FuzzDecodeField(f *testing.F) {
+	for _, c := range decodeFieldCases {
+		f.Add([]byte(c))
+	}
+	f.Fuzz(func(t *testing.T, value []byte) {
+		checkDecodeField(t, value)
+	})
+}
+
 // TestWithIncludeUsageKeepsBytes checks that adding include_usage changes
 // stream_options only: the provider gets the client's other bytes as sent,
 // with their order, spacing and escapes.
