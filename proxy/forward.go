@@ -212,11 +212,11 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 	if idle := x.up.idleTimeout; idle > 0 {
 		// An upstream that stops sending mid-stream would hold the client
 		// forever. So upstream.timeout bounds each wait for the next bytes,
-		// as it bounds the wait for the headers. Read runs the timer only
-		// while it waits for the upstream, never while the proxy writes to
-		// a client that reads slowly or not at all.
+		// as it bounds the wait for the headers. Only time spent waiting in
+		// a read counts, never the time the proxy spends writing to a
+		// client that reads slowly or not at all.
 		tb.idle = idle
-		tb.stall = newStallWatch(idle, func() { x.cancel(errUpstreamStalled) })
+		tb.stall = newStallWatch(tb.ctx, idle, func() { x.cancel(errUpstreamStalled) })
 	}
 	var body io.ReadCloser = tb
 	// The tap reads the upstream bytes before the filter removes the usage

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -10,16 +11,19 @@ import (
 // lasted idle.
 //
 // Setting a timer before every read and stopping it after would be
-// simpler. But when a timer is set to fire before every other timer of its
-// P, the Go runtime wakes a thread or interrupts the network poller so that
-// the new time is seen, which can add a wake-up to every event of every
-// stream. The watch records when the current wait began instead, and its
-// one timer fires about once per idle period to compare.
+// simpler. But a timer set to fire before every other timer of its P makes
+// the Go runtime wake a thread or interrupt the network poller. That can
+// add a wake-up to every event of every stream. The watch records when the
+// current wait began instead, and its one timer fires about once per idle
+// period to compare.
 type stallWatch struct {
+	// ctx is the request's context. Once it ends the timer is not set
+	// again, so a body that is never closed does not keep the exchange.
+	ctx     context.Context
 	idle    time.Duration
 	onStall func()
 	// since is when the current wait began, as nanoseconds after
-	// watchEpoch plus one; 0 while no read is waiting.
+	// watchEpoch plus one, or 0 while no read is waiting.
 	since atomic.Int64
 
 	mu      sync.Mutex
@@ -33,8 +37,8 @@ var watchEpoch = time.Now()
 
 func watchNow() int64 { return int64(time.Since(watchEpoch)) + 1 }
 
-func newStallWatch(idle time.Duration, onStall func()) *stallWatch {
-	w := &stallWatch{idle: idle, onStall: onStall}
+func newStallWatch(ctx context.Context, idle time.Duration, onStall func()) *stallWatch {
+	w := &stallWatch{ctx: ctx, idle: idle, onStall: onStall}
 	w.mu.Lock()
 	w.timer = time.AfterFunc(idle, w.check)
 	w.mu.Unlock()
@@ -54,7 +58,7 @@ func (w *stallWatch) waiting(on bool) {
 // moment the current wait would become one.
 func (w *stallWatch) check() {
 	w.mu.Lock()
-	if w.stopped {
+	if w.stopped || w.ctx.Err() != nil {
 		w.mu.Unlock()
 		return
 	}
