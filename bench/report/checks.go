@@ -28,6 +28,8 @@ func (r *run) checks() []check {
 			add(t+": saturation ≥ 0.95x floor", sat.ratioText(), sat.med >= 0.95, sat.n > 0)
 			p99diff := r.difference(t, "open", p99)
 			add(t+": p99 ≤ floor + 0.3 ms", signed(p99diff, 2, " ms"), p99diff.med <= 0.3, p99diff.n > 0)
+			cpuRatio := r.ratio(t, "sat", cpu)
+			add(t+": CPU at saturation ≤ 0.8x floor (stretch)", cpuRatio.ratioText(), cpuRatio.med <= 0.8, cpuRatio.n > 0)
 		case strings.HasPrefix(t, "byok"):
 			// CPU per request is taken at saturation, where the runtime's
 			// idle spinning between requests adds least to it.
