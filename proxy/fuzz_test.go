@@ -301,15 +301,22 @@ func FuzzUpstreamResponse(f *testing.F) {
 		if useGzip {
 			req.Header.Set("Accept-Encoding", "gzip")
 		}
+		// The transport cannot decode a body that only claims to be gzip,
+		// so the proxy cuts such a response off. On a stream the reverse
+		// proxy flushes the header from a timer of its own, which may or
+		// may not run before the failed read, so the client sees either
+		// the header and a cut body or no response at all.
+		cutOff := route.decoded && useGzip && !validGzip
 		got, err := client.Do(req)
+		if err != nil && cutOff {
+			return
+		}
 		if err != nil {
 			t.Fatalf("%s: %v", route.path, err)
 		}
 		defer got.Body.Close()
 		received, err := io.ReadAll(got.Body)
-		if err != nil && route.decoded && useGzip && !validGzip {
-			// The transport cannot decode a body that only claims to be
-			// gzip, so the proxy cuts the response off.
+		if err != nil && cutOff {
 			return
 		}
 		if err != nil {
