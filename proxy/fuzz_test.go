@@ -303,9 +303,9 @@ func FuzzUpstreamResponse(f *testing.F) {
 		}
 		// The transport cannot decode a body that only claims to be gzip,
 		// so the proxy cuts such a response off. On a stream the reverse
-		// proxy flushes the header from a timer of its own, which may or
-		// may not run before the failed read, so the client sees either
-		// the header and a cut body or no response at all.
+		// proxy flushes the header from a timer of its own, which races the
+		// failed read. The client then gets either the header and a cut
+		// body, or no response at all.
 		cutOff := route.decoded && useGzip && !validGzip
 		got, err := client.Do(req)
 		if err != nil && cutOff {
