@@ -256,11 +256,11 @@ var errUpstreamStalled = errors.New("upstream stalled")
 
 func (b *tapBody) Read(p []byte) (int, error) {
 	if b.stall != nil {
-		b.stall.waiting(true)
+		b.stall.readStarted()
 	}
 	n, err := b.ReadCloser.Read(p)
 	if b.stall != nil {
-		b.stall.waiting(false)
+		b.stall.readDone()
 	}
 	if err == io.EOF {
 		b.x.bodyEnded = true

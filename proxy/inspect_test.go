@@ -102,13 +102,20 @@ func checkDecodeField(t *testing.T, value []byte) {
 	t.Helper()
 	gotS, wantS := "before", "before"
 	gotErr, wantErr := decodeString(value, &gotS), json.Unmarshal(value, &wantS)
-	if (gotErr == nil) != (wantErr == nil) || gotS != wantS {
-		t.Errorf("decodeString(%q) = %q, %v; encoding/json gives %q, %v", value, gotS, gotErr, wantS, wantErr)
+	if (gotErr == nil) != (wantErr == nil) {
+		t.Errorf("decodeString(%q) error %v; encoding/json gives %v", value, gotErr, wantErr)
 	}
+	if gotS != wantS {
+		t.Errorf("decodeString(%q) = %q; encoding/json gives %q", value, gotS, wantS)
+	}
+
 	gotB, wantB := true, true
 	gotErr, wantErr = decodeBool(value, &gotB), json.Unmarshal(value, &wantB)
-	if (gotErr == nil) != (wantErr == nil) || gotB != wantB {
-		t.Errorf("decodeBool(%q) = %v, %v; encoding/json gives %v, %v", value, gotB, gotErr, wantB, wantErr)
+	if (gotErr == nil) != (wantErr == nil) {
+		t.Errorf("decodeBool(%q) error %v; encoding/json gives %v", value, gotErr, wantErr)
+	}
+	if gotB != wantB {
+		t.Errorf("decodeBool(%q) = %v; encoding/json gives %v", value, gotB, wantB)
 	}
 }
 

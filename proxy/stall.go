@@ -39,20 +39,19 @@ func watchNow() int64 { return int64(time.Since(watchEpoch)) + 1 }
 
 func newStallWatch(ctx context.Context, idle time.Duration, onStall func()) *stallWatch {
 	w := &stallWatch{ctx: ctx, idle: idle, onStall: onStall}
+	// The lock keeps check, which may run at once for a tiny idle, from
+	// reading the timer before it is set.
 	w.mu.Lock()
 	w.timer = time.AfterFunc(idle, w.check)
 	w.mu.Unlock()
 	return w
 }
 
-// waiting marks the start (true) or the end (false) of one read.
-func (w *stallWatch) waiting(on bool) {
-	if on {
-		w.since.Store(watchNow())
-	} else {
-		w.since.Store(0)
-	}
-}
+// readStarted marks the start of one read of the upstream body.
+func (w *stallWatch) readStarted() { w.since.Store(watchNow()) }
+
+// readDone marks the end of that read.
+func (w *stallWatch) readDone() { w.since.Store(0) }
 
 // check runs on the timer. It reports a stall, or sets the timer for the
 // moment the current wait would become one.

@@ -26,7 +26,7 @@ func TestStallWatch(t *testing.T) {
 		defer w.stop()
 		time.Sleep(long / 2) // time outside a wait does not count
 		start := time.Now()
-		w.waiting(true)
+		w.readStarted()
 		select {
 		case at := <-stalled:
 			waited := at.Sub(start)
@@ -50,9 +50,9 @@ func TestStallWatch(t *testing.T) {
 		w := newStallWatch(context.Background(), idle, func() { stalls.Add(1) })
 		defer w.stop()
 		for range 30 {
-			w.waiting(true)
+			w.readStarted()
 			time.Sleep(idle / 20)
-			w.waiting(false)
+			w.readDone()
 		}
 		if n := stalls.Load(); n != 0 {
 			t.Fatalf("%d stalls reported for waits of %v each", n, idle/20)
@@ -63,8 +63,8 @@ func TestStallWatch(t *testing.T) {
 		var stalls atomic.Int32
 		w := newStallWatch(context.Background(), idle, func() { stalls.Add(1) })
 		defer w.stop()
-		w.waiting(true)
-		w.waiting(false)
+		w.readStarted()
+		w.readDone()
 		time.Sleep(3 * idle)
 		if n := stalls.Load(); n != 0 {
 			t.Fatalf("%d stalls reported while no read was waiting", n)
@@ -74,7 +74,7 @@ func TestStallWatch(t *testing.T) {
 	t.Run("stopped", func(t *testing.T) {
 		var stalls atomic.Int32
 		w := newStallWatch(context.Background(), idle, func() { stalls.Add(1) })
-		w.waiting(true)
+		w.readStarted()
 		w.stop()
 		time.Sleep(3 * idle)
 		if n := stalls.Load(); n != 0 {
