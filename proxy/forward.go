@@ -37,10 +37,19 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, l
 	if x.stream {
 		reverseProxy = x.up.streamProxy
 	}
+	if x.detachable {
+		// The reverse proxy's 1xx hook keeps the writer it is given for as
+		// long as the upstream request lives, and the writer keeps the
+		// server's connection state. detach can clear this reference.
+		x.w = &responseRef{ResponseWriter: w}
+		w = x.w
+	}
 	reverseProxy.ServeHTTP(w, out)
 	// The reverse proxy returns normally only after it has written and
 	// flushed all it read, and aborts the handler on a failed write.
-	x.delivered = x.bodyEnded
+	if !x.detached {
+		x.delivered = x.bodyEnded
+	}
 }
 
 // startForward prepares the upstream request of x.
@@ -62,15 +71,31 @@ func (h *Handler) startForward(w http.ResponseWriter, r *http.Request, x *exchan
 		// handler's goroutine records a disconnect, hence the atomic.
 		WroteRequest: func(info httptrace.WroteRequestInfo) { x.sent.Store(info.Err == nil) },
 	}
-	ctx, cancel := context.WithCancelCause(r.Context())
+	parent := r.Context()
+	if x.detachable = detachable(r, x); x.detachable {
+		parent = context.WithoutCancel(parent)
+		x.in, x.log = r, log
+	}
+	ctx, cancel := context.WithCancelCause(parent)
 	x.cancel = cancel
+	if x.detachable {
+		x.unfollow = context.AfterFunc(r.Context(), func() { cancel(nil) })
+	}
 	ctx = context.WithValue(ctx, exchangeKey{}, x)
 	ctx = httptrace.WithClientTrace(ctx, trace)
 	return r.WithContext(ctx)
 }
 
-// endForward releases what startForward took and records the exchange.
+// endForward releases what startForward took and records the exchange,
+// unless the response was detached, which then does both when it ends.
 func (h *Handler) endForward(r *http.Request, x *exchange, log *slog.Logger) {
+	if x.unfollow != nil {
+		x.unfollow()
+	}
+	if x.detached {
+		return
+	}
+	x.w, x.in = nil, nil
 	h.metrics.InFlight.WithLabelValues(x.up.spec.Name).Dec()
 	// A client that closes its connection once it has the whole response
 	// ends the request's context too, so only a response not delivered in
@@ -225,6 +250,9 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 		body = usage.NewUsageChunkFilter(body)
 	}
 	resp.Body = body
+	if x.detachable && h.detach(resp, x) {
+		return errDetached
+	}
 	return nil
 }
 
@@ -272,8 +300,10 @@ func (b *tapBody) Read(p []byte) (int, error) {
 	if err != nil && err != io.EOF && b.x.errText == "" {
 		// A client that hangs up cancels the upstream request, and the
 		// upstream body then fails with the context's error.
-		if errors.Is(context.Cause(b.ctx), errUpstreamStalled) {
+		if cause := context.Cause(b.ctx); errors.Is(cause, errUpstreamStalled) {
 			b.x.errText = "upstream stalled: no response bytes for " + b.idle.String()
+		} else if cause == errShutdown {
+			b.x.errText = "stream cut off at shutdown"
 		} else if b.ctx.Err() != nil {
 			b.x.cancelled = true
 			b.x.errText = "client disconnected"
@@ -394,6 +424,9 @@ func scrubKey(body []byte, key string) []byte {
 // upstreamError writes the error response when the upstream could not be
 // reached or did not send response headers in time.
 func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err error) {
+	if err == errDetached {
+		return
+	}
 	x := exchangeOf(r.Context())
 	log := h.log.With("request_id", x.id, "provider", x.up.spec.Name, "mailbox", string(x.mailbox))
 	var tooBig *http.MaxBytesError

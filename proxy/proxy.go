@@ -55,6 +55,9 @@ type Handler struct {
 	// settings holds what a reload may replace: signer, limits, upstreams
 	// and shared keys. Requests load it once and use that value throughout.
 	settings atomic.Pointer[settings]
+
+	// streams are the responses running detached from the HTTP server.
+	streams detachedStreams
 }
 
 type settings struct {

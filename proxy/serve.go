@@ -78,6 +78,20 @@ type exchange struct {
 	delivered bool
 	// sent is set once the transport has written the whole request.
 	sent atomic.Bool
+
+	// detachable is set for a stream whose response detach may take off the
+	// HTTP server. Its upstream request then does not end with the
+	// server's request context, which ends when the handler returns, but
+	// follows it through unfollow until the response is detached.
+	detachable bool
+	unfollow   func() bool
+	// w, in and log are the handler's, kept for detach until it runs.
+	w   *responseRef
+	in  *http.Request
+	log *slog.Logger
+	// detached is set once the response runs on a goroutine of its own,
+	// which then ends the exchange in place of endForward.
+	detached bool
 }
 
 type exchangeKey struct{}
@@ -406,11 +420,16 @@ const maxNamedIDs = 256
 type countingBody struct {
 	io.ReadCloser
 	n atomic.Int64
+	// eof is set once the transport has read the body to its end.
+	eof atomic.Bool
 }
 
 func (b *countingBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
 	b.n.Add(int64(n))
+	if err == io.EOF {
+		b.eof.Store(true)
+	}
 	return n, err
 }
 

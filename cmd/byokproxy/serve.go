@@ -177,6 +177,11 @@ func serve(args []string) error {
 			forward.Close()
 		}
 	}
+	// Streams detached from the proxy listener's server are not among the
+	// requests its Shutdown waits for.
+	if err := handler.Drain(ctx); err != nil {
+		log.Warn("streams still open at the end of the grace period", "listener", "proxy", "error", err)
+	}
 	flushCtx, cancelFlush := context.WithTimeout(context.Background(), max(cfg.ShutdownGrace/2, 5*time.Second))
 	defer cancelFlush()
 	if err := writer.Close(flushCtx); err != nil {

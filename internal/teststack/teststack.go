@@ -175,6 +175,11 @@ func startOn(t testing.TB, srv *redistest.Server, prefix string, ids *keystore.I
 	adminSrv := httptest.NewServer(s.Admin)
 	s.ProxyURL, s.AdminURL = proxySrv.URL, adminSrv.URL
 	t.Cleanup(func() {
+		// Streams detached from the server end first: the server's Close
+		// does not wait for them.
+		drain, cancelDrain := context.WithTimeout(context.Background(), 5*time.Second)
+		s.Handler.Drain(drain)
+		cancelDrain()
 		proxySrv.Close()
 		adminSrv.Close()
 		flush, cancelFlush := context.WithTimeout(context.Background(), 5*time.Second)
@@ -252,13 +257,13 @@ func (s *Stack) AuditEvents(t testing.TB) []map[string]any {
 	return out
 }
 
-// WaitAudit waits up to 5 s until no proxy request is being served and the
-// audit writer has delivered every entry. A client can see its response end
+// WaitAudit waits up to 5 s until no proxy request is being served, no
+// stream runs detached, and the audit writer has delivered every entry. A client can see its response end
 // before the handler records the exchange, so the queue alone is not enough.
 func (s *Stack) WaitAudit(t testing.TB) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
-	for (s.active.Load() > 0 || s.Audit.Pending() > 0) && time.Now().Before(deadline) {
+	for (s.active.Load() > 0 || s.Handler.DetachedStreams() > 0 || s.Audit.Pending() > 0) && time.Now().Before(deadline) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }

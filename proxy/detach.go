@@ -1,0 +1,461 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/byokproxy/byokproxy/metrics"
+)
+
+// A stream that stays open in Go's HTTP/1 server keeps the connection's
+// 4 KiB reader and writer, a 2 KiB chunk buffer, the server's background
+// reader goroutine and the handler's goroutine with the stack it grew
+// while the request was checked. None of it serves a response that only
+// passes events on. So once the upstream has answered a stream with 200,
+// the proxy takes the connection over (Hijack), writes the response in
+// HTTP/1.1 chunked framing itself, and lets the handler return. At 10,000
+// idle streams that saved about 14 KiB per stream in docs/benchmarks.md.
+// When the stream ends cleanly, the connection goes back to the same
+// http.Server, which reads the client's next request as on any
+// keep-alive connection.
+
+// errDetached is what modifyResponse returns to the reverse proxy once a
+// stream runs detached, so that the reverse proxy writes nothing more.
+// upstreamError recognises it and writes nothing either.
+var errDetached = errors.New("stream detached from the HTTP server")
+
+// detachable reports whether a stream request's response may be detached:
+// HTTP/1.1 with a Content-Length, on a connection of an http.Server, and
+// not inside a forward-proxy tunnel, whose server needs its tunnel details
+// for each connection. detach also requires that the request body was
+// read to its end, so that no byte of the client's is left to read.
+func detachable(r *http.Request, x *exchange) bool {
+	return x.stream && r.ProtoMajor == 1 && r.ProtoMinor == 1 && len(r.TransferEncoding) == 0 &&
+		r.Context().Value(http.ServerContextKey) != nil && r.Context().Value(tunnelKey{}) == nil
+}
+
+// responseRef is the ResponseWriter the reverse proxy gets for a detachable
+// stream: a reference that detach clears.
+type responseRef struct{ http.ResponseWriter }
+
+// Unwrap lets http.ResponseController reach the server's writer.
+func (r *responseRef) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+
+// detachedStream is a streamed response that runs on its own goroutine,
+// outside the HTTP server.
+type detachedStream struct {
+	h      *Handler
+	x      *exchange
+	log    *slog.Logger
+	conn   net.Conn
+	srv    *http.Server
+	body   io.ReadCloser
+	header http.Header
+	// keepAlive is false when the client asked to close the connection.
+	keepAlive bool
+	// buffered holds what the server had read beyond the request when the
+	// connection was taken over, such as a pipelined next request.
+	buffered []byte
+
+	// out is the buffered writer lent to chunks for one write at a time,
+	// so an idle stream holds no write buffer.
+	out    *bufio.Writer
+	chunks io.WriteCloser
+	// watched is closed when watchClient has returned.
+	watched chan struct{}
+
+	// mu hands the connection from run to watchClient once the response
+	// has ended, and guards the fields below.
+	mu sync.Mutex
+	// watchEnded is set when watchClient's read has returned.
+	watchEnded bool
+	// streamEnded is set when run has recorded the exchange and left the
+	// connection to watchClient.
+	streamEnded bool
+	// next is the first byte of the client's next request, if it came.
+	next []byte
+	// clientGone is set when the client closed its side or the connection
+	// failed.
+	clientGone bool
+}
+
+// detach takes the client connection of x over for resp, or reports false
+// and leaves everything as it was. It runs in the handler's goroutine,
+// inside the reverse proxy, before the response header is written.
+func (h *Handler) detach(resp *http.Response, x *exchange) bool {
+	if resp.StatusCode != http.StatusOK || resp.ContentLength >= 0 || len(resp.Trailer) > 0 ||
+		resp.Header.Get("Content-Type") == "" || x.streamedBody != nil && !x.streamedBody.eof.Load() {
+		return false
+	}
+	srv, _ := x.in.Context().Value(http.ServerContextKey).(*http.Server)
+	if srv == nil {
+		return false
+	}
+	conn, rw, err := http.NewResponseController(x.w).Hijack()
+	if err != nil {
+		return false
+	}
+	// From here on only the stream's own watch ends its upstream request:
+	// the server ends the request's context when the handler returns.
+	x.unfollow()
+	// The reverse proxy would add the upstream's header to the one the
+	// handler set, such as X-Byokproxy-Request-Id.
+	header := x.w.Header().Clone()
+	x.w.ResponseWriter = nil
+	for k, vs := range resp.Header {
+		for _, v := range vs {
+			header.Add(k, v)
+		}
+	}
+	s := &detachedStream{
+		h: h, x: x, log: x.log, conn: conn, srv: srv, body: resp.Body, header: header,
+		keepAlive: !x.in.Close, watched: make(chan struct{}),
+	}
+	if n := rw.Reader.Buffered(); n > 0 {
+		buffered, _ := rw.Reader.Peek(n)
+		s.buffered = bytes.Clone(buffered)
+	}
+	s.chunks = httputil.NewChunkedWriter(s)
+	// The request was read to its end, and closing its body now keeps the
+	// deferred close in endForward from touching a hijacked connection.
+	x.in.Body.Close()
+	// Neither may hold the server's connection state past this point.
+	x.w, x.in = nil, nil
+	x.detached = true
+	resp.Body = http.NoBody
+	h.streams.add(s)
+	go s.run()
+	return true
+}
+
+// run streams the response, records the exchange, and then gives the
+// connection back to the server or closes it.
+func (s *detachedStream) run() {
+	defer func() {
+		// A bug here must cost one stream, not the process, which the
+		// server would have protected had the stream stayed its handler's.
+		if p := recover(); p != nil {
+			s.log.Error("detached stream failed", "panic", p)
+			s.conn.Close()
+			s.h.streams.remove(s)
+		}
+	}()
+	go s.watchClient(s.x.cancel)
+
+	delivered, writeFailed := s.copy()
+	s.body.Close()
+	_, isTLS := s.conn.(*tls.Conn)
+	if !delivered || !s.keepAlive || isTLS || len(s.buffered) > 0 {
+		// Stop the watch. A TLS connection goes back to the server at
+		// once, so that the server still sees it as TLS, and so does one
+		// whose next request the server had read already.
+		s.conn.SetReadDeadline(aLongTimeAgo)
+		<-s.watched
+		s.record(delivered, !delivered && (writeFailed || s.clientGone))
+		if !delivered || !s.keepAlive {
+			s.conn.Close()
+			return
+		}
+		s.conn.SetReadDeadline(time.Time{})
+		s.handBack()
+		return
+	}
+	s.record(true, false)
+	// The watch goes on as the wait for the client's next request, bounded
+	// as the server bounds the wait between two requests, and whichever of
+	// the two goroutines comes second passes the connection on.
+	s.conn.SetReadDeadline(idleDeadline(s.srv))
+	s.mu.Lock()
+	watchEnded := s.watchEnded
+	s.streamEnded = !watchEnded
+	s.mu.Unlock()
+	if watchEnded {
+		s.passOn()
+	}
+}
+
+// record ends the exchange as endForward would have.
+func (s *detachedStream) record(delivered, disconnected bool) {
+	x := s.x
+	if disconnected && x.errText == "" {
+		x.cancelled = true
+		x.errText = "client disconnected"
+	}
+	x.delivered = delivered
+	s.h.metrics.InFlight.WithLabelValues(x.up.spec.Name).Dec()
+	s.h.finish(x, metrics.SourceLabel(x.source), s.log)
+	x.cancel(nil)
+	s.h.streams.remove(s)
+	s.x, s.body = nil, nil
+}
+
+// idleDeadline is when the server would give up waiting for the next
+// request on a keep-alive connection.
+func idleDeadline(srv *http.Server) time.Time {
+	d := srv.IdleTimeout
+	if d <= 0 {
+		d = srv.ReadTimeout
+	}
+	if d <= 0 {
+		return time.Time{}
+	}
+	return time.Now().Add(d)
+}
+
+// copy writes the header and then each read of the body as one chunk, as
+// the reverse proxy with FlushInterval -1 would. It reports whether the
+// whole body reached the client and whether a write to the client failed.
+func (s *detachedStream) copy() (delivered, writeFailed bool) {
+	if err := s.writeHeader(); err != nil {
+		return false, true
+	}
+	buf := streamBuffers.Get()
+	defer streamBuffers.Put(buf)
+	for {
+		n, err := s.body.Read(buf)
+		if n > 0 {
+			if werr := s.send(buf[:n], false); werr != nil {
+				// As the HTTP server does when a write fails, end the
+				// upstream request instead of reading on for nobody.
+				s.x.cancel(nil)
+				return false, true
+			}
+		}
+		if err == io.EOF {
+			return s.send(nil, true) == nil, false
+		}
+		if err != nil {
+			// Without its last chunk the client sees the response cut
+			// off, as when the server aborts a handler.
+			return false, false
+		}
+	}
+}
+
+// writeHeader writes the status line and header as Go's HTTP/1 server
+// would for a response without Content-Length.
+func (s *detachedStream) writeHeader() error {
+	h := s.header
+	h.Del("Content-Length")
+	h.Set("Transfer-Encoding", "chunked")
+	if _, ok := h["Date"]; !ok {
+		h.Set("Date", time.Now().UTC().Format(http.TimeFormat))
+	}
+	if !s.keepAlive {
+		h.Set("Connection", "close")
+	}
+	w := s.lend()
+	w.WriteString("HTTP/1.1 200 OK\r\n")
+	h.Write(w)
+	w.WriteString("\r\n")
+	s.header = nil
+	return s.giveBack()
+}
+
+// send writes p as one chunk, and the last chunk after it when last is set.
+func (s *detachedStream) send(p []byte, last bool) error {
+	s.lend()
+	if len(p) > 0 {
+		s.chunks.Write(p)
+	}
+	if last {
+		s.chunks.Close()
+		s.out.WriteString("\r\n") // the end of the (empty) trailer section
+	}
+	return s.giveBack()
+}
+
+// chunkWriters lend a buffered writer for one write to a client, so the
+// chunk framing and its data leave in one system call.
+var chunkWriters = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4<<10) }}
+
+func (s *detachedStream) lend() *bufio.Writer {
+	s.out = chunkWriters.Get().(*bufio.Writer)
+	s.out.Reset(s.conn)
+	return s.out
+}
+
+// giveBack flushes the lent writer and returns it to the pool.
+func (s *detachedStream) giveBack() error {
+	err := s.out.Flush()
+	s.out.Reset(nil)
+	chunkWriters.Put(s.out)
+	s.out = nil
+	return err
+}
+
+// Write and WriteString are where the chunked writer's output goes: the
+// lent writer.
+func (s *detachedStream) Write(p []byte) (int, error)         { return s.out.Write(p) }
+func (s *detachedStream) WriteString(str string) (int, error) { return s.out.WriteString(str) }
+
+// watchClient waits for the client to close its side, and then ends the
+// upstream request with cancel, as the HTTP server's background read does
+// for a handler. A byte that arrives instead belongs to the client's next
+// request and is kept for the server. Once the response has ended, the
+// same read is the wait for that next request, which is far cheaper than
+// the server's own wait: no buffers and a goroutine with a small stack.
+func (s *detachedStream) watchClient(cancel context.CancelCauseFunc) {
+	defer close(s.watched)
+	var b [1]byte
+	n, err := s.conn.Read(b[:])
+	s.mu.Lock()
+	s.watchEnded = true
+	if n == 1 {
+		s.next = append(s.next, b[0])
+	} else if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+		s.clientGone = true
+	}
+	streamEnded, gone := s.streamEnded, s.clientGone
+	s.mu.Unlock()
+	if streamEnded {
+		s.passOn()
+	} else if gone {
+		cancel(nil)
+	}
+}
+
+// passOn hands the connection back to the server when the client has begun
+// its next request, and closes it when the client left or sent nothing in
+// time.
+func (s *detachedStream) passOn() {
+	if len(s.next) == 0 {
+		s.conn.Close()
+		return
+	}
+	s.conn.SetReadDeadline(time.Time{})
+	s.handBack()
+}
+
+// aLongTimeAgo is a read deadline in the past, which makes a pending read
+// return at once.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// handBack gives the connection to the server the request came from. The
+// server then serves it as a new keep-alive connection, or closes it when
+// it is shutting down.
+func (s *detachedStream) handBack() {
+	conn := s.conn
+	if early := append(s.buffered, s.next...); len(early) > 0 {
+		conn = &earlyConn{Conn: conn, early: early}
+	}
+	l := &handBackListener{conn: conn}
+	s.srv.Serve(l)
+	if !l.accepted {
+		s.conn.Close()
+	}
+}
+
+// handBackListener is a net.Listener that accepts one connection, for
+// http.Server.Serve, and then reports itself closed so Serve returns.
+type handBackListener struct {
+	conn     net.Conn
+	accepted bool
+}
+
+func (l *handBackListener) Accept() (net.Conn, error) {
+	if l.accepted {
+		return nil, net.ErrClosed
+	}
+	l.accepted = true
+	return l.conn, nil
+}
+
+// Close leaves the connection open: Serve closes its listener when it
+// returns, while the server goes on serving the connection.
+func (l *handBackListener) Close() error   { return nil }
+func (l *handBackListener) Addr() net.Addr { return l.conn.LocalAddr() }
+
+// earlyConn is a connection whose first bytes were read already.
+type earlyConn struct {
+	net.Conn
+	early []byte
+}
+
+func (c *earlyConn) Read(p []byte) (int, error) {
+	if len(c.early) > 0 {
+		n := copy(p, c.early)
+		c.early = c.early[n:]
+		return n, nil
+	}
+	return c.Conn.Read(p)
+}
+
+// detachedStreams are the streams running detached, so that shutdown can
+// wait for them.
+type detachedStreams struct {
+	mu   sync.Mutex
+	open map[*detachedStream]struct{}
+}
+
+func (d *detachedStreams) add(s *detachedStream) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.open == nil {
+		d.open = map[*detachedStream]struct{}{}
+	}
+	d.open[s] = struct{}{}
+}
+
+func (d *detachedStreams) remove(s *detachedStream) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	delete(d.open, s)
+}
+
+func (d *detachedStreams) count() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.open)
+}
+
+// cut ends every open stream's upstream request with cause.
+func (d *detachedStreams) cut(cause error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for s := range d.open {
+		s.x.cancel(cause)
+	}
+}
+
+// DetachedStreams returns how many streams run detached from the HTTP
+// server at the moment.
+func (h *Handler) DetachedStreams() int { return h.streams.count() }
+
+// errShutdown is the cause of the streams that Drain cuts.
+var errShutdown = errors.New("proxy shutting down")
+
+// Drain waits until no stream runs detached from the HTTP server, or until
+// ctx ends; then it cuts the streams still open and waits up to a second
+// for them to record their exchanges. Call it after the server's Shutdown,
+// which does not wait for these streams.
+func (h *Handler) Drain(ctx context.Context) error {
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for h.streams.count() > 0 {
+		select {
+		case <-ctx.Done():
+			n := h.streams.count()
+			h.streams.cut(errShutdown)
+			deadline := time.Now().Add(time.Second)
+			for h.streams.count() > 0 && time.Now().Before(deadline) {
+				time.Sleep(10 * time.Millisecond)
+			}
+			return errors.New(strconv.Itoa(n) + " streams were still open and were cut: " + ctx.Err().Error())
+		case <-tick.C:
+		}
+	}
+	return nil
+}
