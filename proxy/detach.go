@@ -20,27 +20,26 @@ import (
 )
 
 // A stream that stays open in Go's HTTP/1 server keeps the connection's
-// 4 KiB reader and writer, a 2 KiB chunk buffer, the server's background
-// reader goroutine and the handler's goroutine with the stack it grew
-// while the request was checked. None of it serves a response that only
-// passes events on. So once the upstream has answered a stream with 200,
-// the proxy takes the connection over (Hijack), writes the response in
-// HTTP/1.1 chunked framing itself, and lets the handler return. At 10,000
-// idle streams that saved about 14 KiB per stream in docs/benchmarks.md.
+// 4 KiB reader and writer and a 2 KiB chunk buffer. It also keeps the
+// server's background reader goroutine, and the handler's goroutine with
+// the stack it grew while the request was checked. A response that only
+// passes events on needs none of it. So once the upstream has answered a
+// stream with 200, the proxy takes the connection over (Hijack), writes
+// the response in HTTP/1.1 chunked framing itself, and lets the handler
+// return. docs/benchmarks.md measures the saving at 10,000 idle streams.
 // When the stream ends cleanly, the connection goes back to the same
-// http.Server, which reads the client's next request as on any
-// keep-alive connection.
+// http.Server, which reads the client's next request from it.
 
-// errDetached is what modifyResponse returns to the reverse proxy once a
-// stream runs detached, so that the reverse proxy writes nothing more.
-// upstreamError recognises it and writes nothing either.
+// errDetached is the error modifyResponse returns once a stream runs
+// detached, so that the reverse proxy writes nothing more. upstreamError
+// recognises it and writes nothing either.
 var errDetached = errors.New("stream detached from the HTTP server")
 
 // detachable reports whether a stream request's response may be detached:
 // HTTP/1.1 with a Content-Length, on a connection of an http.Server, and
 // not inside a forward-proxy tunnel, whose server needs its tunnel details
-// for each connection. detach also requires that the request body was
-// read to its end, so that no byte of the client's is left to read.
+// for each connection. detach also requires that the transport has sent
+// the whole request body, so that no byte of the client's is left to read.
 func detachable(r *http.Request, x *exchange) bool {
 	return x.stream && r.ProtoMajor == 1 && r.ProtoMinor == 1 && len(r.TransferEncoding) == 0 &&
 		r.Context().Value(http.ServerContextKey) != nil && r.Context().Value(tunnelKey{}) == nil
@@ -95,8 +94,17 @@ type detachedStream struct {
 // and leaves everything as it was. It runs in the handler's goroutine,
 // inside the reverse proxy, before the response header is written.
 func (h *Handler) detach(resp *http.Response, x *exchange) bool {
+	// A response of known length, with trailers or without a Content-Type
+	// would need more of the server's framing rules than the stream path
+	// writes.
 	if resp.StatusCode != http.StatusOK || resp.ContentLength >= 0 || len(resp.Trailer) > 0 ||
-		resp.Header.Get("Content-Type") == "" || x.streamedBody != nil && !x.streamedBody.eof.Load() {
+		resp.Header.Get("Content-Type") == "" {
+		return false
+	}
+	// A body forwarded unread must be all sent first. The reverse proxy
+	// closes it when it returns, which is at once here, and a transport
+	// still reading it would then drop the upstream connection.
+	if x.streamedBody != nil && !x.sent.Load() {
 		return false
 	}
 	srv, _ := x.in.Context().Value(http.ServerContextKey).(*http.Server)
@@ -107,6 +115,7 @@ func (h *Handler) detach(resp *http.Response, x *exchange) bool {
 	if err != nil {
 		return false
 	}
+
 	// From here on only the stream's own watch ends its upstream request:
 	// the server ends the request's context when the handler returns.
 	x.unfollow()
@@ -128,9 +137,7 @@ func (h *Handler) detach(resp *http.Response, x *exchange) bool {
 		s.buffered = bytes.Clone(buffered)
 	}
 	s.chunks = httputil.NewChunkedWriter(s)
-	// The request was read to its end, and closing its body now keeps the
-	// deferred close in endForward from touching a hijacked connection.
-	x.in.Body.Close()
+
 	// Neither may hold the server's connection state past this point.
 	x.w, x.in = nil, nil
 	x.detached = true
@@ -159,8 +166,9 @@ func (s *detachedStream) run() {
 	_, isTLS := s.conn.(*tls.Conn)
 	if !delivered || !s.keepAlive || isTLS || len(s.buffered) > 0 {
 		// Stop the watch. A TLS connection goes back to the server at
-		// once, so that the server still sees it as TLS, and so does one
-		// whose next request the server had read already.
+		// once, because a byte read here would hide its TLS state from the
+		// server. So does a connection whose next request the server has
+		// read already.
 		s.conn.SetReadDeadline(aLongTimeAgo)
 		<-s.watched
 		s.record(delivered, !delivered && (writeFailed || s.clientGone))
@@ -228,7 +236,8 @@ func (s *detachedStream) copy() (delivered, writeFailed bool) {
 		if n > 0 {
 			if werr := s.send(buf[:n], false); werr != nil {
 				// As the HTTP server does when a write fails, end the
-				// upstream request instead of reading on for nobody.
+				// upstream request rather than read a response no client
+				// receives.
 				s.x.cancel(nil)
 				return false, true
 			}
@@ -318,11 +327,11 @@ func (s *detachedStream) watchClient(cancel context.CancelCauseFunc) {
 	} else if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
 		s.clientGone = true
 	}
-	streamEnded, gone := s.streamEnded, s.clientGone
+	streamEnded, clientGone := s.streamEnded, s.clientGone
 	s.mu.Unlock()
 	if streamEnded {
 		s.passOn()
-	} else if gone {
+	} else if clientGone {
 		cancel(nil)
 	}
 }
@@ -344,8 +353,12 @@ func (s *detachedStream) passOn() {
 var aLongTimeAgo = time.Unix(1, 0)
 
 // handBack gives the connection to the server the request came from. The
-// server then serves it as a new keep-alive connection, or closes it when
-// it is shutting down.
+// server then serves it as a new connection, or closes it when it is
+// shutting down.
+//
+// NOTE: a TLS connection comes back before its next request arrives, so
+// the server waits for that request as long as its ReadHeaderTimeout, as
+// for a new connection, rather than its IdleTimeout.
 func (s *detachedStream) handBack() {
 	conn := s.conn
 	if early := append(s.buffered, s.next...); len(early) > 0 {
@@ -437,10 +450,10 @@ func (h *Handler) DetachedStreams() int { return h.streams.count() }
 // errShutdown is the cause of the streams that Drain cuts.
 var errShutdown = errors.New("proxy shutting down")
 
-// Drain waits until no stream runs detached from the HTTP server, or until
-// ctx ends; then it cuts the streams still open and waits up to a second
-// for them to record their exchanges. Call it after the server's Shutdown,
-// which does not wait for these streams.
+// Drain waits until no stream runs detached from the HTTP server. When ctx
+// ends first, it cuts the streams still open and waits up to a second for
+// them to record their exchanges. Call it after the server's Shutdown,
+// because Shutdown does not wait for these streams.
 func (h *Handler) Drain(ctx context.Context) error {
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()

@@ -14,12 +14,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/byokproxy/byokproxy/config"
 	"github.com/byokproxy/byokproxy/internal/teststack"
 	"github.com/byokproxy/byokproxy/provider"
 )
 
 // rawConn is an HTTP/1.1 client connection to the proxy, driven by hand so a
-// test sees the framing and the reuse of the connection.
+// test can check the framing and the reuse of the connection.
 type rawConn struct {
 	net.Conn
 	br *bufio.Reader
@@ -241,5 +242,66 @@ func TestDetachedStreamIdleConnection(t *testing.T) {
 	}
 	if waited := time.Since(start); waited < 400*time.Millisecond || waited > 5*time.Second {
 		t.Errorf("idle connection closed after %v, want about the IdleTimeout of 600ms", waited)
+	}
+}
+
+// TestStreamBeforeBodySentNotDetached has a provider answer a Gemini stream,
+// whose body the proxy forwards unread, before the client has sent all of
+// the body. The response must then stay with the reverse proxy: once
+// detached, the reverse proxy returns and closes the request body, and the
+// transport, still sending it, drops the upstream connection.
+func TestStreamBeforeBodySentNotDetached(t *testing.T) {
+	received := make(chan int, 1)
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		rc := http.NewResponseController(w)
+		rc.EnableFullDuplex()
+		event := `data: {"candidates":[{"content":{"parts":[{"text":"hi"}],"role":"model"}}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1}}` + "\r\n\r\n"
+		io.WriteString(w, event)
+		rc.Flush()
+		body, _ := io.ReadAll(r.Body)
+		received <- len(body)
+		io.WriteString(w, event)
+	}))
+	t.Cleanup(up.Close)
+	st := teststack.Start(t, func(c *config.Config) { c.Provider(provider.Google).Upstream = up.URL })
+	token := st.Token(t, "early-answer@example.com")
+
+	call := streaming[provider.Google]
+	pr, pw := io.Pipe()
+	req, _ := http.NewRequest(http.MethodPost, st.ProxyURL+call.path, pr)
+	req.ContentLength = int64(len(call.body))
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Content-Type", "application/json")
+	half := len(call.body) / 2
+	go pw.Write([]byte(call.body[:half]))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	br := bufio.NewReader(resp.Body)
+	if first, err := br.ReadString('\n'); err != nil || !strings.HasPrefix(first, "data:") {
+		t.Fatalf("first line %q, %v", first, err)
+	}
+	if n := st.Handler.DetachedStreams(); n != 0 {
+		t.Errorf("%d detached streams while the request body is still being sent, want 0", n)
+	}
+	pw.Write([]byte(call.body[half:]))
+	pw.Close()
+	rest, err := io.ReadAll(br)
+	if err != nil {
+		t.Fatalf("stream cut: %v", err)
+	}
+	if !strings.Contains(string(rest), "data:") {
+		t.Errorf("second event missing: %q", rest)
+	}
+	select {
+	case n := <-received:
+		if n != len(call.body) {
+			t.Errorf("upstream received %d body bytes, want %d", n, len(call.body))
+		}
+	case <-time.After(hangLimit):
+		t.Fatal("the upstream never finished reading the body")
 	}
 }

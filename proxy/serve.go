@@ -420,16 +420,11 @@ const maxNamedIDs = 256
 type countingBody struct {
 	io.ReadCloser
 	n atomic.Int64
-	// eof is set once the transport has read the body to its end.
-	eof atomic.Bool
 }
 
 func (b *countingBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
 	b.n.Add(int64(n))
-	if err == io.EOF {
-		b.eof.Store(true)
-	}
 	return n, err
 }
 
