@@ -278,11 +278,12 @@ func checkDeployment(t *testing.T, d manifest, byKind map[string][]manifest) {
 		checkProbe(t, c, "startupProbe", "/healthz", cfg.Listen)
 	}
 
-	// The preStop sleep, the grace of the proxy and its audit flush, which
+	// The preStop sleep, the grace of the proxy, the second it gives the
+	// streams it cuts then to record themselves, and its audit flush, which
 	// serve bounds by max(shutdown_grace/2, 5s), all run within the pod's
 	// termination grace period.
 	sleep, _ := get(c, "lifecycle", "preStop", "sleep", "seconds").(int)
-	shutdown := time.Duration(sleep)*time.Second + cfg.ShutdownGrace + max(cfg.ShutdownGrace/2, 5*time.Second)
+	shutdown := time.Duration(sleep)*time.Second + cfg.ShutdownGrace + time.Second + max(cfg.ShutdownGrace/2, 5*time.Second)
 	grace, ok := get(pod, "spec", "terminationGracePeriodSeconds").(int)
 	if !ok || time.Duration(grace)*time.Second <= shutdown {
 		t.Errorf("terminationGracePeriodSeconds %v is not longer than the preStop sleep, shutdown_grace and audit flush (%v)",
