@@ -23,8 +23,8 @@ import (
 // 4 KiB reader and writer and a 2 KiB chunk buffer. It also keeps the
 // server's background reader goroutine, and the handler's goroutine with
 // the stack it grew while the request was checked. A response that only
-// passes events on needs none of it. So once the upstream has answered a
-// stream with 200, the proxy takes the connection over (Hijack), writes
+// passes events on needs none of it. So once the upstream has responded to
+// a stream with 200, the proxy takes the connection over (Hijack), writes
 // the response in HTTP/1.1 chunked framing itself, and lets the handler
 // return. docs/benchmarks.md measures the saving at 10,000 idle streams.
 // When the stream ends cleanly, the connection goes back to the same
@@ -41,7 +41,7 @@ var errDetached = errors.New("stream detached from the HTTP server")
 // for each connection. detach also requires that the transport has sent
 // the whole request body, so that no byte of the client's is left to read.
 func detachable(r *http.Request, x *exchange) bool {
-	return x.stream && r.ProtoMajor == 1 && r.ProtoMinor == 1 && len(r.TransferEncoding) == 0 &&
+	return x.stream && r.Method != http.MethodHead && r.ProtoMajor == 1 && r.ProtoMinor == 1 && len(r.TransferEncoding) == 0 &&
 		r.Context().Value(http.ServerContextKey) != nil && r.Context().Value(tunnelKey{}) == nil
 }
 
@@ -171,7 +171,7 @@ func (s *detachedStream) run() {
 		// read already.
 		s.conn.SetReadDeadline(aLongTimeAgo)
 		<-s.watched
-		s.record(delivered, !delivered && (writeFailed || s.clientGone))
+		s.record(delivered, !delivered && (writeFailed || s.clientGone), false)
 		if !delivered || !s.keepAlive {
 			s.conn.Close()
 			return
@@ -180,7 +180,7 @@ func (s *detachedStream) run() {
 		s.handBack()
 		return
 	}
-	s.record(true, false)
+	s.record(true, false, true)
 	// The watch goes on as the wait for the client's next request, bounded
 	// as the server bounds the wait between two requests, and whichever of
 	// the two goroutines comes second passes the connection on.
@@ -194,8 +194,9 @@ func (s *detachedStream) run() {
 	}
 }
 
-// record ends the exchange as endForward would have.
-func (s *detachedStream) record(delivered, disconnected bool) {
+// record ends the exchange as endForward would have. With waiting set, the
+// connection then waits for the client's next request.
+func (s *detachedStream) record(delivered, disconnected, waiting bool) {
 	x := s.x
 	if disconnected && x.errText == "" {
 		x.cancelled = true
@@ -205,7 +206,7 @@ func (s *detachedStream) record(delivered, disconnected bool) {
 	s.h.metrics.InFlight.WithLabelValues(x.up.spec.Name).Dec()
 	s.h.finish(x, metrics.SourceLabel(x.source), s.log)
 	x.cancel(nil)
-	s.h.streams.remove(s)
+	s.h.streams.end(s, waiting)
 	s.x, s.body = nil, nil
 }
 
@@ -340,6 +341,7 @@ func (s *detachedStream) watchClient(cancel context.CancelCauseFunc) {
 // its next request, and closes it when the client left or sent nothing in
 // time.
 func (s *detachedStream) passOn() {
+	s.h.streams.stopWaiting(s)
 	if len(s.next) == 0 {
 		s.conn.Close()
 		return
@@ -407,10 +409,45 @@ func (c *earlyConn) Read(p []byte) (int, error) {
 }
 
 // detachedStreams are the streams running detached, so that shutdown can
-// wait for them.
+// wait for them, and the connections of ended streams that wait for their
+// next request, so that shutdown can close them as the server closes its
+// idle connections.
 type detachedStreams struct {
-	mu   sync.Mutex
-	open map[*detachedStream]struct{}
+	mu      sync.Mutex
+	open    map[*detachedStream]struct{}
+	waiting map[*detachedStream]struct{}
+}
+
+// end moves s from the open streams to the waiting connections, or only
+// removes it when waiting is false. It does both under one lock, so that
+// Drain finds s in one set or the other.
+func (d *detachedStreams) end(s *detachedStream, waiting bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	delete(d.open, s)
+	if !waiting {
+		return
+	}
+	if d.waiting == nil {
+		d.waiting = map[*detachedStream]struct{}{}
+	}
+	d.waiting[s] = struct{}{}
+}
+
+func (d *detachedStreams) stopWaiting(s *detachedStream) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	delete(d.waiting, s)
+}
+
+// closeWaiting ends the wait for the next request on every connection that
+// waits, which then closes.
+func (d *detachedStreams) closeWaiting() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for s := range d.waiting {
+		s.conn.SetReadDeadline(aLongTimeAgo)
+	}
 }
 
 func (d *detachedStreams) add(s *detachedStream) {
@@ -426,6 +463,7 @@ func (d *detachedStreams) remove(s *detachedStream) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	delete(d.open, s)
+	delete(d.waiting, s)
 }
 
 func (d *detachedStreams) count() int {
@@ -450,11 +488,13 @@ func (h *Handler) DetachedStreams() int { return h.streams.count() }
 // errShutdown is the cause of the streams that Drain cuts.
 var errShutdown = errors.New("proxy shutting down")
 
-// Drain waits until no stream runs detached from the HTTP server. When ctx
+// Drain waits until no stream runs detached from the HTTP server, and then
+// closes the connections that wait for a next request after one. When ctx
 // ends first, it cuts the streams still open and waits up to a second for
 // them to record their exchanges. Call it after the server's Shutdown,
 // because Shutdown does not wait for these streams.
 func (h *Handler) Drain(ctx context.Context) error {
+	defer h.streams.closeWaiting()
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
 	for h.streams.count() > 0 {

@@ -305,3 +305,23 @@ func TestStreamBeforeBodySentNotDetached(t *testing.T) {
 		t.Fatal("the upstream never finished reading the body")
 	}
 }
+
+func TestDrainClosesWaitingConnection(t *testing.T) {
+	st := teststack.Start(t)
+	token := st.Token(t, "detached-waiting@example.com")
+	c := dialProxy(t, st)
+	resp := c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
+	if _, err := io.ReadAll(resp.Body); err != nil {
+		t.Fatalf("reading the stream: %v", err)
+	}
+	// The connection now waits for its next request, which never comes.
+	ctx, cancel := context.WithTimeout(context.Background(), hangLimit)
+	defer cancel()
+	if err := st.Handler.Drain(ctx); err != nil {
+		t.Fatalf("Drain: %v", err)
+	}
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if b, err := c.br.ReadByte(); err != io.EOF {
+		t.Errorf("after Drain the waiting connection gave %q, %v; want EOF", b, err)
+	}
+}
