@@ -14,6 +14,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/byokproxy/byokproxy/metrics"
@@ -38,8 +39,8 @@ var errDetached = errors.New("stream detached from the HTTP server")
 // detachable reports whether a stream request's response may be detached:
 // HTTP/1.1 with a Content-Length, on a connection of an http.Server, and
 // not inside a forward-proxy tunnel, whose server needs its tunnel details
-// for each connection. detach also requires that the transport has sent
-// the whole request body, so that no byte of the client's is left to read.
+// for each connection. detach also requires that the request body was read
+// to its end, so that no byte of the client's is left to read.
 func detachable(r *http.Request, x *exchange) bool {
 	return x.stream && r.Method != http.MethodHead && r.ProtoMajor == 1 && r.ProtoMinor == 1 && len(r.TransferEncoding) == 0 &&
 		r.Context().Value(http.ServerContextKey) != nil && r.Context().Value(tunnelKey{}) == nil
@@ -88,6 +89,9 @@ type detachedStream struct {
 	// clientGone is set when the client closed its side or the connection
 	// failed.
 	clientGone bool
+
+	// cut is set when shutdown ended the stream.
+	cut atomic.Bool
 }
 
 // detach takes the client connection of x over for resp, or reports false
@@ -101,10 +105,12 @@ func (h *Handler) detach(resp *http.Response, x *exchange) bool {
 		resp.Header.Get("Content-Type") == "" {
 		return false
 	}
-	// A body forwarded unread must be all sent first. The reverse proxy
-	// closes it when it returns, which is at once here, and a transport
-	// still reading it would then drop the upstream connection.
-	if x.streamedBody != nil && !x.sent.Load() {
+	// A body forwarded unread must be all read from the client, or its
+	// rest would be read as the next request. Once it is, release below
+	// lets the transport finish with it while the reverse proxy, returning
+	// at once, closes it: the close would otherwise fail the transport's
+	// last read, which then drops the upstream connection.
+	if x.streamedBody != nil && !x.streamedBody.eof.Load() {
 		return false
 	}
 	srv, _ := x.in.Context().Value(http.ServerContextKey).(*http.Server)
@@ -119,6 +125,10 @@ func (h *Handler) detach(resp *http.Response, x *exchange) bool {
 	// From here on only the stream's own watch ends its upstream request:
 	// the server ends the request's context when the handler returns.
 	x.unfollow()
+	if x.streamedBody != nil {
+		x.requestBytes = max(x.requestBytes, x.streamedBody.n.Load())
+		x.streamedBody.release()
+	}
 	// The reverse proxy would add the upstream's header to the one the
 	// handler set, such as X-Byokproxy-Request-Id.
 	header := x.w.Header().Clone()
@@ -142,7 +152,7 @@ func (h *Handler) detach(resp *http.Response, x *exchange) bool {
 	x.w, x.in = nil, nil
 	x.detached = true
 	resp.Body = http.NoBody
-	h.streams.add(s)
+	h.streams.add(s, srv)
 	go s.run()
 	return true
 }
@@ -156,6 +166,11 @@ func (s *detachedStream) run() {
 		if p := recover(); p != nil {
 			s.log.Error("detached stream failed", "panic", p)
 			s.conn.Close()
+			if x := s.x; x != nil {
+				x.cancel(nil)
+				s.body.Close()
+				s.h.metrics.InFlight.WithLabelValues(x.up.spec.Name).Dec()
+			}
 			s.h.streams.remove(s)
 		}
 	}()
@@ -164,15 +179,16 @@ func (s *detachedStream) run() {
 	delivered, writeFailed := s.copy()
 	s.body.Close()
 	_, isTLS := s.conn.(*tls.Conn)
-	if !delivered || !s.keepAlive || isTLS || len(s.buffered) > 0 {
+	reuse := delivered && s.keepAlive
+	if !reuse || isTLS || len(s.buffered) > 0 {
 		// Stop the watch. A TLS connection goes back to the server at
 		// once, because a byte read here would hide its TLS state from the
 		// server. So does a connection whose next request the server has
 		// read already.
 		s.conn.SetReadDeadline(aLongTimeAgo)
 		<-s.watched
-		s.record(delivered, !delivered && (writeFailed || s.clientGone), false)
-		if !delivered || !s.keepAlive {
+		s.record(delivered, !delivered && (writeFailed || s.clientGone), reuse)
+		if !reuse {
 			s.conn.Close()
 			return
 		}
@@ -180,11 +196,13 @@ func (s *detachedStream) run() {
 		s.handBack()
 		return
 	}
-	s.record(true, false, true)
 	// The watch goes on as the wait for the client's next request, bounded
 	// as the server bounds the wait between two requests, and whichever of
-	// the two goroutines comes second passes the connection on.
+	// the two goroutines comes second passes the connection on. The
+	// deadline comes before record, which ends the wait at once when the
+	// server is shutting down.
 	s.conn.SetReadDeadline(idleDeadline(s.srv))
+	s.record(true, false, true)
 	s.mu.Lock()
 	watchEnded := s.watchEnded
 	s.streamEnded = !watchEnded
@@ -195,10 +213,14 @@ func (s *detachedStream) run() {
 }
 
 // record ends the exchange as endForward would have. With waiting set, the
-// connection then waits for the client's next request.
+// connection stays in s.h.streams until handBack or passOn is done with it.
 func (s *detachedStream) record(delivered, disconnected, waiting bool) {
 	x := s.x
-	if disconnected && x.errText == "" {
+	switch {
+	case delivered || x.errText != "":
+	case s.cut.Load():
+		x.errText = "stream cut off at shutdown"
+	case disconnected:
 		x.cancelled = true
 		x.errText = "client disconnected"
 	}
@@ -341,9 +363,9 @@ func (s *detachedStream) watchClient(cancel context.CancelCauseFunc) {
 // its next request, and closes it when the client left or sent nothing in
 // time.
 func (s *detachedStream) passOn() {
-	s.h.streams.stopWaiting(s)
 	if len(s.next) == 0 {
 		s.conn.Close()
+		s.h.streams.remove(s)
 		return
 	}
 	s.conn.SetReadDeadline(time.Time{})
@@ -362,6 +384,7 @@ var aLongTimeAgo = time.Unix(1, 0)
 // the server waits for that request as long as its ReadHeaderTimeout, as
 // for a new connection, rather than its IdleTimeout.
 func (s *detachedStream) handBack() {
+	defer s.h.streams.remove(s)
 	conn := s.conn
 	if early := append(s.buffered, s.next...); len(early) > 0 {
 		conn = &earlyConn{Conn: conn, early: early}
@@ -416,11 +439,32 @@ type detachedStreams struct {
 	mu      sync.Mutex
 	open    map[*detachedStream]struct{}
 	waiting map[*detachedStream]struct{}
+	// servers are those whose Shutdown closes the waiting connections,
+	// mapped to whether Shutdown has begun.
+	servers map[*http.Server]bool
+}
+
+// add records s as open. The first stream of a server also has the
+// server's Shutdown close the connections that wait after a stream.
+func (d *detachedStreams) add(s *detachedStream, srv *http.Server) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.open == nil {
+		d.open = map[*detachedStream]struct{}{}
+		d.waiting = map[*detachedStream]struct{}{}
+		d.servers = map[*http.Server]bool{}
+	}
+	d.open[s] = struct{}{}
+	if _, ok := d.servers[srv]; !ok {
+		d.servers[srv] = false
+		srv.RegisterOnShutdown(func() { d.shutDown(srv) })
+	}
 }
 
 // end moves s from the open streams to the waiting connections, or only
 // removes it when waiting is false. It does both under one lock, so that
-// Drain finds s in one set or the other.
+// Drain finds s in one set or the other. Once its server is shutting down,
+// a connection stops waiting at once.
 func (d *detachedStreams) end(s *detachedStream, waiting bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -428,35 +472,10 @@ func (d *detachedStreams) end(s *detachedStream, waiting bool) {
 	if !waiting {
 		return
 	}
-	if d.waiting == nil {
-		d.waiting = map[*detachedStream]struct{}{}
-	}
 	d.waiting[s] = struct{}{}
-}
-
-func (d *detachedStreams) stopWaiting(s *detachedStream) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	delete(d.waiting, s)
-}
-
-// closeWaiting ends the wait for the next request on every connection that
-// waits, which then closes.
-func (d *detachedStreams) closeWaiting() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	for s := range d.waiting {
+	if d.servers[s.srv] {
 		s.conn.SetReadDeadline(aLongTimeAgo)
 	}
-}
-
-func (d *detachedStreams) add(s *detachedStream) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.open == nil {
-		d.open = map[*detachedStream]struct{}{}
-	}
-	d.open[s] = struct{}{}
 }
 
 func (d *detachedStreams) remove(s *detachedStream) {
@@ -466,49 +485,83 @@ func (d *detachedStreams) remove(s *detachedStream) {
 	delete(d.waiting, s)
 }
 
-func (d *detachedStreams) count() int {
+// shutDown ends the wait for the next request on every connection of srv,
+// which then closes.
+func (d *detachedStreams) shutDown(srv *http.Server) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return len(d.open)
+	d.servers[srv] = true
+	for s := range d.waiting {
+		if s.srv == srv {
+			s.conn.SetReadDeadline(aLongTimeAgo)
+		}
+	}
 }
 
-// cut ends every open stream's upstream request with cause.
+// serverList returns the servers of the streams seen so far.
+func (d *detachedStreams) serverList() []*http.Server {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	list := make([]*http.Server, 0, len(d.servers))
+	for srv := range d.servers {
+		list = append(list, srv)
+	}
+	return list
+}
+
+// counts returns the number of open streams and of waiting connections.
+func (d *detachedStreams) counts() (open, waiting int) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.open), len(d.waiting)
+}
+
+// cut ends every open stream: its upstream request with cause, and its
+// client connection, which a client that stopped reading could otherwise
+// keep blocked in a write.
 func (d *detachedStreams) cut(cause error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for s := range d.open {
+		s.cut.Store(true)
 		s.x.cancel(cause)
+		s.conn.Close()
 	}
 }
 
 // DetachedStreams returns how many streams run detached from the HTTP
 // server at the moment.
-func (h *Handler) DetachedStreams() int { return h.streams.count() }
+func (h *Handler) DetachedStreams() int {
+	open, _ := h.streams.counts()
+	return open
+}
 
 // errShutdown is the cause of the streams that Drain cuts.
 var errShutdown = errors.New("proxy shutting down")
 
-// Drain waits until no stream runs detached from the HTTP server, and then
-// closes the connections that wait for a next request after one. When ctx
-// ends first, it cuts the streams still open and waits up to a second for
-// them to record their exchanges. Call it after the server's Shutdown,
+// Drain waits until no stream runs detached from the HTTP server. When ctx
+// ends first, it cuts the streams still open. Then it closes the
+// connections that wait for a next request after a stream, and waits up to
+// a second for all of them to finish. Call it after the server's Shutdown,
 // because Shutdown does not wait for these streams.
 func (h *Handler) Drain(ctx context.Context) error {
-	defer h.streams.closeWaiting()
-	tick := time.NewTicker(20 * time.Millisecond)
+	var err error
+	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
-	for h.streams.count() > 0 {
+	for open, _ := h.streams.counts(); open > 0 && err == nil; open, _ = h.streams.counts() {
 		select {
 		case <-ctx.Done():
-			n := h.streams.count()
+			err = errors.New("detached streams still open at the deadline, cut: " + strconv.Itoa(open))
 			h.streams.cut(errShutdown)
-			deadline := time.Now().Add(time.Second)
-			for h.streams.count() > 0 && time.Now().Before(deadline) {
-				time.Sleep(10 * time.Millisecond)
-			}
-			return errors.New(strconv.Itoa(n) + " streams were still open and were cut: " + ctx.Err().Error())
 		case <-tick.C:
 		}
 	}
-	return nil
+	for _, srv := range h.streams.serverList() {
+		h.streams.shutDown(srv)
+	}
+	deadline := time.Now().Add(time.Second)
+	for open, waiting := h.streams.counts(); open+waiting > 0 && time.Now().Before(deadline); open, waiting = h.streams.counts() {
+		<-tick.C
+	}
+	return err
 }

@@ -3,16 +3,22 @@ package proxy_test
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"os"
+	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+	"weak"
 
 	"github.com/byokproxy/byokproxy/config"
 	"github.com/byokproxy/byokproxy/internal/teststack"
@@ -188,8 +194,8 @@ func TestDrainCutsDetachedStreams(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
-	if err := st.Handler.Drain(ctx); err == nil || !strings.Contains(err.Error(), "1 streams") {
-		t.Errorf("Drain with a held stream: %v, want an error naming 1 stream", err)
+	if err := st.Handler.Drain(ctx); err == nil || !strings.HasSuffix(err.Error(), "cut: 1") {
+		t.Errorf("Drain with a held stream: %v, want an error that counts 1 stream cut", err)
 	}
 	if n := st.Handler.DetachedStreams(); n != 0 {
 		t.Errorf("%d detached streams after Drain", n)
@@ -245,11 +251,11 @@ func TestDetachedStreamIdleConnection(t *testing.T) {
 	}
 }
 
-// TestStreamBeforeBodySentNotDetached has a provider answer a Gemini stream,
-// whose body the proxy forwards unread, before the client has sent all of
-// the body. The response must then stay with the reverse proxy: once
-// detached, the reverse proxy returns and closes the request body, and the
-// transport, still sending it, drops the upstream connection.
+// TestStreamBeforeBodySentNotDetached has a provider respond to a Gemini
+// stream, whose body the proxy forwards unread, before the client has sent
+// all of the body. The response must then stay with the reverse proxy,
+// because the rest of the body is still to be read from the client's
+// connection and sent upstream.
 func TestStreamBeforeBodySentNotDetached(t *testing.T) {
 	received := make(chan int, 1)
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -323,5 +329,282 @@ func TestDrainClosesWaitingConnection(t *testing.T) {
 	c.SetReadDeadline(time.Now().Add(2 * time.Second))
 	if b, err := c.br.ReadByte(); err != io.EOF {
 		t.Errorf("after Drain the waiting connection gave %q, %v; want EOF", b, err)
+	}
+}
+
+// TestDrainEndsStreamOfNonReadingClient has a client that stops reading a
+// large stream, so the detached stream blocks in its write to the client.
+// Drain must still end the stream and record it, as the server's Close did
+// for a stream that stayed with its handler.
+func TestDrainEndsStreamOfNonReadingClient(t *testing.T) {
+	event := "data: " + `{"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"` +
+		strings.Repeat("x", 16<<10) + `"}}]}` + "\n\n"
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		rc := http.NewResponseController(w)
+		// At most 64 MiB, far more than the socket buffers between the
+		// proxy and a client that does not read.
+		for range 4096 {
+			if _, err := io.WriteString(w, event); err != nil {
+				return
+			}
+			rc.Flush()
+		}
+	}))
+	t.Cleanup(up.Close)
+	st := teststack.Start(t, func(c *config.Config) { c.Provider(provider.OpenAI).Upstream = up.URL })
+	m := "drain-stalled-reader@example.com"
+	token := st.Token(t, m)
+	c := dialProxy(t, st)
+	resp := c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	// The client reads nothing more. Wait until the proxy's writes block.
+	time.Sleep(time.Second)
+	if n := st.Handler.DetachedStreams(); n != 1 {
+		t.Fatalf("%d detached streams, want 1", n)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	err := st.Handler.Drain(ctx)
+	t.Logf("Drain returned after %v: %v", time.Since(start), err)
+	if n := st.Handler.DetachedStreams(); n != 0 {
+		t.Errorf("%d detached streams after Drain, want 0: the stream is still blocked writing to the client and has not recorded its exchange", n)
+	}
+	events := teststack.EventsOf(st.AuditEvents(t), m)
+	if len(events) != 1 || !strings.HasPrefix(fmt.Sprint(events[0]["error"]), "stream cut off at shutdown") {
+		t.Errorf("audit events %v, want one whose error begins \"stream cut off at shutdown\"", events)
+	}
+}
+
+// TestDetachedHeadStreamFraming sends HEAD to a Gemini stream path and then
+// a second request on the same connection. A response to HEAD has no body,
+// so the proxy must not write a last chunk after its header.
+func TestDetachedHeadStreamFraming(t *testing.T) {
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.WriteHeader(http.StatusOK)
+	}))
+	t.Cleanup(up.Close)
+	st := teststack.Start(t, func(c *config.Config) { c.Provider(provider.Google).Upstream = up.URL })
+	m := "head-stream@example.com"
+	token := st.Token(t, m)
+	st.UseBYOK(t, m, provider.Google)
+
+	c := dialProxy(t, st)
+	io.WriteString(c, "HEAD "+streaming[provider.Google].path+" HTTP/1.1\r\nHost: proxy.test\r\nAuthorization: Bearer "+token+"\r\n\r\n")
+	resp, err := http.ReadResponse(c.br, &http.Request{Method: http.MethodHead})
+	if err != nil {
+		t.Fatalf("reading the HEAD response: %v", err)
+	}
+	resp.Body.Close()
+	t.Logf("HEAD response: %d, Transfer-Encoding %v", resp.StatusCode, resp.TransferEncoding)
+
+	io.WriteString(c, "GET /healthz HTTP/1.1\r\nHost: proxy.test\r\n\r\n")
+	resp, err = http.ReadResponse(c.br, nil)
+	if err != nil {
+		t.Fatalf("the request after HEAD got no valid response: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 || string(body) != "ok\n" {
+		t.Errorf("GET /healthz after HEAD: status %d, body %q", resp.StatusCode, body)
+	}
+}
+
+// TestDetachedStreamUnreadExpectBody sends a Gemini stream request with
+// Expect: 100-continue and a body over 256 KiB. The upstream responds 200
+// with Connection: close without reading the body, so the transport never
+// sends it and the server never reads it. The body then still sits on the
+// client's connection, and the proxy must not read it as a next request.
+func TestDetachedStreamUnreadExpectBody(t *testing.T) {
+	release := make(chan struct{})
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		io.WriteString(w, `data: {"candidates":[{"content":{"parts":[{"text":"hi"}],"role":"model"}}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1}}`+"\r\n\r\n")
+		http.NewResponseController(w).Flush()
+		select {
+		case <-release:
+		case <-time.After(hangLimit):
+		}
+	}))
+	t.Cleanup(up.Close)
+	st := teststack.Start(t, func(c *config.Config) { c.Provider(provider.Google).Upstream = up.URL })
+	token := st.Token(t, "expect-body@example.com")
+
+	// The body is a whole request to /healthz, padded to 300 KiB.
+	const size = 300 << 10
+	inner := "POST /healthz HTTP/1.1\r\nHost: proxy.test\r\nContent-Length: "
+	pad := size - len(inner+"000000\r\n\r\n") // a 6-digit length
+	body := inner + strconv.Itoa(pad) + "\r\n\r\n" + strings.Repeat("a", pad)
+	if len(body) != size {
+		t.Fatalf("body is %d bytes, want %d", len(body), size)
+	}
+
+	c := dialProxy(t, st)
+	req := "POST " + streaming[provider.Google].path + " HTTP/1.1\r\nHost: proxy.test\r\nAuthorization: Bearer " + token +
+		"\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: " + strconv.Itoa(size) + "\r\n\r\n"
+	io.WriteString(c, req)
+	resp, err := http.ReadResponse(c.br, nil)
+	if err != nil {
+		t.Fatalf("reading the response: %v", err)
+	}
+	detached := st.Handler.DetachedStreams()
+	t.Logf("status %d, Connection: close %v, detached streams %d", resp.StatusCode, resp.Close, detached)
+	// A client may send the body after a final response that does not close
+	// the connection (RFC 9110, section 10.1.1).
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		io.WriteString(c, body)
+	}()
+	close(release)
+	if _, err := io.ReadAll(resp.Body); err != nil {
+		t.Fatalf("reading the stream: %v", err)
+	}
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	second, err := http.ReadResponse(c.br, nil)
+	if err == nil {
+		got, _ := io.ReadAll(second.Body)
+		t.Errorf("the proxy served the request body as a request: a second response %d %q on a connection that sent one request", second.StatusCode, got)
+	}
+	c.Close()
+	wg.Wait()
+}
+
+// TestShutdownClosesIdleDetachedConnection checks that after a detached
+// stream ends, Shutdown closes the connection that waits for the client's
+// next request, as it closes every idle connection.
+func TestShutdownClosesIdleDetachedConnection(t *testing.T) {
+	st := teststack.Start(t)
+	token := st.Token(t, "shutdown-idle@example.com")
+	srv := httptest.NewServer(st.Handler)
+	t.Cleanup(srv.Close)
+
+	c := dialURL(t, srv.URL)
+	resp := c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
+	if _, err := io.ReadAll(resp.Body); err != nil {
+		t.Fatalf("reading the stream: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := srv.Config.Shutdown(ctx); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	c.SetReadDeadline(time.Now().Add(time.Second))
+	_, err := c.br.ReadByte()
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("the idle connection is still open after Shutdown returned; a request sent on it now is lost")
+	} else if err != io.EOF {
+		t.Errorf("read after Shutdown: %v, want EOF", err)
+	}
+}
+
+// trackedWriter wraps the server's ResponseWriter so a test can see when
+// the server's per-request state becomes unreachable.
+type trackedWriter struct{ http.ResponseWriter }
+
+func (w *trackedWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// TestDetachedStreamReleasesServerState checks that, once a stream is
+// detached and its handler has returned, nothing keeps the ResponseWriter
+// the handler got, and with it the server's connection buffers.
+func TestDetachedStreamReleasesServerState(t *testing.T) {
+	st := teststack.Start(t)
+	var mu sync.Mutex
+	var writerRef weak.Pointer[trackedWriter]
+	handlerDone := make(chan struct{}, 1)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		tw := &trackedWriter{w}
+		mu.Lock()
+		writerRef = weak.Make(tw)
+		mu.Unlock()
+		st.Handler.ServeHTTP(tw, r)
+		handlerDone <- struct{}{}
+	}))
+	t.Cleanup(srv.Close)
+
+	for _, p := range []string{provider.OpenAI, provider.Google} {
+		up := st.Upstreams[p]
+		up.Reset()
+		up.Hold()
+		token := st.Token(t, "release-"+p+"@example.com")
+		c := dialURL(t, srv.URL)
+		resp := c.send(t, p, streaming[p], token, "")
+		if _, err := bufio.NewReader(resp.Body).ReadString('\n'); err != nil {
+			t.Fatalf("%s: %v", p, err)
+		}
+		select {
+		case <-handlerDone:
+		case <-time.After(hangLimit):
+			t.Fatalf("%s: the handler did not return", p)
+		}
+		if n := st.Handler.DetachedStreams(); n != 1 {
+			t.Fatalf("%s: %d detached streams, want 1", p, n)
+		}
+		runtime.GC()
+		runtime.GC()
+		mu.Lock()
+		alive := writerRef.Value() != nil
+		mu.Unlock()
+		if alive {
+			t.Errorf("%s: the handler's ResponseWriter is still reachable while the stream runs detached", p)
+		}
+		up.Release()
+		io.ReadAll(resp.Body)
+		c.Close()
+	}
+}
+
+// TestDetachedStreamOverTLS checks a detached stream on a TLS listener: the
+// connection serves the next request after the stream, and a request
+// pipelined during the stream.
+func TestDetachedStreamOverTLS(t *testing.T) {
+	st := teststack.Start(t)
+	token := st.Token(t, "detached-tls@example.com")
+	srv := httptest.NewUnstartedServer(st.Handler)
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+
+	tlsConn, err := tls.Dial("tcp", srv.Listener.Addr().String(), &tls.Config{InsecureSkipVerify: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tlsConn.Close() })
+	tlsConn.SetDeadline(time.Now().Add(2 * hangLimit))
+	c := &rawConn{Conn: tlsConn, br: bufio.NewReader(tlsConn)}
+
+	up := st.Upstreams[provider.OpenAI]
+	up.Hold()
+	resp := c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
+	if n := st.Handler.DetachedStreams(); n != 1 {
+		t.Errorf("%d detached streams over TLS, want 1", n)
+	}
+	next := nonStream[provider.OpenAI]
+	io.WriteString(c, "POST "+next.path+" HTTP/1.1\r\nHost: proxy.test\r\nAuthorization: Bearer "+token+
+		"\r\nContent-Type: application/json\r\nContent-Length: "+strconv.Itoa(len(next.body))+"\r\n\r\n"+next.body)
+	time.Sleep(50 * time.Millisecond)
+	up.Release()
+	if _, err := io.ReadAll(resp.Body); err != nil {
+		t.Fatalf("reading the stream: %v", err)
+	}
+	resp, err = http.ReadResponse(c.br, nil)
+	if err != nil {
+		t.Fatalf("the pipelined request got no response: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 {
+		t.Errorf("pipelined request: status %d: %s", resp.StatusCode, body)
+	}
+	resp = c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
+	if _, err := io.ReadAll(resp.Body); err != nil {
+		t.Fatalf("second stream: %v", err)
+	}
+	resp = c.send(t, provider.OpenAI, nonStream[provider.OpenAI], token, "")
+	if body, err := io.ReadAll(resp.Body); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("request after the second stream: status %d, %v: %s", resp.StatusCode, err, body)
 	}
 }

@@ -83,7 +83,17 @@ func (h *Handler) startForward(w http.ResponseWriter, r *http.Request, x *exchan
 	}
 	ctx = context.WithValue(ctx, exchangeKey{}, x)
 	ctx = httptrace.WithClientTrace(ctx, trace)
-	return r.WithContext(ctx)
+	out := r.WithContext(ctx)
+	// The server's own body goes back on its request now, because the
+	// server checks it when the response header is written. A body
+	// announced with Expect: 100-continue and not read to its end makes
+	// the server close the connection after the response. Otherwise the
+	// server would read the rest as the next request. out keeps the
+	// wrapped body.
+	if x.serverBody != nil {
+		r.Body = x.serverBody
+	}
+	return out
 }
 
 // endForward releases what startForward took and records the exchange,

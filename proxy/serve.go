@@ -59,6 +59,9 @@ type exchange struct {
 	// streamedBody counts a request body that is forwarded without being
 	// read first, or is nil.
 	streamedBody *countingBody
+	// serverBody is the request body as the server gave it, before
+	// readBody wrapped it.
+	serverBody io.ReadCloser
 
 	status  int
 	errText string
@@ -102,6 +105,10 @@ func exchangeOf(ctx context.Context) *exchange {
 }
 
 func (h *Handler) serveProvider(w http.ResponseWriter, r *http.Request) {
+	// The server checks the body it gave the handler, to decide whether
+	// the connection can serve another request. readBody wraps r.Body, so
+	// the server's own body goes back, as startForward also does.
+	defer func(body io.ReadCloser) { r.Body = body }(r.Body)
 	x, log := h.admit(w, r)
 	if x == nil {
 		return
@@ -329,6 +336,7 @@ func nextMonth(now time.Time) time.Time {
 // readBody reads a JSON generation request's body, bounded by the body
 // limit, for its model and stream flag; other bodies stream through.
 func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, s *settings, log *slog.Logger) bool {
+	x.serverBody = r.Body
 	r.Body = http.MaxBytesReader(w, r.Body, s.maxBodyBytes)
 	spec := x.up.spec
 	if spec.Name == provider.Google {
@@ -339,7 +347,7 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 	if !needsBody(spec.Name, r.Method, x.rest) {
 		// The body streams through unread, and a chunked one has no
 		// Content-Length, so the bytes sent are counted as they go.
-		x.streamedBody = &countingBody{ReadCloser: r.Body}
+		x.streamedBody = newCountingBody(r.Body)
 		r.Body = x.streamedBody
 		return true
 	}
@@ -416,17 +424,38 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 const maxNamedIDs = 256
 
 // countingBody counts the bytes read from a request body. The transport
-// reads it on its own goroutine, hence the atomic.
+// reads it on its own goroutine, hence the atomics.
 type countingBody struct {
-	io.ReadCloser
-	n atomic.Int64
+	body atomic.Pointer[readCloser]
+	n    atomic.Int64
+	// eof is set once the body has been read to its end.
+	eof atomic.Bool
+}
+
+type readCloser struct{ io.ReadCloser }
+
+func newCountingBody(body io.ReadCloser) *countingBody {
+	b := &countingBody{}
+	b.body.Store(&readCloser{body})
+	return b
 }
 
 func (b *countingBody) Read(p []byte) (int, error) {
-	n, err := b.ReadCloser.Read(p)
+	n, err := b.body.Load().Read(p)
 	b.n.Add(int64(n))
+	if err == io.EOF {
+		b.eof.Store(true)
+	}
 	return n, err
 }
+
+func (b *countingBody) Close() error { return b.body.Load().Close() }
+
+// release lets go of a body read to its end. The server's request body
+// holds the server's state of the connection, which a detached stream
+// must not keep, and the transport keeps its request for as long as the
+// response lasts.
+func (b *countingBody) release() { b.body.Store(&readCloser{http.NoBody}) }
 
 // firstBodyBuffer is the most readAll allocates for a request body before
 // any of it has arrived.
