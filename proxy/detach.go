@@ -46,6 +46,30 @@ func detachable(r *http.Request, x *exchange) bool {
 		r.Context().Value(http.ServerContextKey) != nil && r.Context().Value(tunnelKey{}) == nil
 }
 
+// bodySent reports whether a body forwarded unread has been read from the
+// client to its end, or its rest would be read as the next request, and
+// whether the transport is done with it. The reverse proxy, which returns
+// at once for a detached stream, makes the body fail every read after
+// that, and a transport still reading it would drop the upstream
+// connection. The transport reports the request written a few steps after
+// its last read of the body, so once the body has reached its end, bodySent
+// waits a little for that report.
+func bodySent(x *exchange) bool {
+	if !x.streamedBody.eof.Load() {
+		return false
+	}
+	if x.sent.Load() {
+		return true
+	}
+	wait := time.NewTimer(5 * time.Millisecond)
+	defer wait.Stop()
+	select {
+	case <-x.wrote:
+	case <-wait.C:
+	}
+	return x.sent.Load()
+}
+
 // responseRef is the ResponseWriter the reverse proxy gets for a detachable
 // stream: a reference that detach clears.
 type responseRef struct{ http.ResponseWriter }
@@ -105,12 +129,7 @@ func (h *Handler) detach(resp *http.Response, x *exchange) bool {
 		resp.Header.Get("Content-Type") == "" {
 		return false
 	}
-	// A body forwarded unread must be all read from the client, or its
-	// rest would be read as the next request. Once it is, release below
-	// lets the transport finish with it while the reverse proxy, returning
-	// at once, closes it: the close would otherwise fail the transport's
-	// last read, which then drops the upstream connection.
-	if x.streamedBody != nil && !x.streamedBody.eof.Load() {
+	if x.streamedBody != nil && !bodySent(x) {
 		return false
 	}
 	srv, _ := x.in.Context().Value(http.ServerContextKey).(*http.Server)

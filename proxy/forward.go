@@ -69,7 +69,12 @@ func (h *Handler) startForward(w http.ResponseWriter, r *http.Request, x *exchan
 		GotFirstResponseByte: func() { x.ttfb = time.Now() },
 		// The transport's writer goroutine reports this, maybe while the
 		// handler's goroutine records a disconnect, hence the atomic.
-		WroteRequest: func(info httptrace.WroteRequestInfo) { x.sent.Store(info.Err == nil) },
+		WroteRequest: func(info httptrace.WroteRequestInfo) {
+			x.sent.Store(info.Err == nil)
+			if x.wrote != nil {
+				x.wroteOnce.Do(func() { close(x.wrote) })
+			}
+		},
 	}
 	parent := r.Context()
 	if x.detachable = detachable(r, x); x.detachable {
@@ -80,6 +85,9 @@ func (h *Handler) startForward(w http.ResponseWriter, r *http.Request, x *exchan
 	x.cancel = cancel
 	if x.detachable {
 		x.unfollow = context.AfterFunc(r.Context(), func() { cancel(nil) })
+		if x.streamedBody != nil {
+			x.wrote = make(chan struct{})
+		}
 	}
 	ctx = context.WithValue(ctx, exchangeKey{}, x)
 	ctx = httptrace.WithClientTrace(ctx, trace)
@@ -92,6 +100,9 @@ func (h *Handler) startForward(w http.ResponseWriter, r *http.Request, x *exchan
 	// wrapped body.
 	if x.serverBody != nil {
 		r.Body = x.serverBody
+		// The exchange lives as long as a stream, and the server's body
+		// holds the server's state of the connection.
+		x.serverBody = nil
 	}
 	return out
 }

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -95,6 +96,10 @@ type exchange struct {
 	// detached is set once the response runs on a goroutine of its own,
 	// which then ends the exchange in place of endForward.
 	detached bool
+	// wrote is closed once the transport reports the request written, for
+	// a detachable stream whose body is forwarded unread, or is nil.
+	wrote     chan struct{}
+	wroteOnce sync.Once
 }
 
 type exchangeKey struct{}
