@@ -43,13 +43,14 @@ func TestShutdownFinishesStreams(t *testing.T) {
 	os.WriteFile(identityFile, []byte(identity.String()+"\n"), 0o600)
 	listen := fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))
 	adminListen := fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))
+	metricsListen := fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))
 	adminToken := randomString(t, 40)
 	configFile := filepath.Join(dir, "byokproxy.yaml")
 	writeConfig(t, configFile, map[string]any{
 		"listen":         listen,
 		"shutdown_grace": "20s",
 		"admin":          map[string]any{"listen": adminListen, "token": adminToken},
-		"metrics":        map[string]any{"listen": fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))},
+		"metrics":        map[string]any{"listen": metricsListen},
 		"auth":           map[string]any{"token_secrets": []string{randomString(t, 48)}},
 		"keystore":       map[string]any{"identity_file": identityFile},
 		"redis":          map[string]any{"url": rs.URL, "prefix": prefix},
@@ -85,6 +86,18 @@ func TestShutdownFinishesStreams(t *testing.T) {
 
 	if err := proc.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
+	}
+	// The metrics listener keeps serving while the stream drains, so the
+	// in-flight gauge can be watched falling.
+	time.Sleep(200 * time.Millisecond)
+	metricsResp, err := http.Get("http://" + metricsListen + "/metrics")
+	if err != nil {
+		t.Errorf("metrics during the drain: %v", err)
+	} else {
+		metricsResp.Body.Close()
+		if metricsResp.StatusCode != 200 {
+			t.Errorf("metrics during the drain: status %d", metricsResp.StatusCode)
+		}
 	}
 	rest, err := io.ReadAll(reader)
 	if err != nil {

@@ -382,6 +382,17 @@ func (s *detachedStream) watchClient(cancel context.CancelCauseFunc) {
 // its next request, and closes it when the client left or sent nothing in
 // time.
 func (s *detachedStream) passOn() {
+	// Between two requests the server waits, within its IdleTimeout, for
+	// the first 4 bytes of the next one, and only then starts its
+	// ReadHeaderTimeout. The same wait is done here, before hand-back.
+	for len(s.next) > 0 && len(s.next) < 4 {
+		var b [4]byte
+		n, err := s.conn.Read(b[:4-len(s.next)])
+		s.next = append(s.next, b[:n]...)
+		if err != nil {
+			s.next = nil
+		}
+	}
 	if len(s.next) == 0 {
 		s.conn.Close()
 		s.h.streams.remove(s)

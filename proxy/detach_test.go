@@ -49,18 +49,28 @@ func dialURL(t *testing.T, proxyURL string) *rawConn {
 	return &rawConn{Conn: conn, br: bufio.NewReader(conn)}
 }
 
-// send writes one request, with the provider's SDK headers and the extra
-// header lines, and reads its response header.
-func (c *rawConn) send(t *testing.T, p string, call call, token string, extra string) *http.Response {
-	t.Helper()
+// requestText is one request, with the provider's SDK headers and the
+// extra header lines.
+func requestText(p string, call call, token string, extra string) string {
 	for h := sdkHeaders(p); len(h) >= 2; h = h[2:] {
 		extra += h[0] + ": " + h[1] + "\r\n"
 	}
-	req := "POST " + call.path + " HTTP/1.1\r\nHost: proxy.test\r\nAuthorization: Bearer " + token +
+	return "POST " + call.path + " HTTP/1.1\r\nHost: proxy.test\r\nAuthorization: Bearer " + token +
 		"\r\nContent-Type: application/json\r\nContent-Length: " + strconv.Itoa(len(call.body)) + "\r\n" + extra + "\r\n" + call.body
-	if _, err := io.WriteString(c, req); err != nil {
+}
+
+// write writes one request without reading its response.
+func (c *rawConn) write(t *testing.T, p string, call call, token string, extra string) {
+	t.Helper()
+	if _, err := io.WriteString(c, requestText(p, call, token, extra)); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// send writes one request as write does and reads its response header.
+func (c *rawConn) send(t *testing.T, p string, call call, token string, extra string) *http.Response {
+	t.Helper()
+	c.write(t, p, call, token, extra)
 	resp, err := http.ReadResponse(c.br, nil)
 	if err != nil {
 		t.Fatalf("%s: reading the response: %v", call.path, err)
@@ -161,9 +171,7 @@ func TestDetachedStreamPipelinedRequest(t *testing.T) {
 	c := dialProxy(t, st)
 	resp := c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
 	// A second request arrives while the first one streams.
-	next := nonStream[provider.OpenAI]
-	io.WriteString(c, "POST "+next.path+" HTTP/1.1\r\nHost: proxy.test\r\nAuthorization: Bearer "+token+
-		"\r\nContent-Type: application/json\r\nContent-Length: "+strconv.Itoa(len(next.body))+"\r\n\r\n"+next.body)
+	c.write(t, provider.OpenAI, nonStream[provider.OpenAI], token, "")
 	time.Sleep(50 * time.Millisecond)
 	up.Release()
 	if _, err := io.ReadAll(resp.Body); err != nil {
@@ -235,6 +243,25 @@ func TestDetachedStreamIdleConnection(t *testing.T) {
 	resp = c.send(t, provider.OpenAI, nonStream[provider.OpenAI], token, "")
 	if _, err := io.ReadAll(resp.Body); err != nil || resp.StatusCode != 200 {
 		t.Fatalf("request after 300 ms idle: status %d, %v", resp.StatusCode, err)
+	}
+
+	// A next request whose first bytes come slowly gets the server's
+	// ReadHeaderTimeout only from its fourth byte, as between two requests
+	// that the server serves itself.
+	resp = c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
+	if _, err := io.ReadAll(resp.Body); err != nil {
+		t.Fatalf("reading the stream: %v", err)
+	}
+	next := requestText(provider.OpenAI, nonStream[provider.OpenAI], token, "")
+	io.WriteString(c, next[:2])
+	time.Sleep(300 * time.Millisecond)
+	io.WriteString(c, next[2:])
+	resp, err := http.ReadResponse(c.br, nil)
+	if err != nil {
+		t.Fatalf("request begun 300 ms before the rest: %v", err)
+	}
+	if _, err := io.ReadAll(resp.Body); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("request begun 300 ms before the rest: status %d, %v", resp.StatusCode, err)
 	}
 
 	c = dialURL(t, srv.URL)
@@ -583,9 +610,7 @@ func TestDetachedStreamOverTLS(t *testing.T) {
 	if n := st.Handler.DetachedStreams(); n != 1 {
 		t.Errorf("%d detached streams over TLS, want 1", n)
 	}
-	next := nonStream[provider.OpenAI]
-	io.WriteString(c, "POST "+next.path+" HTTP/1.1\r\nHost: proxy.test\r\nAuthorization: Bearer "+token+
-		"\r\nContent-Type: application/json\r\nContent-Length: "+strconv.Itoa(len(next.body))+"\r\n\r\n"+next.body)
+	c.write(t, provider.OpenAI, nonStream[provider.OpenAI], token, "")
 	time.Sleep(50 * time.Millisecond)
 	up.Release()
 	if _, err := io.ReadAll(resp.Body); err != nil {

@@ -168,6 +168,15 @@ func serve(args []string) error {
 			log.Warn("requests still running at the end of the grace period", "listener", s.name, "error", err)
 			s.srv.Close()
 		}
+		// Streams detached from the proxy listener's server are not among
+		// the requests its Shutdown waits for. They are waited for here,
+		// before the admin and metrics listeners stop, so that both serve
+		// while the streams drain.
+		if s.name == "proxy" {
+			if err := handler.Drain(ctx); err != nil {
+				log.Warn("streams still open at the end of the grace period", "listener", "proxy", "error", err)
+			}
+		}
 	}
 	// The forward listener's Shutdown does not wait for hijacked tunnels, so
 	// the intercepted requests inside them are drained here.
@@ -176,11 +185,6 @@ func serve(args []string) error {
 			log.Warn("intercepted requests still running at the end of the grace period", "listener", "forward", "error", err)
 			forward.Close()
 		}
-	}
-	// Streams detached from the proxy listener's server are not among the
-	// requests its Shutdown waits for.
-	if err := handler.Drain(ctx); err != nil {
-		log.Warn("streams still open at the end of the grace period", "listener", "proxy", "error", err)
 	}
 	flushCtx, cancelFlush := context.WithTimeout(context.Background(), max(cfg.ShutdownGrace/2, 5*time.Second))
 	defer cancelFlush()
