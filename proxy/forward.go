@@ -92,17 +92,8 @@ func (h *Handler) startForward(w http.ResponseWriter, r *http.Request, x *exchan
 	ctx = context.WithValue(ctx, exchangeKey{}, x)
 	ctx = httptrace.WithClientTrace(ctx, trace)
 	out := r.WithContext(ctx)
-	// The server's own body goes back on its request now, because the
-	// server checks it when the response header is written. A body
-	// announced with Expect: 100-continue and not read to its end makes
-	// the server close the connection after the response. Otherwise the
-	// server would read the rest as the next request. out keeps the
-	// wrapped body.
-	if x.serverBody != nil {
-		r.Body = x.serverBody
-		// The exchange lives as long as a stream, and the server's body
-		// holds the server's state of the connection.
-		x.serverBody = nil
+	if x.streamedBody != nil {
+		out.Body = x.streamedBody
 	}
 	return out
 }

@@ -60,9 +60,6 @@ type exchange struct {
 	// streamedBody counts a request body that is forwarded without being
 	// read first, or is nil.
 	streamedBody *countingBody
-	// serverBody is the request body as the server gave it, before
-	// readBody wrapped it.
-	serverBody io.ReadCloser
 
 	status  int
 	errText string
@@ -110,10 +107,6 @@ func exchangeOf(ctx context.Context) *exchange {
 }
 
 func (h *Handler) serveProvider(w http.ResponseWriter, r *http.Request) {
-	// The server checks the body it gave the handler, to decide whether
-	// the connection can serve another request. readBody wraps r.Body, so
-	// the server's own body goes back, as startForward also does.
-	defer func(body io.ReadCloser) { r.Body = body }(r.Body)
 	x, log := h.admit(w, r)
 	if x == nil {
 		return
@@ -341,8 +334,11 @@ func nextMonth(now time.Time) time.Time {
 // readBody reads a JSON generation request's body, bounded by the body
 // limit, for its model and stream flag; other bodies stream through.
 func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, s *settings, log *slog.Logger) bool {
-	x.serverBody = r.Body
-	r.Body = http.MaxBytesReader(w, r.Body, s.maxBodyBytes)
+	// r.Body itself stays as the server gave it, because the server checks
+	// it after the response header: a body announced with Expect:
+	// 100-continue and not read to its end makes the server close the
+	// connection, so that the rest is not read as the next request.
+	limited := http.MaxBytesReader(w, r.Body, s.maxBodyBytes)
 	spec := x.up.spec
 	if spec.Name == provider.Google {
 		x.model = googlePathModel(x.rest)
@@ -352,11 +348,10 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 	if !needsBody(spec.Name, r.Method, x.rest) {
 		// The body streams through unread, and a chunked one has no
 		// Content-Length, so the bytes sent are counted as they go.
-		x.streamedBody = newCountingBody(r.Body)
-		r.Body = x.streamedBody
+		x.streamedBody = newCountingBody(limited)
 		return true
 	}
-	body, err := readAll(r.Body, r.ContentLength, s.maxBodyBytes)
+	body, err := readAll(limited, r.ContentLength, s.maxBodyBytes)
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {

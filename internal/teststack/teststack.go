@@ -258,8 +258,9 @@ func (s *Stack) AuditEvents(t testing.TB) []map[string]any {
 }
 
 // WaitAudit waits up to 5 s until no proxy request is being served, no
-// stream runs detached, and the audit writer has delivered every entry. A client can see its response end
-// before the handler records the exchange, so the queue alone is not enough.
+// stream runs detached, and the audit writer has delivered every entry. A
+// client can see its response end before the handler records the exchange,
+// so the queue alone is not enough.
 func (s *Stack) WaitAudit(t testing.TB) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
