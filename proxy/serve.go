@@ -335,8 +335,8 @@ func nextMonth(now time.Time) time.Time {
 // limit, for its model and stream flag; other bodies stream through.
 func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, s *settings, log *slog.Logger) bool {
 	// r.Body itself stays as the server gave it, because the server checks
-	// it after the response header: a body announced with Expect:
-	// 100-continue and not read to its end makes the server close the
+	// it when the response header is written. A body announced with Expect:
+	// 100-continue and not read to its end then makes the server close the
 	// connection, so that the rest is not read as the next request.
 	limited := http.MaxBytesReader(w, r.Body, s.maxBodyBytes)
 	spec := x.up.spec
