@@ -528,15 +528,16 @@ func (d *detachedStreams) shutDown(srv *http.Server) {
 	}
 }
 
-// serverList returns the servers of the streams seen so far.
-func (d *detachedStreams) serverList() []*http.Server {
+// shutDownAll does what shutDown does for every server seen so far.
+func (d *detachedStreams) shutDownAll() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	list := make([]*http.Server, 0, len(d.servers))
 	for srv := range d.servers {
-		list = append(list, srv)
+		d.servers[srv] = true
 	}
-	return list
+	for s := range d.waiting {
+		s.conn.SetReadDeadline(aLongTimeAgo)
+	}
 }
 
 // counts returns the number of open streams and of waiting connections.
@@ -586,9 +587,7 @@ func (h *Handler) Drain(ctx context.Context) error {
 		case <-tick.C:
 		}
 	}
-	for _, srv := range h.streams.serverList() {
-		h.streams.shutDown(srv)
-	}
+	h.streams.shutDownAll()
 	deadline := time.Now().Add(time.Second)
 	for open, waiting := h.streams.counts(); open+waiting > 0 && time.Now().Before(deadline); open, waiting = h.streams.counts() {
 		<-tick.C

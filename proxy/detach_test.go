@@ -135,8 +135,15 @@ func TestDetachedStreamKeepsConnection(t *testing.T) {
 		if len(events) != 2 {
 			t.Fatalf("%s: %d audit events, want 2", p, len(events))
 		}
-		if errText, _ := events[0]["error"].(string); events[0]["stream"] != true || errText != "" || events[0]["status"] != float64(200) {
-			t.Errorf("%s: stream event %v, want status 200, no error", p, events[0])
+		stream := events[0]
+		if stream["stream"] != true {
+			t.Errorf("%s: first audit event is not the stream's: %v", p, stream)
+		}
+		if stream["status"] != float64(200) {
+			t.Errorf("%s: stream event status %v, want 200", p, stream["status"])
+		}
+		if errText, _ := stream["error"].(string); errText != "" {
+			t.Errorf("%s: stream event error %q, want none", p, errText)
 		}
 		if out, _ := events[0]["output_tokens"].(float64); out <= 0 {
 			t.Errorf("%s: stream event has output_tokens %v", p, events[0]["output_tokens"])
@@ -278,6 +285,9 @@ func TestDetachedStreamIdleConnection(t *testing.T) {
 	}
 }
 
+// geminiEvent is one Gemini stream event, as a provider sends it.
+const geminiEvent = `data: {"candidates":[{"content":{"parts":[{"text":"hi"}],"role":"model"}}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1}}` + "\r\n\r\n"
+
 // TestStreamBeforeBodySentNotDetached has a provider respond to a Gemini
 // stream, whose body the proxy forwards unread, before the client has sent
 // all of the body. The response must then stay with the reverse proxy,
@@ -289,12 +299,11 @@ func TestStreamBeforeBodySentNotDetached(t *testing.T) {
 		w.Header().Set("Content-Type", "text/event-stream")
 		rc := http.NewResponseController(w)
 		rc.EnableFullDuplex()
-		event := `data: {"candidates":[{"content":{"parts":[{"text":"hi"}],"role":"model"}}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1}}` + "\r\n\r\n"
-		io.WriteString(w, event)
+		io.WriteString(w, geminiEvent)
 		rc.Flush()
 		body, _ := io.ReadAll(r.Body)
 		received <- len(body)
-		io.WriteString(w, event)
+		io.WriteString(w, geminiEvent)
 	}))
 	t.Cleanup(up.Close)
 	st := teststack.Start(t, func(c *config.Config) { c.Provider(provider.Google).Upstream = up.URL })
@@ -450,7 +459,7 @@ func TestDetachedStreamUnreadExpectBody(t *testing.T) {
 	release := make(chan struct{})
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/event-stream")
-		io.WriteString(w, `data: {"candidates":[{"content":{"parts":[{"text":"hi"}],"role":"model"}}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1}}`+"\r\n\r\n")
+		io.WriteString(w, geminiEvent)
 		http.NewResponseController(w).Flush()
 		select {
 		case <-release:

@@ -107,7 +107,6 @@ func (h *Handler) endForward(r *http.Request, x *exchange, log *slog.Logger) {
 	if x.detached {
 		return
 	}
-	x.w, x.in = nil, nil
 	h.metrics.InFlight.WithLabelValues(x.up.spec.Name).Dec()
 	// A client that closes its connection once it has the whole response
 	// ends the request's context too, so only a response not delivered in
