@@ -165,6 +165,14 @@ func (h *Handler) detach(resp *http.Response, x *exchange) bool {
 		buffered, _ := rw.Reader.Peek(n)
 		s.buffered = bytes.Clone(buffered)
 	}
+	// A connection that went back to the server after an earlier stream
+	// arrives wrapped in an earlyConn. Unwrapping it keeps the wrapping to
+	// one layer, however many streams the connection carries. The bytes the
+	// wrapper has not returned yet come after those the server buffered.
+	if wrapped, ok := conn.(*earlyConn); ok {
+		s.buffered = append(s.buffered, wrapped.early...)
+		s.conn = wrapped.Conn
+	}
 	s.chunks = httputil.NewChunkedWriter(s)
 
 	// Neither may hold the server's connection state past this point.
@@ -450,6 +458,19 @@ func (l *handBackListener) Addr() net.Addr { return l.conn.LocalAddr() }
 type earlyConn struct {
 	net.Conn
 	early []byte
+}
+
+// NetConn returns the connection underneath, as tls.Conn's method of that
+// name does.
+func (c *earlyConn) NetConn() net.Conn { return c.Conn }
+
+// CloseWrite shuts down the writing side, which the server does before it
+// closes a connection so that the client reads the whole response.
+func (c *earlyConn) CloseWrite() error {
+	if closer, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return closer.CloseWrite()
+	}
+	return nil
 }
 
 func (c *earlyConn) Read(p []byte) (int, error) {

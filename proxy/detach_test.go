@@ -642,3 +642,57 @@ func TestDetachedStreamOverTLS(t *testing.T) {
 		t.Fatalf("request after the second stream: status %d, %v: %s", resp.StatusCode, err, body)
 	}
 }
+
+// TestDetachedStreamsWrapConnectionOnce checks that a connection carrying
+// stream after stream goes back to the server wrapped once at most, rather
+// than in one more layer per stream, which every later read and write
+// would pass through.
+func TestDetachedStreamsWrapConnectionOnce(t *testing.T) {
+	st := teststack.Start(t)
+	token := st.Token(t, "detached-wrap@example.com")
+	srv := httptest.NewUnstartedServer(st.Handler)
+	var mu sync.Mutex
+	var layers []int
+	srv.Config.ConnState = func(c net.Conn, state http.ConnState) {
+		if state != http.StateNew {
+			return
+		}
+		n := 0
+		for u, ok := c.(interface{ NetConn() net.Conn }); ok; u, ok = c.(interface{ NetConn() net.Conn }) {
+			c = u.NetConn()
+			n++
+		}
+		mu.Lock()
+		layers = append(layers, n)
+		mu.Unlock()
+	}
+	srv.Start()
+	t.Cleanup(srv.Close)
+
+	c := dialURL(t, srv.URL)
+	const streams = 5
+	for i := range streams {
+		resp := c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
+		body, err := io.ReadAll(resp.Body)
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("stream %d: status %d, %v: %s", i+1, resp.StatusCode, err, body)
+		}
+	}
+	resp := c.send(t, provider.OpenAI, nonStream[provider.OpenAI], token, "")
+	if body, err := io.ReadAll(resp.Body); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("request after the streams: status %d, %v: %s", resp.StatusCode, err, body)
+	}
+
+	mu.Lock()
+	defer mu.Unlock()
+	// The server saw the connection once when it was accepted and once
+	// after each stream.
+	if len(layers) != streams+1 {
+		t.Fatalf("the server saw the connection %d times, want %d", len(layers), streams+1)
+	}
+	for i, n := range layers {
+		if n > 1 {
+			t.Errorf("hand-back %d: the server got the connection in %d layers, want 1 at most (all: %v)", i, n, layers)
+		}
+	}
+}
