@@ -14,25 +14,37 @@ import (
 	"time"
 
 	"filippo.io/age"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/byokproxy/byokproxy/internal/redistest"
 	"github.com/byokproxy/byokproxy/internal/upstreamtest"
 )
 
-// TestShutdownFinishesStreams sends SIGTERM while a slow stream is in
-// flight: the stream must finish intact, the process exit 0, and the
-// stream's audit event reach Redis.
-func TestShutdownFinishesStreams(t *testing.T) {
+// drainingProxy is a byokproxy process in front of an OpenAI emulator whose
+// streams are slow, for the shutdown tests.
+type drainingProxy struct {
+	proc          *proxyProcess
+	listen        string
+	metricsListen string
+	rdb           *redis.Client
+	prefix        string
+	token         string
+}
+
+// startDrainingProxy starts byokproxy with the given shutdown grace period,
+// in front of an emulator that waits eventDelay before each stream event
+// after the first, and issues a token for the mailbox slow@example.com.
+func startDrainingProxy(t *testing.T, grace string, eventDelay time.Duration) *drainingProxy {
+	t.Helper()
 	root := moduleRoot(t)
 	bin := buildProxy(t, root)
 	rs := redistest.Start(t)
-	prefix := rs.Prefix(t)
-	rdb := rs.Client(t)
+	d := &drainingProxy{prefix: rs.Prefix(t), rdb: rs.Client(t)}
 
 	sharedKey := newKey(t, upstreamtest.OpenAI)
 	up := upstreamtest.NewOpenAI(sharedKey)
 	t.Cleanup(up.Close)
-	up.SetEventDelay(250 * time.Millisecond)
+	up.SetEventDelay(eventDelay)
 
 	dir := t.TempDir()
 	identity, err := age.GenerateX25519Identity()
@@ -41,23 +53,23 @@ func TestShutdownFinishesStreams(t *testing.T) {
 	}
 	identityFile := filepath.Join(dir, "identity.txt")
 	os.WriteFile(identityFile, []byte(identity.String()+"\n"), 0o600)
-	listen := fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))
+	d.listen = fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))
 	adminListen := fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))
-	metricsListen := fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))
+	d.metricsListen = fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))
 	adminToken := randomString(t, 40)
 	configFile := filepath.Join(dir, "byokproxy.yaml")
 	writeConfig(t, configFile, map[string]any{
-		"listen":         listen,
-		"shutdown_grace": "20s",
+		"listen":         d.listen,
+		"shutdown_grace": grace,
 		"admin":          map[string]any{"listen": adminListen, "token": adminToken},
-		"metrics":        map[string]any{"listen": metricsListen},
+		"metrics":        map[string]any{"listen": d.metricsListen},
 		"auth":           map[string]any{"token_secrets": []string{randomString(t, 48)}},
 		"keystore":       map[string]any{"identity_file": identityFile},
-		"redis":          map[string]any{"url": rs.URL, "prefix": prefix},
+		"redis":          map[string]any{"url": rs.URL, "prefix": d.prefix},
 		"providers":      map[string]any{"openai": map[string]any{"upstream": up.URL, "shared_key": sharedKey}},
 	})
-	proc := startProxy(t, bin, configFile, filepath.Join(t.TempDir(), "proxy.log"))
-	waitReady(t, proc, "http://"+listen)
+	d.proc = startProxy(t, bin, configFile, filepath.Join(t.TempDir(), "proxy.log"))
+	waitReady(t, d.proc, "http://"+d.listen)
 
 	req, _ := http.NewRequest("POST", "http://"+adminListen+"/admin/v1/mailboxes/slow@example.com/token", nil)
 	req.Header.Set("Authorization", "Bearer "+adminToken)
@@ -68,29 +80,64 @@ func TestShutdownFinishesStreams(t *testing.T) {
 	var tok struct{ Token string }
 	json.NewDecoder(resp.Body).Decode(&tok)
 	resp.Body.Close()
+	d.token = tok.Token
+	return d
+}
 
+// startStream starts a stream and reads its first line, which it returns
+// with a reader of the rest.
+func (d *drainingProxy) startStream(t *testing.T) (string, *bufio.Reader) {
+	t.Helper()
 	body := `{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"slow please"}]}`
-	req, _ = http.NewRequest("POST", "http://"+listen+"/openai/v1/chat/completions", strings.NewReader(body))
-	req.Header.Set("Authorization", "Bearer "+tok.Token)
+	req, _ := http.NewRequest("POST", "http://"+d.listen+"/openai/v1/chat/completions", strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+d.token)
 	req.Header.Set("Content-Type", "application/json")
-	resp, err = http.DefaultClient.Do(req)
+	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer resp.Body.Close()
+	t.Cleanup(func() { resp.Body.Close() })
 	reader := bufio.NewReader(resp.Body)
 	first, err := reader.ReadString('\n')
 	if err != nil || !strings.HasPrefix(first, "data: ") {
 		t.Fatalf("first stream line = %q, %v", first, err)
 	}
+	return first, reader
+}
 
-	if err := proc.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+// signal sends sig to the proxy process.
+func (d *drainingProxy) signal(t *testing.T, sig os.Signal) {
+	t.Helper()
+	if err := d.proc.cmd.Process.Signal(sig); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// waitExit waits up to limit for the process to exit 0.
+func (d *drainingProxy) waitExit(t *testing.T, limit time.Duration) {
+	t.Helper()
+	select {
+	case <-d.proc.done:
+	case <-time.After(limit):
+		t.Fatalf("byokproxy did not exit within %v of the signal", limit)
+	}
+	if code := d.proc.cmd.ProcessState.ExitCode(); code != 0 {
+		t.Errorf("exit status %d, want 0; output:\n%s", code, d.proc.log.String())
+	}
+}
+
+// TestShutdownFinishesStreams sends SIGTERM while a slow stream is in
+// flight: the stream must finish intact, the process exit 0, and the
+// stream's audit event reach Redis.
+func TestShutdownFinishesStreams(t *testing.T) {
+	d := startDrainingProxy(t, "20s", 250*time.Millisecond)
+	first, reader := d.startStream(t)
+
+	d.signal(t, syscall.SIGTERM)
 	// The metrics listener keeps serving while the stream drains, so the
 	// in-flight gauge can be watched falling.
 	time.Sleep(200 * time.Millisecond)
-	metricsResp, err := http.Get("http://" + metricsListen + "/metrics")
+	metricsResp, err := http.Get("http://" + d.metricsListen + "/metrics")
 	if err != nil {
 		t.Errorf("metrics during the drain: %v", err)
 	} else {
@@ -113,16 +160,36 @@ func TestShutdownFinishesStreams(t *testing.T) {
 		t.Errorf("stream lacks [DONE]:\n%s", stream)
 	}
 
-	select {
-	case <-proc.done:
-	case <-time.After(20 * time.Second):
-		t.Fatal("byokproxy did not exit within 20s of SIGTERM")
-	}
-	if code := proc.cmd.ProcessState.ExitCode(); code != 0 {
-		t.Errorf("exit status %d, want 0; output:\n%s", code, proc.log.String())
-	}
-	text := auditText(t, rdb, prefix+"audit")
+	d.waitExit(t, 20*time.Second)
+	text := auditText(t, d.rdb, d.prefix+"audit")
 	if !strings.Contains(text, `"mailbox":"slow@example.com"`) || !strings.Contains(text, `"stream":true`) {
 		t.Errorf("the stream's audit event did not land before exit; stream holds:\n%s", text)
+	}
+}
+
+// TestSecondSignalEndsGracePeriod sends SIGTERM and then SIGINT while a
+// stream that would outlast the grace period is in flight. The second
+// signal must cut the stream at once, and the process still record it and
+// exit 0.
+func TestSecondSignalEndsGracePeriod(t *testing.T) {
+	d := startDrainingProxy(t, "60s", 5*time.Second)
+	_, reader := d.startStream(t)
+
+	d.signal(t, syscall.SIGTERM)
+	time.Sleep(300 * time.Millisecond)
+	start := time.Now()
+	d.signal(t, syscall.SIGINT)
+	d.waitExit(t, 15*time.Second)
+	t.Logf("exited %v after the second signal", time.Since(start))
+
+	if _, err := io.ReadAll(reader); err == nil {
+		t.Error("the stream ended as if it were complete after the second signal")
+	}
+	text := auditText(t, d.rdb, d.prefix+"audit")
+	if !strings.Contains(text, `"mailbox":"slow@example.com"`) || !strings.Contains(text, "stream cut off at shutdown") {
+		t.Errorf("no audit event of the cut stream; the audit stream holds:\n%s", text)
+	}
+	if !strings.Contains(d.proc.log.String(), "second signal, ending the grace period now") {
+		t.Errorf("the second signal was not logged; output:\n%s", d.proc.log.String())
 	}
 }

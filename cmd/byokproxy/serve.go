@@ -160,9 +160,19 @@ func serve(args []string) error {
 	}
 
 	// Stop accepting, let in-flight requests and streams finish within the
-	// grace period, then deliver the audit events they produced.
+	// grace period, then deliver the audit events they produced. A second
+	// signal ends the grace period at once, so an operator can stop a
+	// long drain without losing the audit events.
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownGrace)
 	defer cancel()
+	go func() {
+		select {
+		case sig := <-sigs:
+			log.Warn("second signal, ending the grace period now", "signal", sig.String())
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	for _, s := range servers {
 		if err := s.srv.Shutdown(ctx); err != nil {
 			log.Warn("requests still running at the end of the grace period", "listener", s.name, "error", err)
