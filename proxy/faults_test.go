@@ -649,6 +649,50 @@ func newStallingUpstream(t *testing.T) *stallingUpstream {
 	return s
 }
 
+// TestHalfClosedClientGetsNoResponse has a client send a request and then
+// shut its sending side down before the upstream responds. The server takes
+// that for a client that left. The proxy must then close the connection
+// without a response, not send 200 with an empty body.
+func TestHalfClosedClientGetsNoResponse(t *testing.T) {
+	up := newStallingUpstream(t)
+	st := teststack.Start(t, func(c *config.Config) { c.Provider(provider.OpenAI).Upstream = up.URL })
+	for i, c := range []call{nonStream[provider.OpenAI], streaming[provider.OpenAI]} {
+		m := fmt.Sprintf("half-closed-%d@example.com", i)
+		token := st.Token(t, m)
+		conn := dialProxy(t, st)
+		conn.write(t, provider.OpenAI, c, token, "")
+		select {
+		case <-up.started:
+		case <-time.After(hangLimit):
+			t.Fatalf("request %d never reached the upstream", i)
+		}
+		if err := conn.Conn.(*net.TCPConn).CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
+
+		got, err := io.ReadAll(conn.br)
+		if err != nil {
+			t.Fatalf("request %d: reading the connection: %v", i, err)
+		}
+		if len(got) > 0 {
+			t.Errorf("request %d: the proxy sent a response to a client that had left: %q", i, got)
+		}
+		if !eventually(hangLimit, func() bool { return up.cancelled.Load() == int32(i+1) }) {
+			t.Errorf("request %d: the upstream request was not cancelled", i)
+		}
+		events := teststack.EventsOf(st.AuditEvents(t), m)
+		if len(events) != 1 {
+			t.Fatalf("request %d: %d audit events, want 1", i, len(events))
+		}
+		if events[0]["status"] != float64(499) {
+			t.Errorf("request %d: audit status %v, want 499", i, events[0]["status"])
+		}
+		if errText, _ := events[0]["error"].(string); !strings.HasPrefix(errText, "client disconnected") {
+			t.Errorf("request %d: audit error %q, want it to begin with \"client disconnected\"", i, errText)
+		}
+	}
+}
+
 func TestUpstreamStallsBeforeHeaders(t *testing.T) {
 	up := newStallingUpstream(t)
 	st := teststack.Start(t, func(c *config.Config) {

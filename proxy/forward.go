@@ -443,11 +443,14 @@ func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err erro
 	var tooBig *http.MaxBytesError
 	switch {
 	case r.Context().Err() != nil:
-		// The client went away, so no response is written.
+		// The client went away, so no response is written. Returning would
+		// make the server send 200 with an empty body, which a client that
+		// only shut its sending side down would read as a success.
+		// Aborting closes the connection without a response.
 		x.cancelled = true
 		x.status = statusClientClosed
 		x.errText = "client disconnected"
-		return
+		panic(http.ErrAbortHandler)
 	case errors.As(err, &tooBig):
 		x.errText = "request body over the limit"
 		x.up.spec.WriteError(w, provider.TooLarge, "request body exceeds the limit of "+strconv.FormatInt(tooBig.Limit, 10)+" bytes", 0)
