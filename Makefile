@@ -15,8 +15,11 @@ STATICCHECK := $(GOBIN_DIR)/staticcheck
 
 .PHONY: run build deps test lint clean ui fuzz soak bench bench-go
 
+# The binary replaces the recipe's shell, so a SIGTERM or SIGINT that make
+# passes on reaches byokproxy itself, which "go run" would not pass on.
 run:
-	go run ./cmd/byokproxy serve --dev
+	go build -o bin/byokproxy ./cmd/byokproxy
+	exec bin/byokproxy serve --dev
 
 build:
 	CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o bin/byokproxy ./cmd/byokproxy
