@@ -109,7 +109,11 @@ func (w *Writer) Record(e Entry) {
 	if w.opts.Dropped != nil {
 		w.opts.Dropped.Inc()
 	}
-	w.log.Warn("audit event dropped: queue full",
+	reason := "queue full"
+	if w.closed {
+		reason = "writer closed"
+	}
+	w.log.Warn("audit event dropped: "+reason,
 		"request_id", e.Event.RequestID, "mailbox", e.Event.Mailbox,
 		"provider", e.Event.Provider, "kind", e.Event.Kind)
 }
@@ -297,7 +301,7 @@ func (w *Writer) Close(ctx context.Context) error {
 	case <-w.done:
 		return nil
 	case <-ctx.Done():
-		w.log.Error("audit queue not flushed before shutdown", "pending", len(w.queue))
+		w.log.Error("audit queue not flushed before shutdown", "pending", w.Pending(), "error", ctx.Err())
 		return ctx.Err()
 	}
 }

@@ -26,6 +26,7 @@ type drainingProxy struct {
 	proc          *proxyProcess
 	listen        string
 	metricsListen string
+	redis         *redistest.Server
 	rdb           *redis.Client
 	prefix        string
 	token         string
@@ -34,12 +35,13 @@ type drainingProxy struct {
 // startDrainingProxy starts byokproxy with the given shutdown grace period,
 // in front of an emulator that waits eventDelay before each stream event
 // after the first, and issues a token for the mailbox slow@example.com.
+// It starts a redis-server of its own, which a test may pause.
 func startDrainingProxy(t *testing.T, grace string, eventDelay time.Duration) *drainingProxy {
 	t.Helper()
 	root := moduleRoot(t)
 	bin := buildProxy(t, root)
-	rs := redistest.Start(t)
-	d := &drainingProxy{prefix: rs.Prefix(t), rdb: rs.Client(t)}
+	rs := redistest.StartOwn(t)
+	d := &drainingProxy{redis: rs, prefix: rs.Prefix(t), rdb: rs.Client(t)}
 
 	sharedKey := newKey(t, upstreamtest.OpenAI)
 	up := upstreamtest.NewOpenAI(sharedKey)
@@ -189,7 +191,56 @@ func TestSecondSignalEndsGracePeriod(t *testing.T) {
 	if !strings.Contains(text, `"mailbox":"slow@example.com"`) || !strings.Contains(text, "stream cut off at shutdown") {
 		t.Errorf("no audit event of the cut stream; the audit stream holds:\n%s", text)
 	}
-	if !strings.Contains(d.proc.log.String(), "second signal, ending the grace period now") {
+	if !strings.Contains(d.proc.log.String(), "another signal, ending the grace period now") {
 		t.Errorf("the second signal was not logged; output:\n%s", d.proc.log.String())
+	}
+}
+
+// TestSignalDuringAuditDelivery sends a second signal while the audit
+// events wait for a Redis that does not respond. The signal must not cut
+// the delivery short: once Redis responds, the events land and the process
+// exits 0.
+func TestSignalDuringAuditDelivery(t *testing.T) {
+	d := startDrainingProxy(t, "20s", 0)
+	// The first stream also puts the mailbox's record in the proxy's cache,
+	// so the second needs no Redis read.
+	for i := range 2 {
+		if i == 1 {
+			d.redis.Pause()
+			t.Cleanup(d.redis.Resume)
+		}
+		_, reader := d.startStream(t)
+		if _, err := io.ReadAll(reader); err != nil {
+			t.Fatalf("stream %d: %v", i+1, err)
+		}
+	}
+
+	d.signal(t, syscall.SIGTERM)
+	time.Sleep(500 * time.Millisecond)
+	d.signal(t, syscall.SIGTERM)
+	time.Sleep(300 * time.Millisecond)
+	select {
+	case <-d.proc.done:
+		t.Fatalf("byokproxy exited while its audit events waited for Redis; output:\n%s", d.proc.log.String())
+	default:
+	}
+	output := d.proc.log.String()
+	if !strings.Contains(output, "signal during the audit delivery") {
+		t.Errorf("the signal during the delivery was not logged; output:\n%s", output)
+	}
+	if strings.Contains(output, "ending the grace period now") {
+		t.Errorf("a signal after the grace period was logged as ending it; output:\n%s", output)
+	}
+
+	d.redis.Resume()
+	d.waitExit(t, 15*time.Second)
+	streams := 0
+	for _, line := range strings.Split(auditText(t, d.rdb, d.prefix+"audit"), "\n") {
+		if strings.Contains(line, `"mailbox":"slow@example.com"`) && strings.Contains(line, `"stream":true`) {
+			streams++
+		}
+	}
+	if streams < 2 {
+		t.Errorf("%d stream events of the mailbox in Redis, want both streams'", streams)
 	}
 }

@@ -591,11 +591,19 @@ func (h *Handler) DetachedStreams() int {
 // errShutdown is the cause of the streams that Drain cuts.
 var errShutdown = errors.New("proxy shutting down")
 
+// Cut marks the end of a shutdown's grace period. A request whose client
+// connection ends from then on is recorded as cut off at shutdown rather
+// than left by its client. Call it before closing the server's
+// connections.
+func (h *Handler) Cut() { h.cutting.Store(true) }
+
 // Drain waits until no stream runs detached from the HTTP server. When ctx
 // ends first, it cuts the streams still open. Then it closes the
 // connections that wait for a next request after a stream, and waits up to
-// a second for all of them to finish. Call it after the server's Shutdown,
-// because Shutdown does not wait for these streams.
+// a second for all of them, and for the handlers still running, to finish.
+// Call it after the server's Shutdown, because Shutdown does not wait for
+// these streams, and after the server's Close when Shutdown failed, because
+// Close does not wait for the handlers.
 func (h *Handler) Drain(ctx context.Context) error {
 	var err error
 	tick := time.NewTicker(10 * time.Millisecond)
@@ -604,13 +612,14 @@ func (h *Handler) Drain(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			err = errors.New("detached streams still open at the deadline, cut: " + strconv.Itoa(open))
+			h.Cut()
 			h.streams.cut(errShutdown)
 		case <-tick.C:
 		}
 	}
 	h.streams.shutDownAll()
 	deadline := time.Now().Add(time.Second)
-	for open, waiting := h.streams.counts(); open+waiting > 0 && time.Now().Before(deadline); open, waiting = h.streams.counts() {
+	for open, waiting := h.streams.counts(); open+waiting+int(h.running.Load()) > 0 && time.Now().Before(deadline); open, waiting = h.streams.counts() {
 		<-tick.C
 	}
 	return err

@@ -696,3 +696,57 @@ func TestDetachedStreamsWrapConnectionOnce(t *testing.T) {
 		}
 	}
 }
+
+// TestShutdownCutsAttachedStream has the grace period run out on a stream
+// that stays with its handler, as one with a chunked request body does.
+// The server's Close does not wait for that handler, so Drain must, and the
+// exchange must be recorded as cut off at shutdown before the audit writer
+// closes.
+func TestShutdownCutsAttachedStream(t *testing.T) {
+	st := teststack.Start(t)
+	m := "attached-cut@example.com"
+	token := st.Token(t, m)
+	srv := httptest.NewServer(st.Handler)
+	t.Cleanup(srv.Close)
+	up := st.Upstreams[provider.OpenAI]
+	up.Hold()
+	defer up.Release()
+
+	c := dialURL(t, srv.URL)
+	call := streaming[provider.OpenAI]
+	io.WriteString(c, "POST "+call.path+" HTTP/1.1\r\nHost: proxy.test\r\nAuthorization: Bearer "+token+
+		"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"+
+		strconv.FormatInt(int64(len(call.body)), 16)+"\r\n"+call.body+"\r\n0\r\n\r\n")
+	resp, err := http.ReadResponse(c.br, nil)
+	if err != nil {
+		t.Fatalf("reading the response: %v", err)
+	}
+	if _, err := bufio.NewReader(resp.Body).ReadString('\n'); err != nil {
+		t.Fatalf("first event: %v", err)
+	}
+	if n := st.Handler.DetachedStreams(); n != 0 {
+		t.Fatalf("%d detached streams, want the stream to stay with its handler", n)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if err := srv.Config.Shutdown(ctx); err == nil {
+		t.Fatal("Shutdown returned with the stream open")
+	}
+	st.Handler.Cut()
+	srv.Config.Close()
+	st.Handler.Drain(ctx)
+	flush, cancelFlush := context.WithTimeout(context.Background(), hangLimit)
+	defer cancelFlush()
+	if err := st.Audit.Close(flush); err != nil {
+		t.Fatalf("closing the audit writer: %v", err)
+	}
+
+	events := teststack.EventsOf(st.AuditEvents(t), m)
+	if len(events) != 1 {
+		t.Fatalf("%d audit events, want 1: the handler recorded its exchange after the audit writer closed", len(events))
+	}
+	if errText, _ := events[0]["error"].(string); !strings.HasPrefix(errText, "stream cut off at shutdown") {
+		t.Errorf("audit error %q, want it to begin with \"stream cut off at shutdown\"", errText)
+	}
+}

@@ -113,7 +113,7 @@ func (h *Handler) endForward(r *http.Request, x *exchange, log *slog.Logger) {
 	// full counts as a disconnect.
 	if r.Context().Err() != nil && x.errText == "" && !x.delivered {
 		x.cancelled = true
-		x.errText = "client disconnected"
+		x.errText = h.goneText(x)
 	}
 	h.finish(x, metrics.SourceLabel(x.source), log)
 
@@ -244,7 +244,7 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 		sink = io.MultiWriter(x.tap, x.owner)
 	}
 	sink = &countingWriter{w: sink, n: &x.decoded}
-	tb := &tapBody{ReadCloser: resp.Body, ctx: resp.Request.Context(), x: x, sink: usage.NewDecoder(encoding, sink)}
+	tb := &tapBody{ReadCloser: resp.Body, ctx: resp.Request.Context(), h: h, x: x, sink: usage.NewDecoder(encoding, sink)}
 	if idle := x.up.idleTimeout; idle > 0 {
 		// An upstream that stops sending mid-stream would hold the client
 		// forever. So upstream.timeout bounds each wait for the next bytes,
@@ -271,6 +271,7 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 type tapBody struct {
 	io.ReadCloser
 	ctx  context.Context
+	h    *Handler
 	x    *exchange
 	sink io.WriteCloser
 	// stall cancels the upstream request when no bytes arrive for idle.
@@ -317,7 +318,7 @@ func (b *tapBody) Read(p []byte) (int, error) {
 			b.x.errText = "stream cut off at shutdown"
 		} else if b.ctx.Err() != nil {
 			b.x.cancelled = true
-			b.x.errText = "client disconnected"
+			b.x.errText = b.h.goneText(b.x)
 		} else {
 			b.x.errText = "upstream response cut off: " + err.Error()
 		}
@@ -449,7 +450,7 @@ func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err erro
 		// Aborting closes the connection without a response.
 		x.cancelled = true
 		x.status = statusClientClosed
-		x.errText = "client disconnected"
+		x.errText = h.goneText(x)
 		panic(http.ErrAbortHandler)
 	case errors.As(err, &tooBig):
 		x.errText = "request body over the limit"
@@ -467,6 +468,20 @@ func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err erro
 	// The transport's error can quote the request URL, which never holds a
 	// key: the key travels in a header only.
 	log.Warn("upstream request failed", "error", err, "status", x.status)
+}
+
+// goneText is the error recorded for x when its client connection ended
+// before the response did: the client left, or, once the grace period of a
+// shutdown has run out, the server closed the connection.
+func (h *Handler) goneText(x *exchange) string {
+	switch {
+	case !h.cutting.Load():
+		return "client disconnected"
+	case x.stream:
+		return "stream cut off at shutdown"
+	default:
+		return "request cut off at shutdown"
+	}
 }
 
 // statusClientClosed is the status recorded for a request whose client

@@ -58,6 +58,11 @@ type Handler struct {
 
 	// streams are the responses running detached from the HTTP server.
 	streams detachedStreams
+	// running counts the provider requests whose handler runs, so that
+	// Drain can wait for them to record their exchanges.
+	running atomic.Int64
+	// cutting is set once shutdown's grace period has run out.
+	cutting atomic.Bool
 }
 
 type settings struct {
@@ -251,6 +256,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.ready(w, r)
 		return
 	}
+	h.running.Add(1)
+	defer h.running.Add(-1)
 	h.serveProvider(w, r)
 }
 

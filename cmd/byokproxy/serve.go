@@ -160,22 +160,37 @@ func serve(args []string) error {
 	}
 
 	// Stop accepting, let in-flight requests and streams finish within the
-	// grace period, then deliver the audit events they produced. A second
-	// signal ends the grace period at once, so an operator can stop a
-	// long drain without losing the audit events.
+	// grace period, then deliver the audit events they produced. Another
+	// signal during the grace period ends it at once, so an operator can
+	// stop a long drain without losing the audit events. The delivery has
+	// a limit of its own, which a signal does not shorten.
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownGrace)
 	defer cancel()
+	flushLimit := max(cfg.ShutdownGrace/2, 5*time.Second)
+	drained, stopped := make(chan struct{}), make(chan struct{})
+	defer close(stopped)
 	go func() {
-		select {
-		case sig := <-sigs:
-			log.Warn("second signal, ending the grace period now", "signal", sig.String())
-			cancel()
-		case <-ctx.Done():
+		for {
+			select {
+			case sig := <-sigs:
+				select {
+				case <-drained:
+					log.Warn("signal during the audit delivery, which ends within its limit", "signal", sig.String(), "limit", flushLimit.String())
+				default:
+					log.Warn("another signal, ending the grace period now", "signal", sig.String())
+					cancel()
+				}
+			case <-stopped:
+				return
+			}
 		}
 	}()
 	for _, s := range servers {
 		if err := s.srv.Shutdown(ctx); err != nil {
 			log.Warn("requests still running at the end of the grace period", "listener", s.name, "error", err)
+			if s.name == "proxy" {
+				handler.Cut()
+			}
 			s.srv.Close()
 		}
 		// Streams detached from the proxy listener's server are not among
@@ -193,14 +208,18 @@ func serve(args []string) error {
 	if forward != nil {
 		if err := forward.Shutdown(ctx); err != nil {
 			log.Warn("intercepted requests still running at the end of the grace period", "listener", "forward", "error", err)
+			handler.Cut()
 			forward.Close()
+			// Close does not wait for the handlers of the requests it
+			// cuts, which still record their exchanges.
+			handler.Drain(ctx)
 		}
 	}
-	flushCtx, cancelFlush := context.WithTimeout(context.Background(), max(cfg.ShutdownGrace/2, 5*time.Second))
+	close(drained)
+	flushCtx, cancelFlush := context.WithTimeout(context.Background(), flushLimit)
 	defer cancelFlush()
-	if err := writer.Close(flushCtx); err != nil {
-		log.Error("audit queue not flushed", "pending", writer.Pending(), "error", err)
-	}
+	// Close logs what it could not deliver.
+	writer.Close(flushCtx)
 	log.Info("byokproxy stopped")
 	return serveErr
 }
