@@ -208,15 +208,23 @@ func (s *detachedStream) run() {
 	_, isTLS := s.conn.(*tls.Conn)
 	reuse := delivered && s.keepAlive
 	if !reuse || isTLS || len(s.buffered) > 0 {
-		// Stop the watch. A TLS connection goes back to the server at
-		// once, because a byte read here would hide its TLS state from the
-		// server. So does a connection whose next request the server has
-		// read already.
+		// Stop the watch. A byte read through a TLS connection would hide
+		// its TLS state from the server, so such a connection waits for
+		// its next request in awaitTLS instead. A connection whose next
+		// request has begun goes back to the server at once.
 		s.conn.SetReadDeadline(aLongTimeAgo)
 		<-s.watched
+		early := len(s.buffered)+len(s.next) > 0
+		if reuse && isTLS && !early {
+			s.conn.SetReadDeadline(idleDeadline(s.srv))
+		}
 		s.record(delivered, !delivered && (writeFailed || s.clientGone), reuse)
 		if !reuse {
 			s.conn.Close()
+			return
+		}
+		if isTLS && !early {
+			s.awaitTLS()
 			return
 		}
 		s.conn.SetReadDeadline(time.Time{})
@@ -410,6 +418,27 @@ func (s *detachedStream) passOn() {
 	s.handBack()
 }
 
+// awaitTLS waits for the next request on a TLS connection, within the
+// read deadline set before, without reading from the connection. It then
+// gives the connection back to the server, or closes it when the client
+// left or sent nothing in time.
+func (s *detachedStream) awaitTLS() {
+	next, err := awaitBytes(s.conn)
+	if errors.Is(err, errors.ErrUnsupported) {
+		// NOTE: without a way to look at the socket, the connection goes
+		// back at once, and the server then waits for its next request
+		// only as long as its ReadHeaderTimeout.
+		next = true
+	}
+	if !next {
+		s.conn.Close()
+		s.h.streams.remove(s)
+		return
+	}
+	s.conn.SetReadDeadline(time.Time{})
+	s.handBack()
+}
+
 // aLongTimeAgo is a read deadline in the past, which makes a pending read
 // return at once.
 var aLongTimeAgo = time.Unix(1, 0)
@@ -417,10 +446,6 @@ var aLongTimeAgo = time.Unix(1, 0)
 // handBack gives the connection to the server the request came from. The
 // server then serves it as a new connection, or closes it when it is
 // shutting down.
-//
-// NOTE: a TLS connection comes back before its next request arrives, so
-// the server waits for that request as long as its ReadHeaderTimeout, as
-// for a new connection, rather than its IdleTimeout.
 func (s *detachedStream) handBack() {
 	defer s.h.streams.remove(s)
 	conn := s.conn

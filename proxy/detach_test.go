@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -748,5 +749,97 @@ func TestShutdownCutsAttachedStream(t *testing.T) {
 	}
 	if errText, _ := events[0]["error"].(string); !strings.HasPrefix(errText, "stream cut off at shutdown") {
 		t.Errorf("audit error %q, want it to begin with \"stream cut off at shutdown\"", errText)
+	}
+}
+
+// TestDetachedStreamIdleTLSConnection checks that after a detached stream
+// on a TLS listener the connection waits for the next request as long as
+// the server's IdleTimeout, not its shorter ReadHeaderTimeout, goes back to
+// the server with its TLS state, and is closed after the IdleTimeout.
+func TestDetachedStreamIdleTLSConnection(t *testing.T) {
+	st := teststack.Start(t)
+	token := st.Token(t, "detached-idle-tls@example.com")
+	var mu sync.Mutex
+	var overTLS []bool
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		overTLS = append(overTLS, r.TLS != nil)
+		mu.Unlock()
+		st.Handler.ServeHTTP(w, r)
+	}))
+	srv.Config.ReadHeaderTimeout = 100 * time.Millisecond
+	srv.Config.IdleTimeout = 600 * time.Millisecond
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+
+	tlsConn, err := tls.Dial("tcp", srv.Listener.Addr().String(), &tls.Config{InsecureSkipVerify: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tlsConn.Close() })
+	tlsConn.SetDeadline(time.Now().Add(2 * hangLimit))
+	c := &rawConn{Conn: tlsConn, br: bufio.NewReader(tlsConn)}
+
+	resp := c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
+	if _, err := io.ReadAll(resp.Body); err != nil {
+		t.Fatalf("reading the stream: %v", err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	resp = c.send(t, provider.OpenAI, nonStream[provider.OpenAI], token, "")
+	if _, err := io.ReadAll(resp.Body); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("request after 300 ms idle: status %d, %v", resp.StatusCode, err)
+	}
+	mu.Lock()
+	seen := slices.Clone(overTLS)
+	mu.Unlock()
+	if len(seen) != 2 || !seen[1] {
+		t.Errorf("requests seen over TLS %v, want [true true]: the server lost the connection's TLS state", seen)
+	}
+
+	resp = c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
+	if _, err := io.ReadAll(resp.Body); err != nil {
+		t.Fatalf("reading the second stream: %v", err)
+	}
+	start := time.Now()
+	if b, err := c.br.ReadByte(); err != io.EOF {
+		t.Fatalf("idle connection gave %q, %v; want EOF", b, err)
+	}
+	if waited := time.Since(start); waited < 400*time.Millisecond || waited > 5*time.Second {
+		t.Errorf("idle connection closed after %v, want about the IdleTimeout of 600ms", waited)
+	}
+}
+
+// TestDrainClosesWaitingTLSConnection checks that Drain ends the wait for
+// the next request on a TLS connection after a detached stream.
+func TestDrainClosesWaitingTLSConnection(t *testing.T) {
+	st := teststack.Start(t)
+	token := st.Token(t, "detached-waiting-tls@example.com")
+	srv := httptest.NewUnstartedServer(st.Handler)
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	tlsConn, err := tls.Dial("tcp", srv.Listener.Addr().String(), &tls.Config{InsecureSkipVerify: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tlsConn.Close() })
+	tlsConn.SetDeadline(time.Now().Add(2 * hangLimit))
+	c := &rawConn{Conn: tlsConn, br: bufio.NewReader(tlsConn)}
+
+	resp := c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
+	if _, err := io.ReadAll(resp.Body); err != nil {
+		t.Fatalf("reading the stream: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), hangLimit)
+	defer cancel()
+	start := time.Now()
+	if err := st.Handler.Drain(ctx); err != nil {
+		t.Fatalf("Drain: %v", err)
+	}
+	if took := time.Since(start); took > 900*time.Millisecond {
+		t.Errorf("Drain took %v: it waited for the connection instead of closing it", took)
+	}
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if b, err := c.br.ReadByte(); err != io.EOF {
+		t.Errorf("after Drain the waiting connection gave %q, %v; want EOF", b, err)
 	}
 }
