@@ -60,6 +60,19 @@ func requestText(p string, call call, token string, extra string) string {
 		"\r\nContent-Type: application/json\r\nContent-Length: " + strconv.Itoa(len(call.body)) + "\r\n" + extra + "\r\n" + call.body
 }
 
+// dialTLS opens a TLS connection to srv, whose certificate it does not
+// check.
+func dialTLS(t *testing.T, srv *httptest.Server) *rawConn {
+	t.Helper()
+	conn, err := tls.Dial("tcp", srv.Listener.Addr().String(), &tls.Config{InsecureSkipVerify: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	conn.SetDeadline(time.Now().Add(2 * hangLimit))
+	return &rawConn{Conn: conn, br: bufio.NewReader(conn)}
+}
+
 // write writes one request without reading its response.
 func (c *rawConn) write(t *testing.T, p string, call call, token string, extra string) {
 	t.Helper()
@@ -606,13 +619,7 @@ func TestDetachedStreamOverTLS(t *testing.T) {
 	srv.StartTLS()
 	t.Cleanup(srv.Close)
 
-	tlsConn, err := tls.Dial("tcp", srv.Listener.Addr().String(), &tls.Config{InsecureSkipVerify: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { tlsConn.Close() })
-	tlsConn.SetDeadline(time.Now().Add(2 * hangLimit))
-	c := &rawConn{Conn: tlsConn, br: bufio.NewReader(tlsConn)}
+	c := dialTLS(t, srv)
 
 	up := st.Upstreams[provider.OpenAI]
 	up.Hold()
@@ -626,7 +633,7 @@ func TestDetachedStreamOverTLS(t *testing.T) {
 	if _, err := io.ReadAll(resp.Body); err != nil {
 		t.Fatalf("reading the stream: %v", err)
 	}
-	resp, err = http.ReadResponse(c.br, nil)
+	resp, err := http.ReadResponse(c.br, nil)
 	if err != nil {
 		t.Fatalf("the pipelined request got no response: %v", err)
 	}
@@ -772,13 +779,7 @@ func TestDetachedStreamIdleTLSConnection(t *testing.T) {
 	srv.StartTLS()
 	t.Cleanup(srv.Close)
 
-	tlsConn, err := tls.Dial("tcp", srv.Listener.Addr().String(), &tls.Config{InsecureSkipVerify: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { tlsConn.Close() })
-	tlsConn.SetDeadline(time.Now().Add(2 * hangLimit))
-	c := &rawConn{Conn: tlsConn, br: bufio.NewReader(tlsConn)}
+	c := dialTLS(t, srv)
 
 	resp := c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
 	if _, err := io.ReadAll(resp.Body); err != nil {
@@ -817,13 +818,7 @@ func TestDrainClosesWaitingTLSConnection(t *testing.T) {
 	srv := httptest.NewUnstartedServer(st.Handler)
 	srv.StartTLS()
 	t.Cleanup(srv.Close)
-	tlsConn, err := tls.Dial("tcp", srv.Listener.Addr().String(), &tls.Config{InsecureSkipVerify: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { tlsConn.Close() })
-	tlsConn.SetDeadline(time.Now().Add(2 * hangLimit))
-	c := &rawConn{Conn: tlsConn, br: bufio.NewReader(tlsConn)}
+	c := dialTLS(t, srv)
 
 	resp := c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
 	if _, err := io.ReadAll(resp.Body); err != nil {
