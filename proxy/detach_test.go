@@ -60,6 +60,26 @@ func requestText(p string, call call, token string, extra string) string {
 		"\r\nContent-Type: application/json\r\nContent-Length: " + strconv.Itoa(len(call.body)) + "\r\n" + extra + "\r\n" + call.body
 }
 
+// readStream reads a stream response to its end.
+func readStream(t *testing.T, resp *http.Response) {
+	t.Helper()
+	if _, err := io.ReadAll(resp.Body); err != nil {
+		t.Fatalf("reading the stream: %v", err)
+	}
+}
+
+// readResponse reads the next response on c, such as that of a request
+// pipelined behind a stream, and its body.
+func (c *rawConn) readResponse(t *testing.T) (*http.Response, []byte) {
+	t.Helper()
+	resp, err := http.ReadResponse(c.br, nil)
+	if err != nil {
+		t.Fatalf("the next request got no response: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	return resp, body
+}
+
 // dialTLS opens a TLS connection to srv, whose certificate it does not
 // check.
 func dialTLS(t *testing.T, srv *httptest.Server) *rawConn {
@@ -176,9 +196,7 @@ func TestDetachedStreamHonoursConnectionClose(t *testing.T) {
 	if !resp.Close {
 		t.Error("the response to a request with Connection: close does not say it closes")
 	}
-	if _, err := io.ReadAll(resp.Body); err != nil {
-		t.Fatalf("reading the stream: %v", err)
-	}
+	readStream(t, resp)
 	if n, err := c.br.ReadByte(); err != io.EOF {
 		t.Errorf("after the stream the connection gave %q, %v; want EOF", n, err)
 	}
@@ -195,14 +213,8 @@ func TestDetachedStreamPipelinedRequest(t *testing.T) {
 	c.write(t, provider.OpenAI, nonStream[provider.OpenAI], token, "")
 	time.Sleep(50 * time.Millisecond)
 	up.Release()
-	if _, err := io.ReadAll(resp.Body); err != nil {
-		t.Fatalf("reading the stream: %v", err)
-	}
-	resp, err := http.ReadResponse(c.br, nil)
-	if err != nil {
-		t.Fatalf("the pipelined request got no response: %v", err)
-	}
-	body, _ := io.ReadAll(resp.Body)
+	readStream(t, resp)
+	resp, body := c.readResponse(t)
 	if resp.StatusCode != 200 || !strings.Contains(string(body), `"usage"`) {
 		t.Errorf("pipelined request: status %d: %s", resp.StatusCode, body)
 	}
@@ -257,9 +269,7 @@ func TestDetachedStreamIdleConnection(t *testing.T) {
 
 	c := dialURL(t, srv.URL)
 	resp := c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
-	if _, err := io.ReadAll(resp.Body); err != nil {
-		t.Fatalf("reading the stream: %v", err)
-	}
+	readStream(t, resp)
 	time.Sleep(300 * time.Millisecond)
 	resp = c.send(t, provider.OpenAI, nonStream[provider.OpenAI], token, "")
 	if _, err := io.ReadAll(resp.Body); err != nil || resp.StatusCode != 200 {
@@ -270,9 +280,7 @@ func TestDetachedStreamIdleConnection(t *testing.T) {
 	// ReadHeaderTimeout only from its fourth byte, as between two requests
 	// that the server serves itself.
 	resp = c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
-	if _, err := io.ReadAll(resp.Body); err != nil {
-		t.Fatalf("reading the stream: %v", err)
-	}
+	readStream(t, resp)
 	next := requestText(provider.OpenAI, nonStream[provider.OpenAI], token, "")
 	io.WriteString(c, next[:2])
 	time.Sleep(300 * time.Millisecond)
@@ -287,9 +295,7 @@ func TestDetachedStreamIdleConnection(t *testing.T) {
 
 	c = dialURL(t, srv.URL)
 	resp = c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
-	if _, err := io.ReadAll(resp.Body); err != nil {
-		t.Fatalf("reading the stream: %v", err)
-	}
+	readStream(t, resp)
 	start := time.Now()
 	if b, err := c.br.ReadByte(); err != io.EOF {
 		t.Fatalf("idle connection gave %q, %v; want EOF", b, err)
@@ -367,9 +373,7 @@ func TestDrainClosesWaitingConnection(t *testing.T) {
 	token := st.Token(t, "detached-waiting@example.com")
 	c := dialProxy(t, st)
 	resp := c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
-	if _, err := io.ReadAll(resp.Body); err != nil {
-		t.Fatalf("reading the stream: %v", err)
-	}
+	readStream(t, resp)
 	// The connection now waits for its next request, which never comes.
 	ctx, cancel := context.WithTimeout(context.Background(), hangLimit)
 	defer cancel()
@@ -512,9 +516,7 @@ func TestDetachedStreamUnreadExpectBody(t *testing.T) {
 		io.WriteString(c, body)
 	}()
 	close(release)
-	if _, err := io.ReadAll(resp.Body); err != nil {
-		t.Fatalf("reading the stream: %v", err)
-	}
+	readStream(t, resp)
 	c.SetReadDeadline(time.Now().Add(2 * time.Second))
 	second, err := http.ReadResponse(c.br, nil)
 	if err == nil {
@@ -536,9 +538,7 @@ func TestShutdownClosesIdleDetachedConnection(t *testing.T) {
 
 	c := dialURL(t, srv.URL)
 	resp := c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
-	if _, err := io.ReadAll(resp.Body); err != nil {
-		t.Fatalf("reading the stream: %v", err)
-	}
+	readStream(t, resp)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	if err := srv.Config.Shutdown(ctx); err != nil {
@@ -630,21 +630,13 @@ func TestDetachedStreamOverTLS(t *testing.T) {
 	c.write(t, provider.OpenAI, nonStream[provider.OpenAI], token, "")
 	time.Sleep(50 * time.Millisecond)
 	up.Release()
-	if _, err := io.ReadAll(resp.Body); err != nil {
-		t.Fatalf("reading the stream: %v", err)
-	}
-	resp, err := http.ReadResponse(c.br, nil)
-	if err != nil {
-		t.Fatalf("the pipelined request got no response: %v", err)
-	}
-	body, _ := io.ReadAll(resp.Body)
+	readStream(t, resp)
+	resp, body := c.readResponse(t)
 	if resp.StatusCode != 200 {
 		t.Errorf("pipelined request: status %d: %s", resp.StatusCode, body)
 	}
 	resp = c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
-	if _, err := io.ReadAll(resp.Body); err != nil {
-		t.Fatalf("second stream: %v", err)
-	}
+	readStream(t, resp)
 	resp = c.send(t, provider.OpenAI, nonStream[provider.OpenAI], token, "")
 	if body, err := io.ReadAll(resp.Body); err != nil || resp.StatusCode != 200 {
 		t.Fatalf("request after the second stream: status %d, %v: %s", resp.StatusCode, err, body)
@@ -759,10 +751,10 @@ func TestShutdownCutsAttachedStream(t *testing.T) {
 	}
 }
 
-// TestDetachedStreamIdleTLSConnection checks that after a detached stream
-// on a TLS listener the connection waits for the next request as long as
-// the server's IdleTimeout, not its shorter ReadHeaderTimeout, goes back to
-// the server with its TLS state, and is closed after the IdleTimeout.
+// TestDetachedStreamIdleTLSConnection checks a TLS connection after a
+// detached stream. It waits for the next request as long as the server's
+// IdleTimeout, not its shorter ReadHeaderTimeout. It goes back to the
+// server with its TLS state, and is closed after the IdleTimeout.
 func TestDetachedStreamIdleTLSConnection(t *testing.T) {
 	st := teststack.Start(t)
 	token := st.Token(t, "detached-idle-tls@example.com")
@@ -782,9 +774,7 @@ func TestDetachedStreamIdleTLSConnection(t *testing.T) {
 	c := dialTLS(t, srv)
 
 	resp := c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
-	if _, err := io.ReadAll(resp.Body); err != nil {
-		t.Fatalf("reading the stream: %v", err)
-	}
+	readStream(t, resp)
 	time.Sleep(300 * time.Millisecond)
 	resp = c.send(t, provider.OpenAI, nonStream[provider.OpenAI], token, "")
 	if _, err := io.ReadAll(resp.Body); err != nil || resp.StatusCode != 200 {
@@ -798,9 +788,7 @@ func TestDetachedStreamIdleTLSConnection(t *testing.T) {
 	}
 
 	resp = c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
-	if _, err := io.ReadAll(resp.Body); err != nil {
-		t.Fatalf("reading the second stream: %v", err)
-	}
+	readStream(t, resp)
 	start := time.Now()
 	if b, err := c.br.ReadByte(); err != io.EOF {
 		t.Fatalf("idle connection gave %q, %v; want EOF", b, err)
@@ -821,9 +809,7 @@ func TestDrainClosesWaitingTLSConnection(t *testing.T) {
 	c := dialTLS(t, srv)
 
 	resp := c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
-	if _, err := io.ReadAll(resp.Body); err != nil {
-		t.Fatalf("reading the stream: %v", err)
-	}
+	readStream(t, resp)
 	ctx, cancel := context.WithTimeout(context.Background(), hangLimit)
 	defer cancel()
 	start := time.Now()
