@@ -24,6 +24,7 @@ import (
 	"github.com/byokproxy/byokproxy/config"
 	"github.com/byokproxy/byokproxy/internal/teststack"
 	"github.com/byokproxy/byokproxy/provider"
+	"github.com/byokproxy/byokproxy/proxy"
 )
 
 // rawConn is an HTTP/1.1 client connection to the proxy, driven by hand so a
@@ -823,4 +824,96 @@ func TestDrainClosesWaitingTLSConnection(t *testing.T) {
 	if b, err := c.br.ReadByte(); err != io.EOF {
 		t.Errorf("after Drain the waiting connection gave %q, %v; want EOF", b, err)
 	}
+}
+
+// TestStreamsDetachAboveAttachedStreams runs a handler that keeps one
+// request attached: a stream alone stays with its handler, and a second
+// stream open at the same time is detached. Both arrive whole.
+func TestStreamsDetachAboveAttachedStreams(t *testing.T) {
+	st := teststack.Start(t)
+	h, err := proxy.New(proxy.Options{Config: st.Config, Store: st.Store, Signer: st.Signer, Audit: st.Audit,
+		Metrics: st.Metrics, AttachedStreams: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(h)
+	t.Cleanup(srv.Close)
+	p := provider.OpenAI
+	m := "attached-streams@example.com"
+	token := st.Token(t, m)
+	up := st.Upstreams[p]
+	up.Reset()
+	defer up.Release()
+
+	var conns []*rawConn
+	var resps []*http.Response
+	for i, wantDetached := range []int{0, 1} {
+		up.Hold()
+		c := dialURL(t, srv.URL)
+		resp := c.send(t, p, streaming[p], token, "")
+		if resp.StatusCode != 200 {
+			body, _ := io.ReadAll(resp.Body)
+			t.Fatalf("stream %d: status %d: %s", i+1, resp.StatusCode, body)
+		}
+		if _, err := bufio.NewReader(io.LimitReader(resp.Body, 1<<20)).ReadString('\n'); err != nil {
+			t.Fatalf("stream %d: no first line: %v", i+1, err)
+		}
+		if n := h.DetachedStreams(); n != wantDetached {
+			t.Errorf("with %d streams open: %d detached, want %d", i+1, n, wantDetached)
+		}
+		conns = append(conns, c)
+		resps = append(resps, resp)
+	}
+	up.Release()
+	for i, resp := range resps {
+		rest, err := io.ReadAll(resp.Body)
+		if err != nil {
+			t.Fatalf("stream %d: reading the rest: %v", i+1, err)
+		}
+		if !strings.Contains(string(rest), "[DONE]") {
+			t.Errorf("stream %d: the rest has no [DONE]: %q", i+1, rest)
+		}
+	}
+	for i, c := range conns {
+		resp := c.send(t, p, nonStream[p], token, "")
+		if body, err := io.ReadAll(resp.Body); err != nil || resp.StatusCode != 200 {
+			t.Errorf("connection %d: next request: status %d, %v: %s", i+1, resp.StatusCode, err, body)
+		}
+	}
+	events := teststack.EventsOf(st.AuditEvents(t), m)
+	if len(events) != 4 {
+		t.Fatalf("%d audit events, want 4", len(events))
+	}
+	for _, e := range events[:2] {
+		if errText, _ := e["error"].(string); errText != "" || e["stream"] != true {
+			t.Errorf("stream event %v, want a stream without error", e)
+		}
+	}
+}
+
+// TestDefaultKeepsFewStreamsAttached checks that a handler with the default
+// setting leaves a lone stream with its handler.
+func TestDefaultKeepsFewStreamsAttached(t *testing.T) {
+	st := teststack.Start(t)
+	h, err := proxy.New(proxy.Options{Config: st.Config, Store: st.Store, Signer: st.Signer, Audit: st.Audit, Metrics: st.Metrics})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(h)
+	t.Cleanup(srv.Close)
+	p := provider.Anthropic
+	up := st.Upstreams[p]
+	up.Reset()
+	up.Hold()
+	defer up.Release()
+	c := dialURL(t, srv.URL)
+	resp := c.send(t, p, streaming[p], st.Token(t, "default-attached@example.com"), "")
+	if _, err := bufio.NewReader(io.LimitReader(resp.Body, 1<<20)).ReadString('\n'); err != nil {
+		t.Fatalf("no first line: %v", err)
+	}
+	if n := h.DetachedStreams(); n != 0 {
+		t.Errorf("%d detached streams, want 0", n)
+	}
+	up.Release()
+	readStream(t, resp)
 }

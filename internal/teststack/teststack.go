@@ -159,7 +159,10 @@ func startOn(t testing.TB, srv *redistest.Server, prefix string, ids *keystore.I
 	s.auditStop = cancel
 	go s.Audit.Run(ctx)
 
-	s.Handler, err = proxy.New(proxy.Options{Config: cfg, Store: s.Store, Signer: s.Signer, Audit: s.Audit, Metrics: s.Metrics, Logger: log})
+	// Every stream that can be detached is, so that tests reach that path
+	// with a single stream.
+	s.Handler, err = proxy.New(proxy.Options{Config: cfg, Store: s.Store, Signer: s.Signer, Audit: s.Audit, Metrics: s.Metrics, Logger: log,
+		AttachedStreams: -1})
 	if err != nil {
 		t.Fatal(err)
 	}
