@@ -356,7 +356,7 @@ func sameModel(rest []byte, model string) bool {
 	rest = bytes.TrimPrefix(rest, versionSuffix)
 	v, ok := bytes.CutPrefix(rest, modelValue)
 	return ok && len(v) > len(model) && string(v[:len(model)]) == model && v[len(model)] == '"' &&
-		!strings.ContainsAny(model, "\"\\")
+		strings.IndexByte(model, '"') < 0 && strings.IndexByte(model, '\\') < 0
 }
 
 var (
