@@ -29,9 +29,10 @@ import (
 // the response in HTTP/1.1 chunked framing itself, and lets the handler
 // return. docs/benchmarks.md measures the saving at 10,000 idle streams.
 // When the stream ends cleanly, the connection goes back to the same
-// http.Server, which reads the client's next request from it. Streams are
-// detached only while more than Options.AttachedStreams requests run, since
-// a few attached streams cost little memory and detaching costs CPU.
+// http.Server, which reads the client's next request from it. A stream is
+// detached only while more than Options.AttachedStreams requests are in
+// their handlers, since a few attached streams cost little memory and
+// detaching costs CPU.
 
 // errDetached is the error modifyResponse returns once a stream runs
 // detached, so that the reverse proxy writes nothing more. upstreamError

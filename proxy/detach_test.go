@@ -895,18 +895,13 @@ func TestStreamsDetachAboveAttachedStreams(t *testing.T) {
 // setting leaves a lone stream with its handler.
 func TestDefaultKeepsFewStreamsAttached(t *testing.T) {
 	st := teststack.Start(t)
-	h, err := proxy.New(proxy.Options{Config: st.Config, Store: st.Store, Signer: st.Signer, Audit: st.Audit, Metrics: st.Metrics})
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := httptest.NewServer(h)
-	t.Cleanup(srv.Close)
+	h, proxyURL := st.AttachedProxy(t)
 	p := provider.Anthropic
 	up := st.Upstreams[p]
 	up.Reset()
 	up.Hold()
 	defer up.Release()
-	c := dialURL(t, srv.URL)
+	c := dialURL(t, proxyURL)
 	resp := c.send(t, p, streaming[p], st.Token(t, "default-attached@example.com"), "")
 	if _, err := bufio.NewReader(io.LimitReader(resp.Body, 1<<20)).ReadString('\n'); err != nil {
 		t.Fatalf("no first line: %v", err)

@@ -562,63 +562,78 @@ var terminalEvents = map[string]string{
 	provider.Google:    `"finishReason"`,
 }
 
+// streamPaths returns the stack's proxy, which detaches every stream it
+// can, and a proxy with the default settings, which keeps a test's few
+// streams attached to the HTTP server.
+func streamPaths(t *testing.T, st *teststack.Stack) map[string]string {
+	_, attached := st.AttachedProxy(t)
+	return map[string]string{"detached": st.ProxyURL, "attached": attached}
+}
+
 func TestUpstreamResetMidStream(t *testing.T) {
 	st := teststack.Start(t)
-	for _, source := range []string{"shared", "byok"} {
-		for _, p := range provider.Names {
-			t.Run(source+"/"+p, func(t *testing.T) {
-				m := "reset-" + source + "-" + p + "@example.com"
-				if source == "byok" {
-					st.UseBYOK(t, m, p)
-				}
-				token := st.Token(t, m)
-				up := st.Upstreams[p]
-				up.Reset()
-				up.SetFailMidStream(true)
-				defer up.SetFailMidStream(false)
-
-				ctx, cancel := context.WithTimeout(context.Background(), hangLimit)
-				defer cancel()
-				resp, err := http.DefaultClient.Do(callRequest(ctx, st.ProxyURL, p, token, streaming[p]))
-				if err != nil {
-					t.Fatal(err)
-				}
-				body, readErr := io.ReadAll(resp.Body)
-				resp.Body.Close()
-				if readErr == nil {
-					t.Error("the client read a cut stream as complete; want an error at the cut")
-				}
-				if strings.Contains(string(body), terminalEvents[p]) {
-					t.Errorf("the cut stream carries a terminal event:\n%s", body)
-				}
-				if len(body) == 0 {
-					t.Error("the client received nothing before the cut")
-				}
-
-				events := teststack.EventsOf(st.AuditEvents(t), m)
-				if len(events) != 1 {
-					t.Fatalf("audit events: %d, want 1", len(events))
-				}
-				e := events[0]
-				if e["error"] == "" || e["error"] == nil {
-					t.Error("audit event of a cut stream has no error")
-				}
-				// Anthropic's message_start and Gemini's first chunk report
-				// input tokens before the cut; OpenAI reports usage only at
-				// the end of a stream.
-				want := up.Requests()[0].Usage
-				if p != provider.OpenAI {
-					if int(e["input_tokens"].(float64)) != want.InputTokens {
-						t.Errorf("audit input_tokens %v, want the %d seen before the cut", e["input_tokens"], want.InputTokens)
-					}
-					if out := int(e["output_tokens"].(float64)); out < 1 || out >= want.OutputTokens {
-						t.Errorf("audit output_tokens %d, want the partial count seen before the cut (full reply %d)", out, want.OutputTokens)
-					}
-				}
-			})
+	for path, proxyURL := range streamPaths(t, st) {
+		for _, source := range []string{"shared", "byok"} {
+			for _, p := range provider.Names {
+				t.Run(path+"/"+source+"/"+p, func(t *testing.T) {
+					testUpstreamReset(t, st, proxyURL, "reset-"+path+"-"+source+"-"+p+"@example.com", source, p)
+				})
+			}
 		}
 	}
 	assertNoKeyMaterial(t, st)
+}
+
+// testUpstreamReset has the upstream cut a stream of mailbox m in the middle
+// and checks what the client and the audit event show.
+func testUpstreamReset(t *testing.T, st *teststack.Stack, proxyURL, m, source, p string) {
+	if source == "byok" {
+		st.UseBYOK(t, m, p)
+	}
+	token := st.Token(t, m)
+	up := st.Upstreams[p]
+	up.Reset()
+	up.SetFailMidStream(true)
+	defer up.SetFailMidStream(false)
+
+	ctx, cancel := context.WithTimeout(context.Background(), hangLimit)
+	defer cancel()
+	resp, err := http.DefaultClient.Do(callRequest(ctx, proxyURL, p, token, streaming[p]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, readErr := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if readErr == nil {
+		t.Error("the client read a cut stream as complete; want an error at the cut")
+	}
+	if strings.Contains(string(body), terminalEvents[p]) {
+		t.Errorf("the cut stream carries a terminal event:\n%s", body)
+	}
+	if len(body) == 0 {
+		t.Error("the client received nothing before the cut")
+	}
+
+	events := teststack.EventsOf(st.AuditEvents(t), m)
+	if len(events) != 1 {
+		t.Fatalf("audit events: %d, want 1", len(events))
+	}
+	e := events[0]
+	if e["error"] == "" || e["error"] == nil {
+		t.Error("audit event of a cut stream has no error")
+	}
+	// Anthropic's message_start and Gemini's first chunk report
+	// input tokens before the cut; OpenAI reports usage only at
+	// the end of a stream.
+	want := up.Requests()[0].Usage
+	if p != provider.OpenAI {
+		if int(e["input_tokens"].(float64)) != want.InputTokens {
+			t.Errorf("audit input_tokens %v, want the %d seen before the cut", e["input_tokens"], want.InputTokens)
+		}
+		if out := int(e["output_tokens"].(float64)); out < 1 || out >= want.OutputTokens {
+			t.Errorf("audit output_tokens %d, want the partial count seen before the cut (full reply %d)", out, want.OutputTokens)
+		}
+	}
 }
 
 // stallingUpstream accepts requests and sends nothing until the request is
@@ -726,49 +741,9 @@ func TestUpstreamStallsBeforeHeaders(t *testing.T) {
 func TestClientDisconnectCancelsUpstream(t *testing.T) {
 	t.Run("while the upstream holds a stream", func(t *testing.T) {
 		st := teststack.Start(t)
-		for _, p := range provider.Names {
-			m := "gone-stream-" + p + "@example.com"
-			token := useBYOKEverywhere(t, st, m)
-			up := st.Upstreams[p]
-			up.Reset()
-			up.Hold()
-
-			ctx, cancel := context.WithCancel(context.Background())
-			resp, err := http.DefaultClient.Do(callRequest(ctx, st.ProxyURL, p, token, streaming[p]))
-			if err != nil {
-				cancel()
-				t.Fatal(err)
-			}
-			// Read the first event, so the stream is under way, then go.
-			first := make(chan error, 1)
-			go func() {
-				_, err := bufio.NewReader(resp.Body).ReadString('\n')
-				first <- err
-			}()
-			select {
-			case err := <-first:
-				if err != nil {
-					t.Fatalf("%s: first event: %v", p, err)
-				}
-			case <-time.After(hangLimit):
-				t.Fatalf("%s: no first event", p)
-			}
-			cancel()
-			resp.Body.Close()
-
-			// The emulator holds a stream for 30 s unless its request is
-			// cancelled.
-			if !eventually(hangLimit, func() bool { return up.HeldStreams() == 0 }) {
-				t.Errorf("%s: the upstream stream is still held %v after the client left", p, hangLimit)
-			}
-			up.Release()
-
-			events := teststack.EventsOf(st.AuditEvents(t), m)
-			if len(events) != 1 {
-				t.Fatalf("%s: audit events %d, want 1", p, len(events))
-			}
-			if events[0]["error"] != "client disconnected" {
-				t.Errorf("%s: audit error %q, want \"client disconnected\"", p, events[0]["error"])
+		for path, proxyURL := range streamPaths(t, st) {
+			for _, p := range provider.Names {
+				testClientLeavesStream(t, st, proxyURL, "gone-stream-"+path+"-"+p+"@example.com", p)
 			}
 		}
 		assertNoKeyMaterial(t, st)
@@ -820,6 +795,55 @@ func TestClientDisconnectCancelsUpstream(t *testing.T) {
 		}
 		assertNoKeyMaterial(t, st)
 	})
+}
+
+// testClientLeavesStream has the client of mailbox m leave a stream that the
+// upstream holds, after its first event, and checks that the upstream
+// request ends and the audit event records the disconnect.
+func testClientLeavesStream(t *testing.T, st *teststack.Stack, proxyURL, m, p string) {
+	t.Helper()
+	token := useBYOKEverywhere(t, st, m)
+	up := st.Upstreams[p]
+	up.Reset()
+	up.Hold()
+
+	ctx, cancel := context.WithCancel(context.Background())
+	resp, err := http.DefaultClient.Do(callRequest(ctx, proxyURL, p, token, streaming[p]))
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	// Read the first event, so the stream is under way, then go.
+	first := make(chan error, 1)
+	go func() {
+		_, err := bufio.NewReader(resp.Body).ReadString('\n')
+		first <- err
+	}()
+	select {
+	case err := <-first:
+		if err != nil {
+			t.Fatalf("%s: first event: %v", p, err)
+		}
+	case <-time.After(hangLimit):
+		t.Fatalf("%s: no first event", p)
+	}
+	cancel()
+	resp.Body.Close()
+
+	// The emulator holds a stream for 30 s unless its request is
+	// cancelled.
+	if !eventually(hangLimit, func() bool { return up.HeldStreams() == 0 }) {
+		t.Errorf("%s: the upstream stream is still held %v after the client left", p, hangLimit)
+	}
+	up.Release()
+
+	events := teststack.EventsOf(st.AuditEvents(t), m)
+	if len(events) != 1 {
+		t.Fatalf("%s: audit events %d, want 1", p, len(events))
+	}
+	if events[0]["error"] != "client disconnected" {
+		t.Errorf("%s: audit error %q, want \"client disconnected\"", p, events[0]["error"])
+	}
 }
 
 // send does req with client and returns the response with its whole body.

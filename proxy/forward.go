@@ -80,7 +80,8 @@ func (h *Handler) startForward(w http.ResponseWriter, r *http.Request, x *exchan
 	// Detaching a stream costs CPU (a Hijack, two goroutines, and handing
 	// the connection back afterwards) and saves memory only while the stream
 	// is open, which matters when many are. So a stream stays with its
-	// handler while few requests run, as every stream through HTTP/2 does.
+	// handler while few requests are in theirs, as every stream through
+	// HTTP/2 does.
 	x.detachable = detachable(r, x) && h.running.Load() > h.attachedStreams
 	if x.detachable {
 		parent = context.WithoutCancel(parent)

@@ -40,10 +40,11 @@ type Options struct {
 	Audit   *audit.Writer
 	Metrics *metrics.Metrics
 	Logger  *slog.Logger
-	// AttachedStreams is how many provider requests may run at once before
-	// a new stream is taken off the HTTP server (see detach.go). Zero means
-	// DefaultAttachedStreams, and a negative value detaches every stream
-	// that can be.
+	// AttachedStreams is how many provider requests may be in their
+	// handlers at once before a new stream is taken off the HTTP server (see
+	// detach.go). A detached stream has left its handler, so this bounds the
+	// streams that stay attached. Zero means DefaultAttachedStreams, and a
+	// negative value detaches every stream that can be.
 	AttachedStreams int
 }
 

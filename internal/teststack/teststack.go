@@ -193,6 +193,23 @@ func startOn(t testing.TB, srv *redistest.Server, prefix string, ids *keystore.I
 	return s
 }
 
+// AttachedProxy serves the stack's stores and upstreams through a second
+// Handler with the default AttachedStreams, under which a test's few streams
+// stay attached to the HTTP server, as they do in production. It returns the
+// Handler and its URL. The server closes when the test ends.
+func (s *Stack) AttachedProxy(t testing.TB) (*proxy.Handler, string) {
+	t.Helper()
+	log := slog.New(slog.NewJSONHandler(s.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	h, err := proxy.New(proxy.Options{Config: s.Config, Store: s.Store, Signer: s.Signer, Audit: s.Audit,
+		Metrics: s.Metrics, Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(h)
+	t.Cleanup(srv.Close)
+	return h, srv.URL
+}
+
 // Logs returns everything logged so far, as JSON lines.
 func (s *Stack) Logs() string { return s.logs.String() }
 
