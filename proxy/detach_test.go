@@ -69,6 +69,20 @@ func readStream(t *testing.T, resp *http.Response) {
 	}
 }
 
+// expectIdleClose waits on c, left idle after a response, until the server
+// closes it, and checks that this took about the IdleTimeout of 600 ms that
+// the idle tests set.
+func (c *rawConn) expectIdleClose(t *testing.T) {
+	t.Helper()
+	start := time.Now()
+	if b, err := c.br.ReadByte(); err != io.EOF {
+		t.Fatalf("idle connection gave %q, %v; want EOF", b, err)
+	}
+	if waited := time.Since(start); waited < 400*time.Millisecond || waited > 5*time.Second {
+		t.Errorf("idle connection closed after %v, want about the IdleTimeout of 600ms", waited)
+	}
+}
+
 // readResponse reads the next response on c, such as that of a request
 // pipelined behind a stream, and its body.
 func (c *rawConn) readResponse(t *testing.T) (*http.Response, []byte) {
@@ -297,13 +311,7 @@ func TestDetachedStreamIdleConnection(t *testing.T) {
 	c = dialURL(t, srv.URL)
 	resp = c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
 	readStream(t, resp)
-	start := time.Now()
-	if b, err := c.br.ReadByte(); err != io.EOF {
-		t.Fatalf("idle connection gave %q, %v; want EOF", b, err)
-	}
-	if waited := time.Since(start); waited < 400*time.Millisecond || waited > 5*time.Second {
-		t.Errorf("idle connection closed after %v, want about the IdleTimeout of 600ms", waited)
-	}
+	c.expectIdleClose(t)
 }
 
 // geminiEvent is one Gemini stream event, as a provider sends it.
@@ -790,13 +798,7 @@ func TestDetachedStreamIdleTLSConnection(t *testing.T) {
 
 	resp = c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
 	readStream(t, resp)
-	start := time.Now()
-	if b, err := c.br.ReadByte(); err != io.EOF {
-		t.Fatalf("idle connection gave %q, %v; want EOF", b, err)
-	}
-	if waited := time.Since(start); waited < 400*time.Millisecond || waited > 5*time.Second {
-		t.Errorf("idle connection closed after %v, want about the IdleTimeout of 600ms", waited)
-	}
+	c.expectIdleClose(t)
 }
 
 // TestDrainClosesWaitingTLSConnection checks that Drain ends the wait for
