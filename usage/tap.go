@@ -276,9 +276,10 @@ func (t *Tap) writeEvents(p []byte) {
 // p when parsing it could change nothing the Tap reports, and 0 otherwise.
 // Most events of a stream are text deltas that carry no usage, and the JSON
 // scanner steps through every byte of them. neutral rules such an event out
-// in about a third of the scanner's time (BenchmarkTapSSEEvent). Only an event that ends within p, with one data line and
-// '\n' line ends, is considered, so how a body is split into writes decides
-// which events are skipped, never what is counted.
+// in about a third of the scanner's time (BenchmarkTapSSEEvent). Only an
+// event that ends within p, with one data line and '\n' line ends, is
+// considered, so how a body is split into writes decides which events are
+// skipped, never what is counted.
 func (t *Tap) skipNeutralEvent(p []byte) int {
 	end := bytes.Index(p, blankLine)
 	if end < 0 || p[0] == '\n' || bytes.IndexByte(p[:end], '\r') >= 0 {
