@@ -82,12 +82,27 @@ func buildProxy(ctx context.Context, out string) error {
 }
 
 func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	ports, err := freePorts(1)
 	if err != nil {
 		return 0, err
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
+	return ports[0], nil
+}
+
+// freePorts returns n distinct ports that were free a moment ago. It keeps
+// each listener open until all are picked, because the kernel may hand a
+// port that was just closed to the next listener on port 0.
+func freePorts(n int) ([]int, error) {
+	var ports []int
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		defer l.Close()
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
 }
 
 func randomText(n int) string {
@@ -182,10 +197,13 @@ func (env *environment) startProxy(ctx context.Context, bin string) error {
 	if err := os.WriteFile(identityFile, []byte(ids.SecretText()), 0o600); err != nil {
 		return err
 	}
-	for _, name := range []string{"proxy", "admin", "metrics"} {
-		if env.ports[name], err = freePort(); err != nil {
-			return err
-		}
+	names := []string{"proxy", "admin", "metrics"}
+	ports, err := freePorts(len(names))
+	if err != nil {
+		return err
+	}
+	for i, name := range names {
+		env.ports[name] = ports[i]
 	}
 	listen := func(name string) string { return fmt.Sprintf("127.0.0.1:%d", env.ports[name]) }
 	providers := map[string]any{}

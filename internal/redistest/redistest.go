@@ -212,16 +212,36 @@ func (s *Server) Dump(t testing.TB, prefix string) map[string]string {
 	return out
 }
 
-// FreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+// FreePort returns a TCP port on 127.0.0.1 that was free a moment ago and
+// that it has not returned before in this process. The kernel may hand a
+// port that was just closed to the next listener on port 0, so two calls in
+// a row could otherwise return the same port for two listeners.
 func FreePort(t testing.TB) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("find a free port: %v", err)
+	for range 100 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatalf("find a free port: %v", err)
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		l.Close()
+		givenPorts.Lock()
+		returnedBefore := givenPorts.set[port]
+		givenPorts.set[port] = true
+		givenPorts.Unlock()
+		if !returnedBefore {
+			return port
+		}
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	t.Fatal("find a free port: 100 tries gave only ports returned before")
+	return 0
 }
+
+// givenPorts are the ports FreePort has returned.
+var givenPorts = struct {
+	sync.Mutex
+	set map[int]bool
+}{set: map[int]bool{}}
 
 // newPrefix returns a random key prefix such as "test:1a2b3c4d5e6f:".
 func newPrefix() string {
