@@ -95,6 +95,15 @@ func (c *rawConn) readResponse(t *testing.T) (*http.Response, []byte) {
 	return resp, body
 }
 
+// dialTLSProxy serves the stack's proxy on a TLS listener of its own and
+// opens a connection to it.
+func dialTLSProxy(t *testing.T, st *teststack.Stack) *rawConn {
+	t.Helper()
+	srv := httptest.NewTLSServer(st.Handler)
+	t.Cleanup(srv.Close)
+	return dialTLS(t, srv)
+}
+
 // dialTLS opens a TLS connection to srv, whose certificate it does not
 // check.
 func dialTLS(t *testing.T, srv *httptest.Server) *rawConn {
@@ -624,11 +633,8 @@ func TestDetachedStreamReleasesServerState(t *testing.T) {
 func TestDetachedStreamOverTLS(t *testing.T) {
 	st := teststack.Start(t)
 	token := st.Token(t, "detached-tls@example.com")
-	srv := httptest.NewUnstartedServer(st.Handler)
-	srv.StartTLS()
-	t.Cleanup(srv.Close)
 
-	c := dialTLS(t, srv)
+	c := dialTLSProxy(t, st)
 
 	up := st.Upstreams[provider.OpenAI]
 	up.Hold()
@@ -806,10 +812,7 @@ func TestDetachedStreamIdleTLSConnection(t *testing.T) {
 func TestDrainClosesWaitingTLSConnection(t *testing.T) {
 	st := teststack.Start(t)
 	token := st.Token(t, "detached-waiting-tls@example.com")
-	srv := httptest.NewUnstartedServer(st.Handler)
-	srv.StartTLS()
-	t.Cleanup(srv.Close)
-	c := dialTLS(t, srv)
+	c := dialTLSProxy(t, st)
 
 	resp := c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
 	readStream(t, resp)

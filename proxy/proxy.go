@@ -49,7 +49,7 @@ type Options struct {
 }
 
 // DefaultAttachedStreams is the default of Options.AttachedStreams. The
-// streams kept attached hold at most about 2.5 MiB more than detached ones
+// streams kept attached use at most about 2.5 MiB more than detached ones
 // would (about 20 KiB each), and they save the CPU that detaching costs
 // (docs/benchmarks.md).
 const DefaultAttachedStreams = 128

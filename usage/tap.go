@@ -327,13 +327,13 @@ func (t *Tap) neutral(data []byte) bool {
 		rest := data[i+1:]
 		switch rest[0] {
 		case 'u':
-			// Every key that begins with "usage" must hold null.
+			// Every key that begins with "usage" must have the value null.
 			if bytes.HasPrefix(rest, usageKey) && !bytes.HasPrefix(rest, nullUsage) {
 				return false
 			}
 		case 'm':
 			// Every key that begins with "model" must be "model" or
-			// "modelVersion" and hold the model already read.
+			// "modelVersion" and name the model already read.
 			if bytes.HasPrefix(rest, modelKey) && !sameModel(rest[len(modelKey):], model) {
 				return false
 			}
