@@ -5,7 +5,7 @@
 #   bench/run.sh                 # or: make bench
 #
 # Settings (environment):
-#   ROUNDS=3        rounds, each running every target once per phase, starting
+#   ROUNDS=5        rounds, each running every target once per phase, starting
 #                   one target later each round (A B C D, B C D A, ...)
 #   WINDOW=5s       measured window of each run, after a 1 s warm-up
 #   RATE=1000       open-loop rate of non-streaming requests, req/s
@@ -22,18 +22,18 @@
 #
 # Everything binds to 127.0.0.1. Every process started here is stopped by
 # its PID when the script ends, and the script ends after MAX_SECONDS
-# (default 600) whatever happens.
+# (default 900) whatever happens.
 set -euo pipefail
 
 # Run under timeout(1), which ends the script and every process it started
 # (they share its process group) after MAX_SECONDS.
 if [ -z "${BENCH_UNDER_TIMEOUT:-}" ]; then
 	export BENCH_UNDER_TIMEOUT=1
-	exec timeout -s TERM "${MAX_SECONDS:-600}" "$0" "$@"
+	exec timeout -s TERM "${MAX_SECONDS:-900}" "$0" "$@"
 fi
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 WINDOW=${WINDOW:-5s}
 RATE=${RATE:-1000}
 SAT_CONNS=${SAT_CONNS:-64}
@@ -43,7 +43,7 @@ CUT_RATE=${CUT_RATE:-200}
 CUT_BODY=${CUT_BODY:-16000}
 IDLE=${IDLE:-1000,10000}
 PHASES=" ${PHASES:-open sat stream cut idle} "
-MAX_SECONDS=${MAX_SECONDS:-600}
+MAX_SECONDS=${MAX_SECONDS:-900}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/byokbench.XXXXXX")
 OUT=${OUT:-$WORK}
 mkdir -p "$OUT"
@@ -106,11 +106,16 @@ fi
 LOADGEN=$BIN/loadgen
 CLK_TCK=$(getconf CLK_TCK)
 
-mapfile -t PORTS < <("$LOADGEN" -mode ports -n 15)
-P_REDIS=${PORTS[0]} P_UP=${PORTS[1]} P_UPTLS=${PORTS[2]} P_FLOOR=${PORTS[3]}
-P_FLOOR_ND=${PORTS[4]} P_PROXY=${PORTS[5]} P_ADMIN=${PORTS[6]} P_METRICS=${PORTS[7]}
-P_MEM_FLOOR=${PORTS[8]} P_MEM_PROXY=${PORTS[9]} P_MEM_ADMIN=${PORTS[10]} P_MEM_METRICS=${PORTS[11]}
-P_CAND=${PORTS[12]} P_CAND_ADMIN=${PORTS[13]} P_CAND_METRICS=${PORTS[14]}
+mapfile -t PORTS < <("$LOADGEN" -mode ports -n 19)
+P_REDIS=${PORTS[0]} P_UP=${PORTS[1]} P_UPTLS=${PORTS[2]} P_FLOOR=${PORTS[3]} P_FLOOR_ND=${PORTS[4]}
+P_ADMIN=${PORTS[5]} P_METRICS=${PORTS[6]}
+P_MEM_FLOOR=${PORTS[7]} P_MEM_PROXY=${PORTS[8]}
+# The listen port of each byokproxy target's process.
+declare -A P_TARGET=([shared]=${PORTS[9]} [byok]=${PORTS[10]} [shared-candidate]=${PORTS[11]}
+	[byok-candidate]=${PORTS[12]})
+# Every process but the first gets ports of its own for its admin API and
+# metrics, which the benchmark does not call.
+SPARE_PORTS=("${PORTS[@]:13}")
 
 log "starting redis-server on $P_REDIS"
 start redis redis-server --bind 127.0.0.1 --port "$P_REDIS" --save "" --appendonly no \
@@ -176,10 +181,37 @@ providers:
 EOF
 }
 
-write_config "$WORK/proxy.yaml" "$P_PROXY" "$P_ADMIN" "$P_METRICS" "http://127.0.0.1:$P_UP"
-start byokproxy "$BIN/byokproxy" serve --config "$WORK/proxy.yaml"
-PROXY_PID=$STARTED
-wait_http "http://127.0.0.1:$P_PROXY/healthz"
+TARGETS=(direct floor shared byok)
+if [ -n "${CANDIDATE:-}" ]; then
+	TARGETS+=(shared-candidate byok-candidate)
+fi
+
+# Each byokproxy target runs in a process of its own, as the floor does.
+# When shared and byok used one process, the one that ran right after the
+# other measured up to 15 µs per request and 100 µs per stream more. Rotating
+# the order did not even that out, because with four targets byok came right
+# after shared in three rounds of four. The processes share the Redis data,
+# identity and token secret, so one mailbox token works on all of them.
+declare -A TARGET_PID
+spare=0
+for t in "${TARGETS[@]}"; do
+	case $t in
+	shared* | byok*) ;;
+	*) continue ;;
+	esac
+	binary=$BIN/byokproxy
+	[[ $t == *-candidate ]] && binary=$BIN/byokproxy-candidate
+	if [ "$t" = shared ]; then
+		admin_port=$P_ADMIN metrics_port=$P_METRICS
+	else
+		admin_port=${SPARE_PORTS[spare]} metrics_port=${SPARE_PORTS[spare + 1]}
+		spare=$((spare + 2))
+	fi
+	write_config "$WORK/$t.yaml" "${P_TARGET[$t]}" "$admin_port" "$metrics_port" "http://127.0.0.1:$P_UP"
+	start "$t" "$binary" serve --config "$WORK/$t.yaml"
+	TARGET_PID[$t]=$STARTED
+	wait_http "http://127.0.0.1:${P_TARGET[$t]}/healthz"
+done
 
 # admin METHOD PATH [BODY] calls the admin API of the running proxy.
 admin() {
@@ -191,16 +223,6 @@ admin PUT /mailboxes/bench-byok/providers/openai/source '{"source":"byok"}' >/de
 TOKEN_BYOK=$(admin POST /mailboxes/bench-byok/token | jq -r .token)
 TOKEN_SHARED=$(admin POST /mailboxes/bench-shared/token | jq -r .token)
 
-TARGETS=(direct floor shared byok)
-if [ -n "${CANDIDATE:-}" ]; then
-	# The candidate shares the Redis data, identity and token secret, so
-	# the same mailboxes and tokens work on it.
-	write_config "$WORK/candidate.yaml" "$P_CAND" "$P_CAND_ADMIN" "$P_CAND_METRICS" "http://127.0.0.1:$P_UP"
-	start candidate "$BIN/byokproxy-candidate" serve --config "$WORK/candidate.yaml"
-	CAND_PID=$STARTED
-	wait_http "http://127.0.0.1:$P_CAND/healthz"
-	TARGETS+=(shared-candidate byok-candidate)
-fi
 
 # measure NAME ARGS... runs loadgen against target NAME and records its
 # result.
@@ -213,15 +235,16 @@ measure() {
 	direct) args=(-url "http://127.0.0.1:$P_UP/v1/chat/completions" -token "$DIRECT_KEY") ;;
 	floor) args=(-url "http://127.0.0.1:$P_FLOOR/v1/chat/completions" -token client-token -pid "proxy=$FLOOR_PID") ;;
 	floor-no-duplex) args=(-url "http://127.0.0.1:$P_FLOOR_ND/v1/chat/completions" -token client-token -pid "proxy=$FLOOR_ND_PID") ;;
-	shared) args=(-url "http://127.0.0.1:$P_PROXY/$chat" -token "$TOKEN_SHARED" -pid "proxy=$PROXY_PID" -pid "redis=$REDIS_PID") ;;
-	byok) args=(-url "http://127.0.0.1:$P_PROXY/$chat" -token "$TOKEN_BYOK" -pid "proxy=$PROXY_PID" -pid "redis=$REDIS_PID") ;;
-	shared-google) args=(-url "http://127.0.0.1:$P_PROXY/$gemini" -token "$TOKEN_SHARED" -pid "proxy=$PROXY_PID") ;;
-	shared-candidate) args=(-url "http://127.0.0.1:$P_CAND/$chat" -token "$TOKEN_SHARED" -pid "proxy=$CAND_PID" -pid "redis=$REDIS_PID") ;;
-	byok-candidate) args=(-url "http://127.0.0.1:$P_CAND/$chat" -token "$TOKEN_BYOK" -pid "proxy=$CAND_PID" -pid "redis=$REDIS_PID") ;;
+	shared | shared-candidate) args=(-url "http://127.0.0.1:${P_TARGET[$name]}/$chat" -token "$TOKEN_SHARED") ;;
+	byok | byok-candidate) args=(-url "http://127.0.0.1:${P_TARGET[$name]}/$chat" -token "$TOKEN_BYOK") ;;
+	shared-google) args=(-url "http://127.0.0.1:${P_TARGET[shared]}/$gemini" -token "$TOKEN_SHARED" -pid "proxy=${TARGET_PID[shared]}") ;;
 	*)
 		echo "bench: unknown target $name" >&2
 		return 1
 		;;
+	esac
+	case $name in
+	shared | byok | shared-candidate | byok-candidate) args+=(-pid "proxy=${TARGET_PID[$name]}" -pid "redis=$REDIS_PID") ;;
 	esac
 	timeout 120 "$LOADGEN" -target "$name" -clk-tck "$CLK_TCK" "${args[@]}" "$@" >>"$RESULTS"
 }
@@ -253,10 +276,8 @@ phase() { [[ $PHASES == *" $1 "* ]]; }
 
 for round in $(seq "$ROUNDS"); do
 	log "round $round of $ROUNDS"
-	# Each round starts one target later, so no target always runs right
-	# after another. byokproxy serves shared and byok from one process, and
-	# whichever ran second in a round measured up to 15 µs per request and
-	# 100 µs per stream more than when the two swapped places.
+	# Each round starts one target later, so that no target always runs
+	# first or last in a round.
 	offset=$(((round - 1) % ${#TARGETS[@]}))
 	ORDER=("${TARGETS[@]:offset}" "${TARGETS[@]:0:offset}")
 	if phase open; then
@@ -290,7 +311,7 @@ if phase cut; then
 		-rate "$CUT_RATE" -duration "$WINDOW"
 fi
 
-for pid in "$PROXY_PID" "$FLOOR_PID" "$FLOOR_ND_PID" ${CAND_PID:+"$CAND_PID"}; do
+for pid in "${TARGET_PID[@]}" "$FLOOR_PID" "$FLOOR_ND_PID"; do
 	stop "$pid"
 done
 
@@ -314,7 +335,7 @@ if phase idle; then
 	idle floor "http://127.0.0.1:$P_MEM_FLOOR/v1/chat/completions" client-token "$pid"
 	stop "$pid"
 
-	write_config "$WORK/proxy-mem.yaml" "$P_MEM_PROXY" "$P_MEM_ADMIN" "$P_MEM_METRICS" \
+	write_config "$WORK/proxy-mem.yaml" "$P_MEM_PROXY" "${SPARE_PORTS[0]}" "${SPARE_PORTS[1]}" \
 		"https://127.0.0.1:$P_UPTLS" "$WORK/upstream.pem"
 	for t in "${TARGETS[@]}"; do
 		case $t in
