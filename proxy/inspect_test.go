@@ -3,9 +3,11 @@ package proxy
 import (
 	"encoding/json"
 	"errors"
+	"maps"
 	"slices"
 	"strings"
 	"testing"
+	"unicode/utf8"
 )
 
 // TestReadRequestInfoErrors checks the error of each kind of body the walk
@@ -87,6 +89,71 @@ func FuzzValidJSON(f *testing.F) {
 			t.Fatalf("validJSON(%q) = %v, json.Valid returns %v", body, got, want)
 		}
 	})
+}
+
+// scanObjectCases are objects whose members the walk must find where
+// encoding/json does: escaped quotes after runs of backslashes, nesting,
+// and strings that contain brackets.
+var scanObjectCases = []string{
+	`{"a":"x\\","b":"y"}`, `{"a":"x\\\"","b":1}`, `{"a":"\\\\\"\\","b":[]}`,
+	`{"a\"b":"\"","c":{"d":"}]"}}`, `{"a":["[{\"",{"b":"\\"}],"c":null}`,
+	`{ "a" : "" , "b" : "\u0022" }`, `{"\u0061":"\\\\","b":"\/\""}`,
+	`{"a":"` + strings.Repeat(`\\`, 40) + `","b":"` + strings.Repeat(`x\"`, 40) + `"}`,
+}
+
+// TestScanObjectAgreesWithEncodingJSON checks that scanObject finds the
+// value encoding/json reads for each member of the objects above.
+func TestScanObjectAgreesWithEncodingJSON(t *testing.T) {
+	for _, c := range append(scanObjectCases, string(benchChatBody)) {
+		checkScanObject(t, []byte(c))
+	}
+}
+
+// FuzzScanObject checks scanObject against encoding/json on any object.
+func FuzzScanObject(f *testing.F) {
+	for _, c := range scanObjectCases {
+		f.Add([]byte(c))
+	}
+	f.Add(benchChatBody)
+	f.Fuzz(func(t *testing.T, body []byte) {
+		checkScanObject(t, body)
+	})
+}
+
+// checkScanObject fails t unless scanObject visits, for each member of the
+// JSON object body, the bytes that json.Unmarshal reads for it. Bodies
+// that are not valid objects, or that repeat a name, are left out, and so
+// are those with invalid UTF-8, whose names encoding/json rewrites.
+func checkScanObject(t *testing.T, body []byte) {
+	t.Helper()
+	var want map[string]json.RawMessage
+	if !utf8.Valid(body) || json.Unmarshal(body, &want) != nil || want == nil {
+		return
+	}
+	names := slices.Sorted(maps.Keys(want))
+	if len(names) > 64 {
+		names = names[:64]
+	}
+	got := map[string]string{}
+	err := scanObject(body, names, func(field, at int, value []byte) error {
+		if string(body[at:at+len(value)]) != string(value) {
+			t.Errorf("scanObject(%q): value of %q is not at offset %d", body, names[field], at)
+		}
+		got[names[field]] = string(value)
+		return nil
+	})
+	var dup *duplicateFieldError
+	if errors.As(err, &dup) {
+		return
+	}
+	if err != nil {
+		t.Fatalf("scanObject(%q) = %v for a valid object", body, err)
+	}
+	for _, name := range names {
+		if got[name] != string(want[name]) {
+			t.Errorf("scanObject(%q): member %q is %q, encoding/json reads %q", body, name, got[name], want[name])
+		}
+	}
 }
 
 // decodeFieldCases are field values whose decoding must match
