@@ -568,6 +568,11 @@ func (h *Handler) finish(x *exchange, source string, log *slog.Logger) {
 	if x.errText != "" || status >= 500 {
 		level = slog.LevelWarn
 	}
+	if !log.Enabled(context.Background(), level) {
+		// Boxing the attributes below costs allocations even when the
+		// logger then drops the line.
+		return
+	}
 	log.Log(context.Background(), level, "request done",
 		"source", x.source, "status", status, "model", x.model, "stream", x.stream,
 		"input_tokens", counts.InputTokens, "output_tokens", counts.OutputTokens,
