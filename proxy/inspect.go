@@ -16,9 +16,11 @@ import (
 
 // requestInfo holds the fields the proxy reads from a JSON request body.
 type requestInfo struct {
-	Model              string
-	Stream             bool
-	StreamOptions      json.RawMessage
+	Model         string
+	Stream        bool
+	StreamOptions json.RawMessage
+	// streamOptionsAt is the offset of StreamOptions in the body.
+	streamOptionsAt    int
 	PreviousResponseID string
 	// Container and Tools are raw values, read by requestedContainers.
 	Container json.RawMessage
@@ -59,7 +61,7 @@ func invalidField(name, want string) error {
 // than the one the provider reads.
 func readRequestInfo(body []byte) (requestInfo, error) {
 	var info requestInfo
-	err := scanObject(body, requestFields, func(field, _ int, value []byte) error {
+	err := scanObject(body, requestFields, func(field, at int, value []byte) error {
 		name := requestFields[field]
 		switch field {
 		case 0:
@@ -72,6 +74,7 @@ func readRequestInfo(body []byte) (requestInfo, error) {
 			}
 		case 2:
 			info.StreamOptions = value
+			info.streamOptionsAt = at
 		case 3:
 			if decodeString(value, &info.PreviousResponseID) != nil {
 				return invalidField(name, "a string")
@@ -223,7 +226,7 @@ func skipSpace(b []byte, i int) int {
 
 // stringEnd returns the index after the valid JSON string that starts at
 // b[i]. It hops from quote to quote with bytes.IndexByte, which checks many
-// bytes per instruction: request bodies are mostly long message strings.
+// bytes per instruction, because request bodies are mostly long strings.
 func stringEnd(b []byte, i int) int {
 	for j := i + 1; ; j++ {
 		k := bytes.IndexByte(b[j:], '"')
@@ -309,20 +312,13 @@ func (ri *requestInfo) includeUsage() bool {
 	return err == nil && include
 }
 
-// withIncludeUsage returns body with stream_options.include_usage set to
-// true, keeping the client's other stream options. Only stream_options
-// changes: the rest of the body goes upstream byte for byte, and a large
-// body costs one walk rather than a decode and an encode.
-func withIncludeUsage(body []byte) ([]byte, error) {
-	at, end := -1, -1
-	err := scanObject(body, []string{"stream_options"}, func(_, start int, value []byte) error {
-		at, end = start, start+len(value)
-		return nil
-	})
-	if err != nil {
-		return nil, err
-	}
-	if at < 0 {
+// withIncludeUsage returns body, which ri was read from, with
+// stream_options.include_usage set to true, keeping the client's other
+// stream options. The rest of the body goes upstream byte for byte, and
+// the walk that read ri has already found where stream_options is.
+func (ri *requestInfo) withIncludeUsage(body []byte) ([]byte, error) {
+	at, end := ri.streamOptionsAt, ri.streamOptionsAt+len(ri.StreamOptions)
+	if ri.StreamOptions == nil {
 		// No stream_options: add it as the last member, where a parser that
 		// matches names regardless of case and keeps the last match still
 		// reads it rather than a client's "Stream_Options".

@@ -156,6 +156,16 @@ func checkScanObject(t *testing.T, body []byte) {
 	}
 }
 
+// patchIncludeUsage reads body as the proxy does and then sets
+// stream_options.include_usage in it.
+func patchIncludeUsage(body []byte) ([]byte, error) {
+	info, err := readRequestInfo(body)
+	if err != nil {
+		return nil, err
+	}
+	return info.withIncludeUsage(body)
+}
+
 // decodeFieldCases are field values whose decoding must match
 // encoding/json's, on the fast path and off it.
 var decodeFieldCases = []string{
@@ -219,7 +229,7 @@ func TestWithIncludeUsageKeepsBytes(t *testing.T) {
 		{`{"stream_options":{"include\u005fusage":false}}`, `{"stream_options":{"include_usage":true}}`},
 	}
 	for _, c := range cases {
-		got, err := withIncludeUsage([]byte(c.body))
+		got, err := patchIncludeUsage([]byte(c.body))
 		if err != nil {
 			t.Errorf("%s: %v", c.body, err)
 			continue
@@ -229,7 +239,7 @@ func TestWithIncludeUsageKeepsBytes(t *testing.T) {
 		}
 	}
 	for _, body := range []string{`{"stream_options":"yes"}`, `{"stream_options":[]}`, `[]`, `null`, `{"a":`, `{"stream_options":{},"stream_options":null}`} {
-		if got, err := withIncludeUsage([]byte(body)); err == nil {
+		if got, err := patchIncludeUsage([]byte(body)); err == nil {
 			t.Errorf("%s: rewritten as %s, want an error", body, got)
 		}
 	}

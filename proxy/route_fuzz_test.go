@@ -262,7 +262,7 @@ func FuzzRequestBody(f *testing.F) {
 			}
 			_ = info.includeUsage()
 		}
-		patched, err := withIncludeUsage(body)
+		patched, err := patchIncludeUsage(body)
 		if err != nil {
 			return
 		}

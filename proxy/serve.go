@@ -379,7 +379,7 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 	// Chat completions and legacy completions report a stream's usage only
 	// when stream_options requests it.
 	if spec.Name == provider.OpenAI && info.Stream && strings.HasSuffix(x.rest, "completions") && !info.includeUsage() {
-		if patched, err := withIncludeUsage(body); err == nil {
+		if patched, err := info.withIncludeUsage(body); err == nil {
 			x.body = patched
 			x.injectUsage = true
 		}

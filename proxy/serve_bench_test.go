@@ -188,8 +188,8 @@ func BenchmarkRewrite(b *testing.B) {
 }
 
 // BenchmarkRequestInfo measures reading model and stream flag from a
-// request body, and adding stream_options.include_usage to a stream
-// request that lacks it.
+// request body, and reading a stream request that lacks
+// stream_options.include_usage and adding it.
 func BenchmarkRequestInfo(b *testing.B) {
 	streamBody := bytes.Replace(benchChatBody, []byte(`"max_tokens":256`), []byte(`"max_tokens":256,"stream":true`), 1)
 	b.Run("decode", func(b *testing.B) {
@@ -205,7 +205,7 @@ func BenchmarkRequestInfo(b *testing.B) {
 		b.ReportAllocs()
 		b.SetBytes(int64(len(streamBody)))
 		for b.Loop() {
-			if _, err := withIncludeUsage(streamBody); err != nil {
+			if _, err := patchIncludeUsage(streamBody); err != nil {
 				b.Fatal(err)
 			}
 		}
