@@ -307,7 +307,7 @@ func (ri *requestInfo) includeUsage() bool {
 	}
 	include := false
 	err := scanObject(ri.StreamOptions, []string{"include_usage"}, func(_, _ int, value []byte) error {
-		return json.Unmarshal(value, &include)
+		return decodeBool(value, &include)
 	})
 	return err == nil && include
 }
