@@ -175,30 +175,6 @@ func scanObject(body []byte, names []string, visit func(field, at int, value []b
 	return nil
 }
 
-// maxFastNesting bounds the opening brackets of a body that validJSON lets
-// gjson check. gjson's validator recurses once per level of nesting, so a
-// hostile body of nothing but brackets would grow the goroutine's stack
-// without limit: 20 million levels crashed a test process, and the default
-// body limit of 64 MiB allows more.
-// A body's nesting is at most its number of opening brackets.
-const maxFastNesting = 512
-
-// validJSON returns what json.Valid returns, in about a quarter of the time
-// on request bodies. Only gjson's acceptance is trusted: a body it rejects,
-// or one that might nest deeper than maxFastNesting, goes to json.Valid.
-// FuzzValidJSON checks that both functions return the same result.
-func validJSON(body []byte) bool {
-	if bytes.Count(body, openBrace)+bytes.Count(body, openBracket) <= maxFastNesting && gjson.ValidBytes(body) {
-		return true
-	}
-	return json.Valid(body)
-}
-
-var (
-	openBrace   = []byte("{")
-	openBracket = []byte("[")
-)
-
 // fieldIndex returns the index in names of a quoted JSON name, or -1.
 func fieldIndex(quoted []byte, names []string) int {
 	name := quoted[1 : len(quoted)-1]

@@ -1,9 +1,12 @@
 package proxy
 
 import (
+	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"maps"
+	"math/rand/v2"
 	"slices"
 	"strings"
 	"testing"
@@ -57,15 +60,70 @@ var validJSONCases = []string{
 	`.5`, `+1`, `1e+`, `0x10`, `"\x41"`, `"\u12"`, `"\u12G4"`, "\"a\tb\"", "\"a\nb\"",
 	"\"\x0e\"", "\"\x7f\"", "\ufeff{}", "{}\x00", "\f{}", "\v{}", `{}{}`, `{} x`, `tru`,
 	`nul`, `[`, `]`, `{"a":{"b":[{"c":[]}]}}`, `NaN`, `Infinity`, `'a'`, `{"a":"b"`,
-	`"\/"`, `"\'"`,
+	`"\/"`, `"\'"`, `[}`, `{]`, `{"a":1]`, `[1}`, `{"a":1 "b":2}`, `[[]`, `[]]`, `{"a"}`,
+	`{1:2}`, `[-01]`, `[1.5e]`, `[1E-7, -0.0e+00]`, `"\u00`, `"abc\`, `[true false]`,
+}
+
+// TestSpecialInString checks the eight-byte test of validStringEnd against
+// a byte-by-byte one: every byte value at every place among plain bytes,
+// and random words.
+func TestSpecialInString(t *testing.T) {
+	special := func(block []byte) bool {
+		for _, c := range block {
+			if c == '"' || c == '\\' || c < 0x20 {
+				return true
+			}
+		}
+		return false
+	}
+	check := func(block []byte) {
+		t.Helper()
+		if got, want := specialInString(binary.LittleEndian.Uint64(block)), special(block); got != want {
+			t.Errorf("specialInString(%q) = %v, want %v", block, got, want)
+		}
+	}
+	for at := range 8 {
+		for c := range 256 {
+			for _, fill := range []byte{'a', ' ', 0x7f, 0xff} {
+				block := bytes.Repeat([]byte{fill}, 8)
+				block[at] = byte(c)
+				check(block)
+			}
+		}
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	block := make([]byte, 8)
+	for range 200000 {
+		binary.LittleEndian.PutUint64(block, rng.Uint64())
+		check(block)
+	}
+}
+
+// TestValidJSONStringBlocks checks validJSON against json.Valid on strings
+// with a quote, a backslash, an escape or a control character at every
+// place in and across the eight-byte blocks it skips.
+func TestValidJSONStringBlocks(t *testing.T) {
+	specials := []string{`"`, `\`, `\\`, `\"`, `\\"`, `\u00e9`, `\u00`, `\x`, "\x00", "\x1f", " ", "\x7f", "\x80", "\xff"}
+	for at := range 20 {
+		for _, special := range specials {
+			for tail := range 10 {
+				body := `"` + strings.Repeat("a", at) + special + strings.Repeat("b", tail) + `"`
+				for _, c := range []string{body, "[" + body + "]", body[:len(body)-1]} {
+					if got, want := validJSON([]byte(c)), json.Valid([]byte(c)); got != want {
+						t.Errorf("validJSON(%q) = %v, json.Valid returns %v", c, got, want)
+					}
+				}
+			}
+		}
+	}
 }
 
 // TestValidJSONAgreesWithEncodingJSON checks validJSON against json.Valid on
-// the edge cases, and on bodies nested past maxFastNesting, which only
-// json.Valid may see.
+// the edge cases, and on bodies nested deeper than its first 32 levels and
+// around encoding/json's limit.
 func TestValidJSONAgreesWithEncodingJSON(t *testing.T) {
 	cases := slices.Clone(validJSONCases)
-	for _, depth := range []int{maxFastNesting - 1, maxFastNesting, maxFastNesting + 1, 20000} {
+	for _, depth := range []int{31, 32, 33, maxNesting, maxNesting + 1, 20000} {
 		cases = append(cases,
 			strings.Repeat("[", depth)+strings.Repeat("]", depth),
 			strings.Repeat(`{"a":`, depth)+"1"+strings.Repeat("}", depth),
