@@ -13,9 +13,10 @@
 //	        and reads the target's resident memory at each level
 //	ports   prints -n free loopback ports
 //
-// With -pid, the CPU time of that process (utime+stime from /proc/PID/stat)
-// over the measured window is divided by the requests completed in it, so
-// the load generator's own CPU is never counted.
+// With -pid, the CPU time of that process (its CPU-time clock, or
+// utime+stime from /proc/PID/stat where the clock cannot be read) over the
+// measured window is divided by the requests completed in it, so the load
+// generator's own CPU is never counted.
 package main
 
 import (
