@@ -192,15 +192,23 @@ fi
 # the order did not even that out, because with four targets byok came right
 # after shared in three rounds of four. The processes share the Redis data,
 # identity and token secret, so one mailbox token works on all of them.
-declare -A TARGET_PID
-spare=0
+PROXY_TARGETS=()
 for t in "${TARGETS[@]}"; do
 	case $t in
-	shared* | byok*) ;;
-	*) continue ;;
+	shared* | byok*) PROXY_TARGETS+=("$t") ;;
 	esac
-	binary=$BIN/byokproxy
-	[[ $t == *-candidate ]] && binary=$BIN/byokproxy-candidate
+done
+# binary_of TARGET prints the byokproxy binary that serves TARGET.
+binary_of() {
+	if [[ $1 == *-candidate ]]; then
+		echo "$BIN/byokproxy-candidate"
+	else
+		echo "$BIN/byokproxy"
+	fi
+}
+declare -A TARGET_PID
+spare=0
+for t in "${PROXY_TARGETS[@]}"; do
 	if [ "$t" = shared ]; then
 		admin_port=$P_ADMIN metrics_port=$P_METRICS
 	else
@@ -208,7 +216,7 @@ for t in "${TARGETS[@]}"; do
 		spare=$((spare + 2))
 	fi
 	write_config "$WORK/$t.yaml" "${P_TARGET[$t]}" "$admin_port" "$metrics_port" "http://127.0.0.1:$P_UP"
-	start "$t" "$binary" serve --config "$WORK/$t.yaml"
+	start "$t" "$(binary_of "$t")" serve --config "$WORK/$t.yaml"
 	TARGET_PID[$t]=$STARTED
 	wait_http "http://127.0.0.1:${P_TARGET[$t]}/healthz"
 done
@@ -337,17 +345,11 @@ if phase idle; then
 
 	write_config "$WORK/proxy-mem.yaml" "$P_MEM_PROXY" "${SPARE_PORTS[0]}" "${SPARE_PORTS[1]}" \
 		"https://127.0.0.1:$P_UPTLS" "$WORK/upstream.pem"
-	for t in "${TARGETS[@]}"; do
-		case $t in
-		shared* | byok*) ;;
-		*) continue ;;
-		esac
-		binary=$BIN/byokproxy
-		[[ $t == *-candidate ]] && binary=$BIN/byokproxy-candidate
+	for t in "${PROXY_TARGETS[@]}"; do
 		token=$TOKEN_SHARED
 		[[ $t == byok* ]] && token=$TOKEN_BYOK
 		# A fresh process per target, so no earlier run's memory counts.
-		start "mem-$t" "$binary" serve --config "$WORK/proxy-mem.yaml"
+		start "mem-$t" "$(binary_of "$t")" serve --config "$WORK/proxy-mem.yaml"
 		pid=$STARTED
 		wait_http "http://127.0.0.1:$P_MEM_PROXY/healthz"
 		idle "$t" "http://127.0.0.1:$P_MEM_PROXY/openai/v1/chat/completions" "$token" "$pid"
