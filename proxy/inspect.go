@@ -201,24 +201,40 @@ func skipSpace(b []byte, i int) int {
 }
 
 // stringEnd returns the index after the valid JSON string that starts at
-// b[i]. It hops from quote to quote with bytes.IndexByte, which checks many
-// bytes per instruction, because request bodies are mostly long strings.
+// b[i]. Most strings of a request body are either short or long message
+// text, so it steps through up to 32 bytes and then jumps to the next quote
+// with bytes.IndexByte, which checks many bytes per instruction. Where
+// escaped quotes come close together, as in a hostile body, every jump
+// ends at one and the byte loop does most of the work.
 func stringEnd(b []byte, i int) int {
-	for j := i + 1; ; j++ {
+	j := i + 1
+	for {
+		for end := min(j+32, len(b)); j < end; j++ {
+			switch b[j] {
+			case '\\':
+				j++
+			case '"':
+				return j + 1
+			}
+		}
+		if j >= len(b) {
+			return len(b)
+		}
 		k := bytes.IndexByte(b[j:], '"')
 		if k < 0 {
 			return len(b)
 		}
-		j += k
-		// An even run of backslashes before the quote is escaped
-		// backslashes, so only an odd run escapes the quote.
-		p := j - 1
-		for p > i && b[p] == '\\' {
+		// No escape is open at j, so an odd run of backslashes between j
+		// and the quote escapes it, and an even run is escaped backslashes.
+		q := j + k
+		p := q - 1
+		for p >= j && b[p] == '\\' {
 			p--
 		}
-		if (j-1-p)%2 == 0 {
-			return j + 1
+		if (q-1-p)%2 == 0 {
+			return q + 1
 		}
+		j = q + 1
 	}
 }
 

@@ -188,8 +188,9 @@ func BenchmarkRewrite(b *testing.B) {
 }
 
 // BenchmarkRequestInfo measures reading model and stream flag from a
-// request body, and reading a stream request that lacks
-// stream_options.include_usage and adding it.
+// request body, reading a stream request that lacks
+// stream_options.include_usage and adding it, and reading a body whose
+// message is 64 KB of escaped quotes.
 func BenchmarkRequestInfo(b *testing.B) {
 	streamBody := bytes.Replace(benchChatBody, []byte(`"max_tokens":256`), []byte(`"max_tokens":256,"stream":true`), 1)
 	b.Run("decode", func(b *testing.B) {
@@ -206,6 +207,19 @@ func BenchmarkRequestInfo(b *testing.B) {
 		b.SetBytes(int64(len(streamBody)))
 		for b.Loop() {
 			if _, err := patchIncludeUsage(streamBody); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	// A message of nothing but escaped quotes is the worst case for the
+	// eight-byte skips and the jumps from quote to quote.
+	escapedQuotes := []byte(`{"model":"gpt-4o-mini","messages":[{"role":"user","content":"` +
+		strings.Repeat(`\"`, 32<<10) + `"}],"stream":true}`)
+	b.Run("escaped_quotes", func(b *testing.B) {
+		b.ReportAllocs()
+		b.SetBytes(int64(len(escapedQuotes)))
+		for b.Loop() {
+			if _, err := readRequestInfo(escapedQuotes); err != nil {
 				b.Fatal(err)
 			}
 		}

@@ -106,35 +106,37 @@ func validStringEnd(body []byte, i int) int {
 	j := i + 1
 	for {
 		// Skip eight bytes at a time while none is a quote, a backslash or
-		// a control character.
+		// a control character, then take the next eight one by one.
 		for j+8 <= len(body) && !specialInString(binary.LittleEndian.Uint64(body[j:])) {
 			j += 8
 		}
-		if j >= len(body) {
-			return -1
-		}
-		switch c := body[j]; {
-		case c == '"':
-			return j + 1
-		case c < 0x20:
-			return -1
-		case c == '\\':
-			if j+1 >= len(body) {
+		for end := min(j+8, len(body)); j < end; {
+			switch c := body[j]; {
+			case c == '"':
+				return j + 1
+			case c < 0x20:
 				return -1
-			}
-			switch body[j+1] {
-			case '"', '\\', '/', 'b', 'f', 'n', 'r', 't':
-				j += 2
-			case 'u':
-				if j+6 > len(body) || !isHex(body[j+2]) || !isHex(body[j+3]) || !isHex(body[j+4]) || !isHex(body[j+5]) {
+			case c == '\\':
+				if j+1 >= len(body) {
 					return -1
 				}
-				j += 6
+				switch body[j+1] {
+				case '"', '\\', '/', 'b', 'f', 'n', 'r', 't':
+					j += 2
+				case 'u':
+					if j+6 > len(body) || !isHex(body[j+2]) || !isHex(body[j+3]) || !isHex(body[j+4]) || !isHex(body[j+5]) {
+						return -1
+					}
+					j += 6
+				default:
+					return -1
+				}
 			default:
-				return -1
+				j++
 			}
-		default:
-			j++
+		}
+		if j >= len(body) {
+			return -1
 		}
 	}
 }
