@@ -305,38 +305,72 @@ func (ri *requestInfo) includeUsage() bool {
 }
 
 // withIncludeUsage returns body, which ri was read from, with
-// stream_options.include_usage set to true, keeping the client's other
-// stream options. The rest of the body goes upstream byte for byte, and
-// the walk that read ri has already found where stream_options is.
+// stream_options.include_usage set to true. Only that member changes, so
+// the rest of the body, the client's other stream options included, goes
+// upstream byte for byte. The walk that read ri has already found where
+// stream_options is.
 func (ri *requestInfo) withIncludeUsage(body []byte) ([]byte, error) {
-	at, end := ri.streamOptionsAt, ri.streamOptionsAt+len(ri.StreamOptions)
+	// A member added last is what a parser that matches names regardless
+	// of case and keeps the last match reads, rather than a client's
+	// "Stream_Options" or "Include_Usage".
 	if ri.StreamOptions == nil {
-		// No stream_options: add it as the last member, where a parser that
-		// matches names regardless of case and keeps the last match still
-		// reads it rather than a client's "Stream_Options".
-		closing := len(body) - 1
-		for body[closing] != '}' {
-			closing--
-		}
-		member := `"stream_options":{"include_usage":true}`
-		if body[skipSpace(body, skipSpace(body, 0)+1)] != '}' {
-			member = "," + member
-		}
-		return slices.Concat(body[:closing], []byte(member), body[closing:]), nil
+		return appendMember(body, `"stream_options":{"include_usage":true}`), nil
 	}
-	opts := map[string]json.RawMessage{}
-	if raw := body[at:end]; !bytes.Equal(raw, []byte("null")) {
-		// An object keeps its other options; any other type is an error.
-		if err := json.Unmarshal(raw, &opts); err != nil {
+	at, end := ri.streamOptionsAt, ri.streamOptionsAt+len(ri.StreamOptions)
+	var options []byte
+	switch ri.StreamOptions[0] {
+	case 'n': // null
+		options = []byte(`{"include_usage":true}`)
+	case '{':
+		var err error
+		if options, err = setIncludeUsage(ri.StreamOptions); err != nil {
 			return nil, err
 		}
+	default:
+		return nil, errors.New("stream_options is not an object")
 	}
-	opts["include_usage"] = json.RawMessage("true")
-	encoded, err := json.Marshal(opts)
+	return slices.Concat(body[:at], options, body[end:]), nil
+}
+
+// setIncludeUsage returns the JSON object options with include_usage set to
+// true: its value replaced where options has the member, or the member
+// added last.
+func setIncludeUsage(options []byte) ([]byte, error) {
+	at, end := -1, -1
+	err := scanObject(options, []string{"include_usage"}, func(_, start int, value []byte) error {
+		at, end = start, start+len(value)
+		return nil
+	})
+	var dup *duplicateFieldError
+	if errors.As(err, &dup) {
+		// Setting one copy would leave the other for a parser that reads
+		// it, so the object is written again with a single member.
+		decoded := map[string]json.RawMessage{}
+		if err := json.Unmarshal(options, &decoded); err != nil {
+			return nil, err
+		}
+		decoded["include_usage"] = json.RawMessage("true")
+		return json.Marshal(decoded)
+	}
 	if err != nil {
 		return nil, err
 	}
-	return slices.Concat(body[:at], encoded, body[end:]), nil
+	if at >= 0 {
+		return slices.Concat(options[:at], []byte("true"), options[end:]), nil
+	}
+	return appendMember(options, `"include_usage":true`), nil
+}
+
+// appendMember returns the valid JSON object obj with member added last.
+func appendMember(obj []byte, member string) []byte {
+	closing := len(obj) - 1
+	for obj[closing] != '}' {
+		closing--
+	}
+	if obj[skipSpace(obj, skipSpace(obj, 0)+1)] != '}' {
+		member = "," + member
+	}
+	return slices.Concat(obj[:closing], []byte(member), obj[closing:])
 }
 
 // isGoogleStream reports whether a Google path requests a stream.

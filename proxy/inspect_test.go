@@ -284,7 +284,12 @@ func TestWithIncludeUsageKeepsBytes(t *testing.T) {
 		{"{ \n}", "{ \n\"stream_options\":{\"include_usage\":true}}"},
 		{`{"z":1,"stream_options":null,"a":2}`, `{"z":1,"stream_options":{"include_usage":true},"a":2}`},
 		{`{"stream_options": {"include_usage":false,"x":[1]} ,"a":2}`, `{"stream_options": {"include_usage":true,"x":[1]} ,"a":2}`},
-		{`{"stream_options":{"include\u005fusage":false}}`, `{"stream_options":{"include_usage":true}}`},
+		{`{"stream_options":{"include\u005fusage":false}}`, `{"stream_options":{"include\u005fusage":true}}`},
+		{`{"stream_options":{"zeta":1,"alpha":"<b>&amp;","include_usage":false,"obf":  [1, 2]}}`,
+			`{"stream_options":{"zeta":1,"alpha":"<b>&amp;","include_usage":true,"obf":  [1, 2]}}`},
+		{"{\"stream_options\":{\"\xff\":1, \"Include_Usage\":false }}", "{\"stream_options\":{\"\xff\":1, \"Include_Usage\":false ,\"include_usage\":true}}"},
+		{`{"stream_options":{ }}`, `{"stream_options":{ "include_usage":true}}`},
+		{`{"stream_options":{"include_usage":false,"include_usage":null}}`, `{"stream_options":{"include_usage":true}}`},
 	}
 	for _, c := range cases {
 		got, err := patchIncludeUsage([]byte(c.body))
