@@ -75,7 +75,7 @@ fuzz:
 	.ci/fuzz.sh
 
 # Side-by-side load benchmarks of byokproxy, a bare reverse proxy and a
-# direct connection (bench/run.sh, about 10 minutes, loopback only). The
+# direct connection (bench/run.sh, about 8 minutes, loopback only). The
 # results page is docs/benchmarks.md.
 bench:
 	bench/run.sh
