@@ -13,10 +13,10 @@
 //	        and reads the target's resident memory at each level
 //	ports   prints -n free loopback ports
 //
-// With -pid, the CPU time of that process (its CPU-time clock, or
-// utime+stime from /proc/PID/stat where the clock cannot be read) over the
-// measured window is divided by the requests completed in it, so the load
-// generator's own CPU is never counted.
+// With -pid, the CPU time of that process over the measured window is
+// divided by the requests completed in it, so the load generator's own CPU
+// is never counted. It is read from the process's CPU-time clock, or from
+// utime+stime in /proc/PID/stat where the clock cannot be read.
 package main
 
 import (
