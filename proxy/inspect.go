@@ -327,7 +327,7 @@ func (ri *requestInfo) withIncludeUsage(body []byte) ([]byte, error) {
 			return nil, err
 		}
 	default:
-		return nil, errors.New("stream_options is not an object")
+		return nil, errors.New("invalid stream_options: expected a JSON object or null")
 	}
 	return slices.Concat(body[:at], options, body[end:]), nil
 }

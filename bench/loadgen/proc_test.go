@@ -25,7 +25,7 @@ func TestProcessCPUClockNamesProcess(t *testing.T) {
 }
 
 // TestCPUTimeAgreesWithProcStat burns CPU in this process and reads its CPU
-// time by pid both ways: the clock must count the work, and stay within a
+// time by pid both ways. The clock must count the work and stay within a
 // few clock ticks of /proc/PID/stat.
 func TestCPUTimeAgreesWithProcStat(t *testing.T) {
 	const tick = 10 * time.Millisecond
