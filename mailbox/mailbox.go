@@ -15,8 +15,10 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"errors"
+	"hash"
 	"strconv"
 	"strings"
+	"sync"
 )
 
 // MaxIDLength is the longest mailbox id accepted.
@@ -58,6 +60,13 @@ var ErrInvalidToken = errors.New("invalid mailbox token")
 
 const tokenVersion = "bp1"
 
+// macTextLen is the length of a MAC in unpadded base64url: six bits per
+// character.
+const macTextLen = (sha256.Size*8 + 5) / 6
+
+// maxEncodedID is the length of the longest valid id in unpadded base64url.
+const maxEncodedID = (MaxIDLength*8 + 5) / 6
+
 // LooksLikeToken reports whether s has the form of a mailbox token, valid or
 // not: it starts with the token version. Other strings, such as the
 // placeholder key an SDK needs before it sends a request, are not tokens.
@@ -69,7 +78,40 @@ func LooksLikeToken(s string) bool {
 // verifies, so a new secret can be put first while tokens signed with the
 // old one keep working until it is removed.
 type Signer struct {
-	secrets [][]byte
+	keys []*macKey
+}
+
+// macKey computes HMAC-SHA256 under one secret. Every request checks a
+// token, and a fresh HMAC hashes the secret's two padded blocks before the
+// message and allocates six times. A pooled one that has been used once
+// restores its keyed state on Reset instead.
+type macKey struct {
+	pool sync.Pool // of *macState
+}
+
+type macState struct {
+	h   hash.Hash
+	msg []byte
+}
+
+func newMACKey(secret []byte) *macKey {
+	k := &macKey{}
+	k.pool.New = func() any { return &macState{h: hmac.New(sha256.New, secret)} }
+	return k
+}
+
+// sign writes the MAC of the id and generation to out.
+func (k *macKey) sign(out *[sha256.Size]byte, encodedID, gen string) {
+	const domain = "byokproxy mailbox token v1\x00"
+	st := k.pool.Get().(*macState)
+	st.msg = append(st.msg[:0], domain...)
+	st.msg = append(st.msg, encodedID...)
+	st.msg = append(st.msg, 0)
+	st.msg = append(st.msg, gen...)
+	st.h.Reset()
+	st.h.Write(st.msg)
+	st.h.Sum(out[:0])
+	k.pool.Put(st)
 }
 
 // NewSigner returns a signer over secrets, of which there must be at least
@@ -80,7 +122,7 @@ func NewSigner(secrets []string) (*Signer, error) {
 	}
 	s := &Signer{}
 	for _, secret := range secrets {
-		s.secrets = append(s.secrets, []byte(secret))
+		s.keys = append(s.keys, newMACKey([]byte(secret)))
 	}
 	return s, nil
 }
@@ -89,8 +131,9 @@ func NewSigner(secrets []string) (*Signer, error) {
 func (s *Signer) Issue(id ID, gen int64) string {
 	encoded := base64.RawURLEncoding.EncodeToString([]byte(id))
 	genText := strconv.FormatInt(gen, 10)
-	mac := sign(s.secrets[0], encoded, genText)
-	return tokenVersion + "." + encoded + "." + genText + "." + base64.RawURLEncoding.EncodeToString(mac)
+	var mac [sha256.Size]byte
+	s.keys[0].sign(&mac, encoded, genText)
+	return tokenVersion + "." + encoded + "." + genText + "." + base64.RawURLEncoding.EncodeToString(mac[:])
 }
 
 // Verify checks token and returns the mailbox and generation it names. The
@@ -112,27 +155,42 @@ func (s *Signer) Verify(token string) (ID, int64, error) {
 		return "", 0, ErrInvalidToken
 	}
 	// Strict decoding rejects a last character whose unused low bits are
-	// set, so a token has exactly one spelling.
-	mac, err := base64.RawURLEncoding.Strict().DecodeString(macText)
-	if err != nil || len(mac) != sha256.Size {
+	// set, so a token has exactly one spelling. The text is copied to an
+	// array first, because converting it to a slice would allocate.
+	var macBuf [macTextLen]byte
+	var mac [sha256.Size]byte
+	if len(macText) != macTextLen {
+		return "", 0, ErrInvalidToken
+	}
+	copy(macBuf[:], macText)
+	if n, err := base64.RawURLEncoding.Strict().Decode(mac[:], macBuf[:]); err != nil || n != sha256.Size {
 		return "", 0, ErrInvalidToken
 	}
 	valid := false
-	for _, secret := range s.secrets {
+	var want [sha256.Size]byte
+	for _, k := range s.keys {
 		// Every secret is tried, so the time taken does not reveal which one
 		// signed the token.
-		if hmac.Equal(mac, sign(secret, encoded, genText)) {
+		k.sign(&want, encoded, genText)
+		if hmac.Equal(mac[:], want[:]) {
 			valid = true
 		}
 	}
 	if !valid {
 		return "", 0, ErrInvalidToken
 	}
-	raw, err := base64.RawURLEncoding.DecodeString(encoded)
+	// An id of MaxIDLength bytes takes maxEncodedID characters, and a
+	// longer one is invalid whatever it decodes to.
+	var idText [maxEncodedID]byte
+	var raw [MaxIDLength]byte
+	if len(encoded) > maxEncodedID {
+		return "", 0, ErrInvalidToken
+	}
+	n, err := base64.RawURLEncoding.Decode(raw[:], idText[:copy(idText[:], encoded)])
 	if err != nil {
 		return "", 0, ErrInvalidToken
 	}
-	id, err := ParseID(string(raw))
+	id, err := ParseID(string(raw[:n]))
 	if err != nil {
 		return "", 0, ErrInvalidToken
 	}
@@ -150,16 +208,4 @@ func tokenChars(s string) bool {
 		}
 	}
 	return true
-}
-
-func sign(secret []byte, encodedID, gen string) []byte {
-	const domain = "byokproxy mailbox token v1\x00"
-	msg := make([]byte, 0, len(domain)+len(encodedID)+1+len(gen))
-	msg = append(msg, domain...)
-	msg = append(msg, encodedID...)
-	msg = append(msg, 0)
-	msg = append(msg, gen...)
-	h := hmac.New(sha256.New, secret)
-	h.Write(msg)
-	return h.Sum(nil)
 }

@@ -2,8 +2,10 @@ package mailbox
 
 import (
 	"errors"
+	"fmt"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
 )
 
@@ -129,4 +131,53 @@ func FuzzVerify(f *testing.F) {
 			t.Fatalf("Verify accepted %q, but Issue makes %q", token, again)
 		}
 	})
+}
+
+// TestTokenIDLengths checks the ids around MaxIDLength, whose encoded form
+// Verify decodes into a fixed array: 127 and 128 bytes verify, and a
+// token signed over 129 bytes does not, though its MAC is valid.
+func TestTokenIDLengths(t *testing.T) {
+	s, _ := NewSigner([]string{"length-secret-0123456789"})
+	for _, n := range []int{1, 2, 3, MaxIDLength - 1, MaxIDLength} {
+		id := ID(strings.Repeat("a", n))
+		got, _, err := s.Verify(s.Issue(id, 1))
+		if err != nil || got != id {
+			t.Errorf("%d-byte id: Verify = %q, %v", n, got, err)
+		}
+	}
+	if _, _, err := s.Verify(s.Issue(ID(strings.Repeat("a", MaxIDLength+1)), 1)); !errors.Is(err, ErrInvalidToken) {
+		t.Errorf("%d-byte id: err = %v, want ErrInvalidToken", MaxIDLength+1, err)
+	}
+}
+
+// TestVerifyConcurrent has goroutines verify and issue under two secrets at
+// once, since each secret's HMAC states are pooled and reused. Run with
+// -race, a state shared between two calls fails it, and so does a MAC
+// computed over another call's message.
+func TestVerifyConcurrent(t *testing.T) {
+	s, _ := NewSigner([]string{"concurrent-new-0123456789", "concurrent-old-0123456789"})
+	old, _ := NewSigner([]string{"concurrent-old-0123456789"})
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for g := range 8 {
+		wg.Go(func() {
+			for i := range 300 {
+				id := ID(fmt.Sprintf("mailbox-%d-%d", g, i))
+				signer := s
+				if i%2 == 1 {
+					signer = old
+				}
+				got, gen, err := s.Verify(signer.Issue(id, int64(i)))
+				if err != nil || got != id || gen != int64(i) {
+					errs <- fmt.Errorf("goroutine %d, token %d: Verify = %q, %d, %v", g, i, got, gen, err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
 }

@@ -4,6 +4,9 @@
 package metrics
 
 import (
+	"strconv"
+	"sync"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 )
@@ -98,4 +101,98 @@ func SourceLabel(source string) string {
 		return "byok"
 	}
 	return "metered"
+}
+
+// Series holds the series of one provider that every request updates. A
+// vector hashes the label values and looks the series up under a lock on
+// each call, and a request updates six of them, so Series resolves each on
+// its first use and keeps it. A series thus still appears in the
+// exposition only once a request has used it.
+type Series struct {
+	m        *Metrics
+	provider string
+	inFlight func() prometheus.Gauge
+	ttfb     func() prometheus.Observer
+	metered  sourceSeries
+	byok     sourceSeries
+}
+
+type sourceSeries struct {
+	ok       func() prometheus.Counter // requests whose response had status 200
+	duration func() prometheus.Observer
+	input    func() prometheus.Counter
+	output   func() prometheus.Counter
+}
+
+// Series returns the series of provider.
+func (m *Metrics) Series(provider string) *Series {
+	s := &Series{m: m, provider: provider,
+		inFlight: sync.OnceValue(func() prometheus.Gauge { return m.InFlight.WithLabelValues(provider) }),
+		ttfb:     sync.OnceValue(func() prometheus.Observer { return m.UpstreamTTFB.WithLabelValues(provider) }),
+	}
+	for _, src := range []struct {
+		label string
+		ss    *sourceSeries
+	}{{"metered", &s.metered}, {"byok", &s.byok}} {
+		label := src.label
+		*src.ss = sourceSeries{
+			ok:       sync.OnceValue(func() prometheus.Counter { return m.Requests.WithLabelValues(provider, label, "200") }),
+			duration: sync.OnceValue(func() prometheus.Observer { return m.Duration.WithLabelValues(provider, label) }),
+			input:    sync.OnceValue(func() prometheus.Counter { return m.Tokens.WithLabelValues(provider, label, "input") }),
+			output:   sync.OnceValue(func() prometheus.Counter { return m.Tokens.WithLabelValues(provider, label, "output") }),
+		}
+	}
+	return s
+}
+
+func (s *Series) source(label string) *sourceSeries {
+	switch label {
+	case "metered":
+		return &s.metered
+	case "byok":
+		return &s.byok
+	}
+	return nil
+}
+
+// InFlight is the provider's series of InFlight.
+func (s *Series) InFlight() prometheus.Gauge { return s.inFlight() }
+
+// TTFB is the provider's series of UpstreamTTFB.
+func (s *Series) TTFB() prometheus.Observer { return s.ttfb() }
+
+// Request counts a request on source (a SourceLabel) whose response to the
+// client had status code, and observes its duration in seconds.
+func (s *Series) Request(source string, code int, seconds float64) {
+	ss := s.source(source)
+	if ss == nil {
+		s.m.Requests.WithLabelValues(s.provider, source, strconv.Itoa(code)).Inc()
+		s.m.Duration.WithLabelValues(s.provider, source).Observe(seconds)
+		return
+	}
+	if code == 200 {
+		ss.ok().Inc()
+	} else {
+		s.m.Requests.WithLabelValues(s.provider, source, strconv.Itoa(code)).Inc()
+	}
+	ss.duration().Observe(seconds)
+}
+
+// Tokens adds a request's input and output tokens on source.
+func (s *Series) Tokens(source string, input, output int64) {
+	ss := s.source(source)
+	if input > 0 {
+		if ss != nil {
+			ss.input().Add(float64(input))
+		} else {
+			s.m.Tokens.WithLabelValues(s.provider, source, "input").Add(float64(input))
+		}
+	}
+	if output > 0 {
+		if ss != nil {
+			ss.output().Add(float64(output))
+		} else {
+			s.m.Tokens.WithLabelValues(s.provider, source, "output").Add(float64(output))
+		}
+	}
 }

@@ -199,7 +199,7 @@ func (s *detachedStream) run() {
 			if x := s.x; x != nil {
 				x.cancel(nil)
 				s.body.Close()
-				s.h.metrics.InFlight.WithLabelValues(x.up.spec.Name).Dec()
+				x.up.series.InFlight().Dec()
 			}
 			s.h.streams.remove(s)
 		}
@@ -263,7 +263,7 @@ func (s *detachedStream) record(delivered, disconnected, waiting bool) {
 		x.errText = "client disconnected"
 	}
 	x.delivered = delivered
-	s.h.metrics.InFlight.WithLabelValues(x.up.spec.Name).Dec()
+	x.up.series.InFlight().Dec()
 	s.h.finish(x, metrics.SourceLabel(x.source), s.log)
 	x.cancel(nil)
 	s.h.streams.end(s, waiting)

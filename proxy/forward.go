@@ -54,7 +54,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, l
 
 // startForward prepares the upstream request of x.
 func (h *Handler) startForward(w http.ResponseWriter, r *http.Request, x *exchange, log *slog.Logger) *http.Request {
-	h.metrics.InFlight.WithLabelValues(x.up.spec.Name).Inc()
+	x.up.series.InFlight().Inc()
 	if x.source == keystore.SourceShared && tracksOwnership(x.up.spec.Name, x.rest) {
 		x.owner = &ownerRecorder{h: h, x: x, ctx: r.Context(), log: log, responses: x.up.spec.Name == provider.OpenAI}
 	}
@@ -113,7 +113,7 @@ func (h *Handler) endForward(r *http.Request, x *exchange, log *slog.Logger) {
 	if x.detached {
 		return
 	}
-	h.metrics.InFlight.WithLabelValues(x.up.spec.Name).Dec()
+	x.up.series.InFlight().Dec()
 	// A client that closes its connection once it has the whole response
 	// ends the request's context too, so only a response not delivered in
 	// full counts as a disconnect.
@@ -229,7 +229,7 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 	if x.ttfb.IsZero() {
 		x.ttfb = time.Now()
 	}
-	h.metrics.UpstreamTTFB.WithLabelValues(x.up.spec.Name).Observe(x.ttfb.Sub(x.start).Seconds())
+	x.up.series.TTFB().Observe(x.ttfb.Sub(x.start).Seconds())
 
 	// The response has begun, so the body will not be sent again.
 	x.body = nil
@@ -244,13 +244,21 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 
 	encoding := strings.ToLower(resp.Header.Get("Content-Encoding"))
 	x.tap = usage.NewTap(x.up.spec.Name, resp.Header.Get("Content-Type"))
-	var sink io.Writer = x.tap
-	if x.owner != nil {
-		x.owner.tap = x.tap
-		sink = io.MultiWriter(x.tap, x.owner)
+	tb := &tapBody{ReadCloser: resp.Body, ctx: resp.Request.Context(), h: h, x: x}
+	if x.owner == nil && (encoding == "" || encoding == "identity") {
+		// The common case: the bytes go straight to the tap, whose Write
+		// returns no error, and decoded stays 0 because it would equal
+		// received. This keeps two writers and two indirect calls per read
+		// off every stream event.
+		tb.tap = x.tap
+	} else {
+		var sink io.Writer = x.tap
+		if x.owner != nil {
+			x.owner.tap = x.tap
+			sink = io.MultiWriter(x.tap, x.owner)
+		}
+		tb.sink = usage.NewDecoder(encoding, &countingWriter{w: sink, n: &x.decoded})
 	}
-	sink = &countingWriter{w: sink, n: &x.decoded}
-	tb := &tapBody{ReadCloser: resp.Body, ctx: resp.Request.Context(), h: h, x: x, sink: usage.NewDecoder(encoding, sink)}
 	if idle := x.up.idleTimeout; idle > 0 {
 		// An upstream that stops sending mid-stream would hold the client
 		// forever. So upstream.timeout bounds each wait for the next bytes,
@@ -276,9 +284,12 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 // tapBody copies what the client is sent to the usage tap as it passes.
 type tapBody struct {
 	io.ReadCloser
-	ctx  context.Context
-	h    *Handler
-	x    *exchange
+	ctx context.Context
+	h   *Handler
+	x   *exchange
+	// Exactly one of tap and sink is set. tap gets the bytes as they are,
+	// and sink decodes them first or passes them to more than the tap.
+	tap  *usage.Tap
 	sink io.WriteCloser
 	// stall cancels the upstream request when no bytes arrive for idle.
 	stall *stallWatch
@@ -313,7 +324,11 @@ func (b *tapBody) Read(p []byte) (int, error) {
 	}
 	if n > 0 {
 		b.x.received += int64(n)
-		b.sink.Write(p[:n])
+		if b.tap != nil {
+			b.tap.Write(p[:n])
+		} else {
+			b.sink.Write(p[:n])
+		}
 	}
 	if err != nil && err != io.EOF && b.x.errText == "" {
 		// A client that hangs up cancels the upstream request, and the
@@ -336,7 +351,9 @@ func (b *tapBody) Close() error {
 	if b.stall != nil {
 		b.stall.stop()
 	}
-	b.sink.Close()
+	if b.sink != nil {
+		b.sink.Close()
+	}
 	return b.ReadCloser.Close()
 }
 
@@ -540,14 +557,8 @@ func (h *Handler) finish(x *exchange, source string, log *slog.Logger) {
 	case status < 400 && x.errText == "" && !counts.Seen && usageUnreported(name, x.method, x.rest):
 		counts.InputTokens = (x.requestBytes + 3) / 4
 	}
-	h.metrics.Requests.WithLabelValues(name, source, strconv.Itoa(status)).Inc()
-	h.metrics.Duration.WithLabelValues(name, source).Observe(time.Since(x.start).Seconds())
-	if counts.InputTokens > 0 {
-		h.metrics.Tokens.WithLabelValues(name, source, "input").Add(float64(counts.InputTokens))
-	}
-	if counts.OutputTokens > 0 {
-		h.metrics.Tokens.WithLabelValues(name, source, "output").Add(float64(counts.OutputTokens))
-	}
+	x.up.series.Request(source, status, time.Since(x.start).Seconds())
+	x.up.series.Tokens(source, counts.InputTokens, counts.OutputTokens)
 
 	entry := audit.Entry{Event: h.event(x, &counts)}
 	if counts.InputTokens > 0 || counts.OutputTokens > 0 || status < 400 {

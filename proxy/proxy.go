@@ -103,6 +103,7 @@ type upstream struct {
 	streamProxy *httputil.ReverseProxy
 	// idleTimeout bounds the wait for the next response bytes.
 	idleTimeout time.Duration
+	series      *metrics.Series
 }
 
 // New returns a handler for opts.
@@ -167,7 +168,7 @@ func (h *Handler) newUpstream(spec *provider.Spec, pc *config.Provider, timeout 
 	}
 	up := &upstream{
 		spec: spec, base: base, sharedKey: pc.SharedKey, idleTimeout: timeout,
-		org: pc.Organization, project: pc.Project,
+		org: pc.Organization, project: pc.Project, series: h.metrics.Series(spec.Name),
 	}
 	if len(pc.SharedModels) > 0 {
 		up.models = map[string]bool{}

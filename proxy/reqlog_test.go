@@ -60,3 +60,65 @@ func TestLazyAttrsSiblingsSeparate(t *testing.T) {
 		t.Errorf("second logger has the first one's attribute: %s", buf.String())
 	}
 }
+
+// TestRequestLogMatchesWith logs through a requestLog and through two With
+// calls, as admission did before, and expects the same lines: from the
+// logger before and after the mailbox is known, and from loggers derived
+// from each.
+func TestRequestLogMatchesWith(t *testing.T) {
+	noTime := func(groups []string, a slog.Attr) slog.Attr {
+		if len(groups) == 0 && a.Key == slog.TimeKey {
+			return slog.Attr{}
+		}
+		return a
+	}
+	bases := map[string]func(*bytes.Buffer) *slog.Logger{
+		"lazy": func(b *bytes.Buffer) *slog.Logger {
+			return slog.New(withLazyAttrs(slog.NewJSONHandler(b, &slog.HandlerOptions{ReplaceAttr: noTime})))
+		},
+		"lazy with attrs": func(b *bytes.Buffer) *slog.Logger {
+			return slog.New(withLazyAttrs(slog.NewJSONHandler(b, &slog.HandlerOptions{ReplaceAttr: noTime}))).With("component", "proxy")
+		},
+		"plain JSON": func(b *bytes.Buffer) *slog.Logger {
+			return slog.New(slog.NewJSONHandler(b, &slog.HandlerOptions{ReplaceAttr: noTime}))
+		},
+	}
+	for name, base := range bases {
+		var want, got bytes.Buffer
+		logAll := func(log *slog.Logger, mailbox func(*slog.Logger) *slog.Logger) {
+			early := log.With("phase", "early")
+			log.Warn("rejected", "status", 401)
+			log = mailbox(log)
+			log.Info("done", "status", 200)
+			early.Info("early line")
+			log.With("phase", "late").Info("late line")
+		}
+		logAll(base(&want).With("request_id", "r1", "provider", "openai"), func(l *slog.Logger) *slog.Logger {
+			return l.With("mailbox", "m1")
+		})
+		var rl requestLog
+		logAll(rl.start(base(&got), "r1", "openai"), func(l *slog.Logger) *slog.Logger {
+			return rl.withMailbox(l, "m1")
+		})
+		if got.String() != want.String() {
+			t.Errorf("%s:\n got %s\nwant %s", name, got.String(), want.String())
+		}
+		if !strings.Contains(got.String(), `"mailbox":"m1"`) {
+			t.Errorf("%s: no line carries the mailbox: %s", name, got.String())
+		}
+	}
+}
+
+// TestRequestLogAllocations holds admission's logger to no allocations.
+func TestRequestLogAllocations(t *testing.T) {
+	base := slog.New(withLazyAttrs(slog.NewJSONHandler(&bytes.Buffer{}, nil)))
+	var rl requestLog
+	allocs := testing.AllocsPerRun(100, func() {
+		log := rl.start(base, "r1", "openai")
+		log = rl.withMailbox(log, "m1")
+		log.Debug("dropped")
+	})
+	if allocs != 0 {
+		t.Errorf("%.1f allocations per request logger, want 0", allocs)
+	}
+}

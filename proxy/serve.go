@@ -53,7 +53,8 @@ type exchange struct {
 	// response bytes from the upstream as sent and as decoded, for
 	// estimating usage the provider never reported. A gzip body passed
 	// through is a fraction of its decoded size. The decoder has written
-	// decoded by the time the body is closed.
+	// decoded by the time the body is closed. A body that is not encoded
+	// leaves decoded at 0.
 	requestBytes int64
 	received     int64
 	decoded      int64
@@ -77,6 +78,8 @@ type exchange struct {
 	// delivered is set once the reverse proxy has written and flushed the
 	// whole response.
 	delivered bool
+	// reqLog holds the request's logger.
+	reqLog requestLog
 	// sent is set once the transport has written the whole request.
 	sent atomic.Bool
 
@@ -138,7 +141,7 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slo
 	}
 	x.up, x.rest = up, rest
 	spec := up.spec
-	log := h.log.With("request_id", x.id, "provider", spec.Name)
+	log := x.reqLog.start(h.log, x.id, spec.Name)
 
 	// Check the request's shape before any store access, so hostile input
 	// costs no Redis round trip.
@@ -188,7 +191,7 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slo
 		h.reject(w, x, log, provider.Unauthenticated, "missing mailbox token: send it where the SDK sends an API key", 0)
 		return nil, nil
 	}
-	log = log.With("mailbox", string(x.mailbox))
+	log = x.reqLog.withMailbox(log, string(x.mailbox))
 
 	// The mailbox's record: generation, source, ciphertext and limit, from
 	// the record cache or one round trip, with usage when it is limited.

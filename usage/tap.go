@@ -13,7 +13,6 @@ package usage
 import (
 	"bytes"
 	"fmt"
-	"mime"
 	"slices"
 	"strings"
 	"sync"
@@ -153,12 +152,10 @@ func NewTap(provider, contentType string) *Tap {
 	if t.scan.provider == providerUnknown {
 		t.stopped = true
 	}
-	mediaType, _, err := mime.ParseMediaType(contentType)
-	if err != nil {
-		mediaType, _, _ = strings.Cut(contentType, ";")
-		mediaType = strings.ToLower(strings.TrimSpace(mediaType))
-	}
-	t.sse = mediaType == "text/event-stream"
+	// Only the media type matters, which is what mime.ParseMediaType returns
+	// for a valid header too, without the map of parameters it allocates.
+	mediaType, _, _ := strings.Cut(contentType, ";")
+	t.sse = strings.EqualFold(strings.TrimSpace(mediaType), "text/event-stream")
 	if !t.sse {
 		t.scan.recordList = true
 		t.scan.onRecord = t.tally.add

@@ -475,3 +475,30 @@ func TestTapCountsWhileWriting(t *testing.T) {
 		t.Errorf("output tokens: got %d, want 219", got.OutputTokens)
 	}
 }
+
+// TestTapContentTypes checks which Content-Type values make a Tap read
+// server-sent events: the media type alone decides, in any case and with
+// any parameters, valid or not.
+func TestTapContentTypes(t *testing.T) {
+	const event = "data: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n"
+	for contentType, sse := range map[string]bool{
+		"text/event-stream":                     true,
+		"Text/Event-Stream":                     true,
+		" text/event-stream ; charset=utf-8":    true,
+		"text/event-stream;":                    true,
+		"text/event-stream; charset=\"utf-8":    true,
+		"text/event-stream; =broken":            true,
+		"text/event-streams":                    false,
+		"text/event":                            false,
+		"application/json":                      false,
+		"":                                      false,
+		"text/event-stream\x00":                 false,
+		"application/json; x=text/event-stream": false,
+	} {
+		tap := NewTap("openai", contentType)
+		tap.Write([]byte(event))
+		if got := tap.Counts().InputTokens == 3; got != sse {
+			t.Errorf("Content-Type %q: read as events = %v, want %v", contentType, got, sse)
+		}
+	}
+}
