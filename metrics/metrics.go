@@ -126,25 +126,25 @@ type sourceSeries struct {
 
 // Series returns the series of provider.
 func (m *Metrics) Series(provider string) *Series {
-	s := &Series{m: m, provider: provider,
+	return &Series{m: m, provider: provider,
 		inFlight: sync.OnceValue(func() prometheus.Gauge { return m.InFlight.WithLabelValues(provider) }),
 		ttfb:     sync.OnceValue(func() prometheus.Observer { return m.UpstreamTTFB.WithLabelValues(provider) }),
+		metered:  m.sourceSeries(provider, "metered"),
+		byok:     m.sourceSeries(provider, "byok"),
 	}
-	for _, src := range []struct {
-		label string
-		ss    *sourceSeries
-	}{{"metered", &s.metered}, {"byok", &s.byok}} {
-		label := src.label
-		*src.ss = sourceSeries{
-			ok:       sync.OnceValue(func() prometheus.Counter { return m.Requests.WithLabelValues(provider, label, "200") }),
-			duration: sync.OnceValue(func() prometheus.Observer { return m.Duration.WithLabelValues(provider, label) }),
-			input:    sync.OnceValue(func() prometheus.Counter { return m.Tokens.WithLabelValues(provider, label, "input") }),
-			output:   sync.OnceValue(func() prometheus.Counter { return m.Tokens.WithLabelValues(provider, label, "output") }),
-		}
-	}
-	return s
 }
 
+func (m *Metrics) sourceSeries(provider, label string) sourceSeries {
+	return sourceSeries{
+		ok:       sync.OnceValue(func() prometheus.Counter { return m.Requests.WithLabelValues(provider, label, "200") }),
+		duration: sync.OnceValue(func() prometheus.Observer { return m.Duration.WithLabelValues(provider, label) }),
+		input:    sync.OnceValue(func() prometheus.Counter { return m.Tokens.WithLabelValues(provider, label, "input") }),
+		output:   sync.OnceValue(func() prometheus.Counter { return m.Tokens.WithLabelValues(provider, label, "output") }),
+	}
+}
+
+// source returns the series of a source label. SourceLabel gives only
+// "metered" and "byok", and any other label gets series resolved anew.
 func (s *Series) source(label string) *sourceSeries {
 	switch label {
 	case "metered":
@@ -152,7 +152,8 @@ func (s *Series) source(label string) *sourceSeries {
 	case "byok":
 		return &s.byok
 	}
-	return nil
+	ss := s.m.sourceSeries(s.provider, label)
+	return &ss
 }
 
 // InFlight is the provider's series of InFlight.
@@ -165,11 +166,6 @@ func (s *Series) TTFB() prometheus.Observer { return s.ttfb() }
 // client had status code, and observes its duration in seconds.
 func (s *Series) Request(source string, code int, seconds float64) {
 	ss := s.source(source)
-	if ss == nil {
-		s.m.Requests.WithLabelValues(s.provider, source, strconv.Itoa(code)).Inc()
-		s.m.Duration.WithLabelValues(s.provider, source).Observe(seconds)
-		return
-	}
 	if code == 200 {
 		ss.ok().Inc()
 	} else {
@@ -182,17 +178,9 @@ func (s *Series) Request(source string, code int, seconds float64) {
 func (s *Series) Tokens(source string, input, output int64) {
 	ss := s.source(source)
 	if input > 0 {
-		if ss != nil {
-			ss.input().Add(float64(input))
-		} else {
-			s.m.Tokens.WithLabelValues(s.provider, source, "input").Add(float64(input))
-		}
+		ss.input().Add(float64(input))
 	}
 	if output > 0 {
-		if ss != nil {
-			ss.output().Add(float64(output))
-		} else {
-			s.m.Tokens.WithLabelValues(s.provider, source, "output").Add(float64(output))
-		}
+		ss.output().Add(float64(output))
 	}
 }
