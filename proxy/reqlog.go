@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"log/slog"
+	"slices"
 )
 
 // lazyAttrs is a slog.Handler that formats the attributes given to With only
@@ -57,7 +58,9 @@ func (h *lazyAttrs) WithGroup(name string) slog.Handler {
 	// the wrapped handler first.
 	next := h.next
 	if len(h.attrs) > 0 {
-		next = next.WithAttrs(h.attrs)
+		// A handler owns the slice WithAttrs gets and may change it, so it
+		// gets a copy.
+		next = next.WithAttrs(slices.Clone(h.attrs))
 	}
 	return &lazyAttrs{next: next.WithGroup(name)}
 }

@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"log/slog"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -120,5 +121,51 @@ func TestRequestLogAllocations(t *testing.T) {
 	})
 	if allocs != 0 {
 		t.Errorf("%.1f allocations per request logger, want 0", allocs)
+	}
+}
+
+// grabbingHandler is a JSON handler that keeps the slice WithAttrs gets,
+// so the test can change it later, as slog allows a handler to.
+type grabbingHandler struct {
+	slog.Handler
+	grabbed *[]slog.Attr
+}
+
+func (h grabbingHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
+	*h.grabbed = attrs
+	return grabbingHandler{Handler: h.Handler.WithAttrs(slices.Clone(attrs)), grabbed: h.grabbed}
+}
+
+func (h grabbingHandler) WithGroup(name string) slog.Handler {
+	return grabbingHandler{Handler: h.Handler.WithGroup(name), grabbed: h.grabbed}
+}
+
+// TestRequestLogKeepsAttrsFromHandlers derives a group from a request's
+// logger, which hands its attributes to the wrapped handler, and has that
+// handler overwrite and append to the slice. The request's own lines must
+// not change.
+func TestRequestLogKeepsAttrsFromHandlers(t *testing.T) {
+	var buf bytes.Buffer
+	var grabbed []slog.Attr
+	base := slog.New(withLazyAttrs(grabbingHandler{Handler: slog.NewJSONHandler(&buf, nil), grabbed: &grabbed}))
+	var rl requestLog
+	log := rl.start(base, "r1", "openai")
+	log.WithGroup("upstream")
+	if len(grabbed) != 2 {
+		t.Fatalf("the handler got %d attributes, want 2", len(grabbed))
+	}
+	grabbed[0] = slog.String("request_id", "changed")
+	grabbed = append(grabbed, slog.String("mailbox", "intruder"))
+	_ = grabbed
+	log = rl.withMailbox(log, "m1")
+	log.Info("done")
+	line := buf.String()
+	for _, want := range []string{`"request_id":"r1"`, `"provider":"openai"`, `"mailbox":"m1"`} {
+		if !strings.Contains(line, want) {
+			t.Errorf("line lacks %s: %s", want, line)
+		}
+	}
+	if strings.Contains(line, "changed") || strings.Contains(line, "intruder") {
+		t.Errorf("a handler's change reached the request's line: %s", line)
 	}
 }

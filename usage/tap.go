@@ -152,10 +152,11 @@ func NewTap(provider, contentType string) *Tap {
 	if t.scan.provider == providerUnknown {
 		t.stopped = true
 	}
-	// Only the media type matters, which is what mime.ParseMediaType returns
-	// for a valid header too, without the map of parameters it allocates.
+	// Only the media type matters. mime.ParseMediaType returns the same
+	// lowercased, trimmed text for a valid header, plus a map of the
+	// parameters it allocates.
 	mediaType, _, _ := strings.Cut(contentType, ";")
-	t.sse = strings.EqualFold(strings.TrimSpace(mediaType), "text/event-stream")
+	t.sse = strings.ToLower(strings.TrimSpace(mediaType)) == "text/event-stream"
 	if !t.sse {
 		t.scan.recordList = true
 		t.scan.onRecord = t.tally.add

@@ -489,6 +489,7 @@ func TestTapContentTypes(t *testing.T) {
 		"text/event-stream; charset=\"utf-8":    true,
 		"text/event-stream; =broken":            true,
 		"text/event-streams":                    false,
+		"text/event-\u017ftream":                false,
 		"text/event":                            false,
 		"application/json":                      false,
 		"":                                      false,
