@@ -135,6 +135,11 @@ func (r *run) find(target, phase string) map[int]record {
 	return out
 }
 
+// measured reports whether any target has a record of phase.
+func (r *run) measured(phase string) bool {
+	return slices.ContainsFunc(r.records, func(rec record) bool { return rec.Phase == phase })
+}
+
 // stat is the median, minimum and maximum of one figure over the rounds.
 type stat struct {
 	med, min, max float64

@@ -40,6 +40,9 @@ func (r *run) writeMarkdown(w io.Writer) {
 }
 
 func (r *run) writeOpen(w io.Writer) {
+	if !r.measured("open") {
+		return
+	}
 	fmt.Fprintf(w, "Non-streaming, open loop at %s req/s (latency in ms from the scheduled send time; CPU in µs per request):\n\n", r.meta["rate"])
 	fmt.Fprintln(w, "| target | p50 | p99 | p99.9 | p99 − floor | proxy CPU | CPU − floor | redis CPU | errors |")
 	fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|---|")
@@ -66,6 +69,9 @@ func (r *run) writeOpen(w io.Writer) {
 }
 
 func (r *run) writeSaturation(w io.Writer) {
+	if !r.measured("sat") {
+		return
+	}
 	fmt.Fprintf(w, "Saturation, closed loop with %s connections (CPU in µs per request):\n\n", r.meta["sat_conns"])
 	fmt.Fprintln(w, "| target | req/s | vs floor | p99 ms | proxy CPU | CPU − floor | redis CPU | errors |")
 	fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|")
@@ -89,6 +95,9 @@ func (r *run) writeSaturation(w io.Writer) {
 }
 
 func (r *run) writeStreams(w io.Writer) {
+	if !r.measured("stream") {
+		return
+	}
 	fmt.Fprintf(w, "Streaming, open loop at %s streams/s of %s events (times in ms; CPU in µs per stream):\n\n", r.meta["stream_rate"], r.meta["stream_events"])
 	fmt.Fprintln(w, "| target | TTFE p50 | TTFE p99 | TTFE p99 vs floor | proxy CPU | CPU vs floor | cut | errors |")
 	fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|")
