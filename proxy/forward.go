@@ -244,6 +244,11 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 
 	encoding := strings.ToLower(resp.Header.Get("Content-Encoding"))
 	x.tap = usage.NewTap(x.up.spec.Name, resp.Header.Get("Content-Type"))
+	// A request body the proxy could not read went upstream as it was, so
+	// the response's Content-Type is what shows that it requested a stream.
+	if x.tap.EventStream() {
+		x.stream = true
+	}
 	tb := &tapBody{ReadCloser: resp.Body, ctx: resp.Request.Context(), h: h, x: x}
 	if x.owner == nil && (encoding == "" || encoding == "identity") {
 		// The common case: the bytes go straight to the tap, whose Write

@@ -567,3 +567,41 @@ func TestChunkedGoogleEmbeddingsCharged(t *testing.T) {
 		t.Errorf("charged %d requests, %d input tokens, want 1 and %d", requests, input, want)
 	}
 }
+
+// TestUnreadBodyStreamAudited sends a BYOK request whose body names stream
+// twice, which the proxy forwards without reading. The provider streams,
+// so the audit event must record a stream, with the usage the tap read.
+func TestUnreadBodyStreamAudited(t *testing.T) {
+	st := teststack.Start(t)
+	for _, tc := range []struct {
+		provider, path, body string
+		counted              bool
+	}{
+		{provider.Anthropic, "/anthropic/v1/messages",
+			`{"model":"claude-haiku-4-5","max_tokens":16,"stream":false,"stream":true,"messages":[{"role":"user","content":"say hello"}]}`, true},
+		// Without stream_options, which the proxy cannot add to a body it
+		// did not read, an OpenAI stream reports no usage.
+		{provider.OpenAI, "/openai/v1/chat/completions",
+			`{"model":"gpt-4o-mini","stream":false,"stream":true,"messages":[{"role":"user","content":"say hello"}]}`, false},
+	} {
+		t.Run(tc.provider, func(t *testing.T) {
+			m := "unread-" + tc.provider + "@example.com"
+			st.UseBYOK(t, m, tc.provider)
+			resp, body := st.Do(t, "POST", tc.path, st.Token(t, m), tc.body, "anthropic-version", "2023-06-01")
+			if resp.StatusCode != 200 || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream") {
+				t.Fatalf("status %d, Content-Type %q: %.300s", resp.StatusCode, resp.Header.Get("Content-Type"), body)
+			}
+			events := teststack.EventsOf(st.AuditEvents(t), m)
+			if len(events) != 1 {
+				t.Fatalf("audit events = %d, want 1", len(events))
+			}
+			e := events[0]
+			if e["stream"] != true {
+				t.Errorf("audit stream = %v, want true", e["stream"])
+			}
+			if got := e["output_tokens"].(float64) > 0; got != tc.counted {
+				t.Errorf("audit output_tokens = %v, want counted = %v", e["output_tokens"], tc.counted)
+			}
+		})
+	}
+}

@@ -191,6 +191,9 @@ func (t *Tap) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// EventStream reports whether the Tap reads its body as server-sent events.
+func (t *Tap) EventStream() bool { return t.sse }
+
 // Containers returns the code execution container ids that the records
 // completed so far named, starting with the from-th. It allocates only when
 // there are new ones.
