@@ -139,10 +139,9 @@ func (e Event) appendRequestJSON(b []byte) []byte {
 	return append(b, '}')
 }
 
-// appendJSONString appends s as a JSON string. Most values are ids, names
-// and paths of printable ASCII, which need no escape. Any other string goes
-// through json.Marshal, so the escapes (<, > and & included) and the
-// replacement of invalid UTF-8 stay those of encoding/json.
+// appendJSONString appends s as a JSON string. Printable ASCII without a
+// quote, backslash, <, > or & goes in as it is, and any other string through
+// json.Marshal, so the escapes stay those of encoding/json.
 func appendJSONString(b []byte, s string) []byte {
 	for i := 0; i < len(s); i++ {
 		if c := s[i]; c < 0x20 || c >= 0x7f || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&' {

@@ -81,10 +81,8 @@ type Signer struct {
 	keys []*macKey
 }
 
-// macKey computes HMAC-SHA256 under one secret. Every request checks a
-// token, and a fresh HMAC hashes the secret's two padded blocks before the
-// message and allocates six times. A pooled one that has been used once
-// restores its keyed state on Reset instead.
+// macKey computes HMAC-SHA256 under one secret with pooled states, whose
+// Reset restores the keying that hmac.New would hash and allocate again.
 type macKey struct {
 	pool sync.Pool // of *macState
 }

@@ -103,11 +103,9 @@ func SourceLabel(source string) string {
 	return "metered"
 }
 
-// Series holds the series of one provider that every request updates. A
-// vector hashes the label values and looks the series up under a lock on
-// each call, and a request updates six of them, so Series resolves each on
-// its first use and keeps it. A series thus still appears in the
-// exposition only once a request has used it.
+// Series holds the series of one provider that every request updates, each
+// resolved from its vector on first use rather than by label values on
+// every call. A series still appears only once a request has used it.
 type Series struct {
 	m        *Metrics
 	provider string

@@ -251,10 +251,8 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 	}
 	tb := &tapBody{ReadCloser: resp.Body, ctx: resp.Request.Context(), h: h, x: x}
 	if x.owner == nil && (encoding == "" || encoding == "identity") {
-		// The common case: the bytes go straight to the tap, whose Write
-		// returns no error, and decoded stays 0 because it would equal
-		// received. This keeps two writers and two indirect calls per read
-		// off every stream event.
+		// Unencoded bytes go straight to the tap, whose Write returns no
+		// error, and decoded stays 0 because it would equal received.
 		tb.tap = x.tap
 	} else {
 		var sink io.Writer = x.tap
