@@ -45,8 +45,9 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, l
 		w = x.w
 	}
 	reverseProxy.ServeHTTP(w, out)
-	// The reverse proxy returns normally only after it has written and
-	// flushed all it read, and aborts the handler on a failed write.
+	// The reverse proxy returns normally only after it has written all it
+	// read (and flushed it, on a stream), and aborts the handler on a failed
+	// write.
 	if !x.detached {
 		x.delivered = x.bodyEnded
 	}

@@ -97,9 +97,9 @@ type upstream struct {
 	org       string
 	project   string
 	proxy     *httputil.ReverseProxy
-	// streamProxy forwards stream requests: the same as proxy, with a
-	// smaller copy buffer, because a stream holds its buffer while it stays
-	// open.
+	// streamProxy forwards stream requests: the same as proxy, flushing
+	// after every read whatever the response, with a smaller copy buffer,
+	// because a stream holds its buffer while it stays open.
 	streamProxy *httputil.ReverseProxy
 	// idleTimeout bounds the wait for the next response bytes.
 	idleTimeout time.Duration
@@ -176,16 +176,24 @@ func (h *Handler) newUpstream(spec *provider.Spec, pc *config.Provider, timeout 
 			up.models[m] = true
 		}
 	}
+	// A response of known length that is not an event stream is flushed
+	// when it ends, and a long one passes on as the server's buffer fills.
+	// With -1, the reverse proxy would flush after every read. Its first
+	// flush, run at once by a timer on a goroutine of its own, would also
+	// send the header in a write of its own. Together that made one write
+	// call and one goroutine more per JSON response. Event streams and
+	// bodies of unknown length are flushed after every read whatever the
+	// interval says.
 	up.proxy = &httputil.ReverseProxy{
 		Rewrite:        h.rewrite,
 		Transport:      transport,
-		FlushInterval:  -1,
 		ModifyResponse: h.modifyResponse,
 		ErrorHandler:   h.upstreamError,
 		ErrorLog:       slog.NewLogLogger(h.log.Handler(), slog.LevelDebug),
 		BufferPool:     copyBuffers,
 	}
 	stream := *up.proxy
+	stream.FlushInterval = -1
 	stream.BufferPool = streamBuffers
 	up.streamProxy = &stream
 	return up, nil

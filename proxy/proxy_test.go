@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/json"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -275,5 +276,51 @@ func TestStreamEventsLargerThanCopyBuffer(t *testing.T) {
 	}
 	if events[0]["output_tokens"] != float64(4097) {
 		t.Errorf("output_tokens = %v, want 4097", events[0]["output_tokens"])
+	}
+}
+
+// flushCounter is a ResponseWriter that counts flushes.
+type flushCounter struct {
+	*httptest.ResponseRecorder
+	flushes int
+}
+
+func (f *flushCounter) Flush() {
+	f.flushes++
+	f.ResponseRecorder.Flush()
+}
+
+// The handler leaves a JSON response of known length to the server, which
+// sends it with its header once the handler returns, and flushes a stream
+// as its events come.
+func TestFlushesOnlyStreams(t *testing.T) {
+	st := teststack.Start(t)
+	token := st.Token(t, "flushes@example.com")
+	for _, p := range provider.Names {
+		for name, c := range map[string]call{"plain": nonStream[p], "stream": streaming[p]} {
+			t.Run(p+"/"+name, func(t *testing.T) {
+				req := httptest.NewRequest(http.MethodPost, c.path, strings.NewReader(c.body))
+				req.Header.Set("Authorization", "Bearer "+token)
+				req.Header.Set("Content-Type", "application/json")
+				if p == provider.Anthropic {
+					req.Header.Set("Anthropic-Version", "2023-06-01")
+				}
+				// Events sent apart arrive in reads of their own.
+				st.Upstreams[p].SetEventDelay(2 * time.Millisecond)
+				defer st.Upstreams[p].SetEventDelay(0)
+				w := &flushCounter{ResponseRecorder: httptest.NewRecorder()}
+				st.Handler.ServeHTTP(w, req)
+				if w.Code != http.StatusOK || w.Body.Len() == 0 {
+					t.Fatalf("status %d, %d body bytes", w.Code, w.Body.Len())
+				}
+				events := strings.Count(w.Body.String(), "data:")
+				switch {
+				case !c.stream && w.flushes != 0:
+					t.Errorf("JSON response flushed %d times, want 0", w.flushes)
+				case c.stream && w.flushes < events:
+					t.Errorf("stream of %d events flushed %d times, want at least one per event", events, w.flushes)
+				}
+			})
+		}
 	}
 }
