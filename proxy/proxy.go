@@ -181,9 +181,9 @@ func (h *Handler) newUpstream(spec *provider.Spec, pc *config.Provider, timeout 
 	// With -1, the reverse proxy would flush after every read. Its first
 	// flush, run at once by a timer on a goroutine of its own, would also
 	// send the header in a write of its own. Together that made one write
-	// call and one goroutine more per JSON response. Event streams and
-	// bodies of unknown length are flushed after every read whatever the
-	// interval says.
+	// call and one goroutine more per JSON response. The reverse proxy
+	// flushes event streams and bodies of unknown length after every read,
+	// whatever FlushInterval is set to.
 	up.proxy = &httputil.ReverseProxy{
 		Rewrite:        h.rewrite,
 		Transport:      transport,
