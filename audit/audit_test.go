@@ -7,6 +7,27 @@ import (
 	"time"
 )
 
+// requestJSON is the wire form of a request event as encoding/json renders
+// it: every field present, and key_last4 only on byok events.
+type requestJSON struct {
+	Time         string `json:"time"`
+	Kind         string `json:"kind"`
+	RequestID    string `json:"request_id"`
+	Mailbox      string `json:"mailbox"`
+	Provider     string `json:"provider"`
+	Source       string `json:"source"`
+	KeyLast4     string `json:"key_last4,omitempty"`
+	Model        string `json:"model"`
+	Method       string `json:"method"`
+	Path         string `json:"path"`
+	Status       int    `json:"status"`
+	Stream       bool   `json:"stream"`
+	InputTokens  int64  `json:"input_tokens"`
+	OutputTokens int64  `json:"output_tokens"`
+	DurationMS   int64  `json:"duration_ms"`
+	Error        string `json:"error"`
+}
+
 // referenceJSON renders a request event with encoding/json, as
 // MarshalJSON did before it appended the fields itself.
 func referenceJSON(e Event) []byte {

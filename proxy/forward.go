@@ -244,6 +244,7 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 	}
 
 	encoding := strings.ToLower(resp.Header.Get("Content-Encoding"))
+	plain := encoding == "" || encoding == "identity"
 	x.tap = usage.NewTap(x.up.spec.Name, resp.Header.Get("Content-Type"))
 	// A request body the proxy could not read went upstream as it was, so
 	// the response's Content-Type is what shows that it requested a stream.
@@ -251,7 +252,7 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 		x.stream = true
 	}
 	tb := &tapBody{ReadCloser: resp.Body, ctx: resp.Request.Context(), h: h, x: x}
-	if x.owner == nil && (encoding == "" || encoding == "identity") {
+	if x.owner == nil && plain {
 		// Unencoded bytes go straight to the tap, whose Write returns no
 		// error, and decoded stays 0 because it would equal received.
 		tb.tap = x.tap
@@ -275,7 +276,7 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 	var body io.ReadCloser = tb
 	// The tap reads the upstream bytes before the filter removes the usage
 	// chunk that the proxy requested for itself.
-	if x.injectUsage && strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream") && encoding == "" {
+	if x.injectUsage && x.tap.EventStream() && plain {
 		body = usage.NewUsageChunkFilter(body)
 	}
 	resp.Body = body
