@@ -198,6 +198,7 @@ func TestSDKs(t *testing.T) {
 		"Redis":            dumpText(rs.Dump(t, prefix)),
 		"the proxy log":    proc.log.String(),
 		"the audit stream": auditText(t, rdb, prefix+"audit"),
+		"the metrics":      metricsText(t, metricsListen),
 	}
 	for where, text := range places {
 		if text == "" {
@@ -557,6 +558,22 @@ func auditText(t *testing.T, rdb *redis.Client, key string) string {
 		}
 	}
 	return b.String()
+}
+
+// metricsText returns the Prometheus exposition served on listen.
+func metricsText(t *testing.T, listen string) string {
+	t.Helper()
+	client := &http.Client{Timeout: requestTimeout}
+	resp, err := client.Get("http://" + listen + "/metrics")
+	if err != nil {
+		t.Fatalf("read metrics: %v", err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("read metrics: status %d, %v", resp.StatusCode, err)
+	}
+	return string(body)
 }
 
 // findSecrets lists every BYOK key, or the middle 20 characters of one,
