@@ -1,6 +1,7 @@
 package usage
 
 import (
+	"bytes"
 	"slices"
 	"testing"
 )
@@ -143,6 +144,40 @@ func FuzzSkipNeutralEvent(f *testing.F) {
 		}
 		if got, want := viewOf(t, whole), viewOf(t, bytewise); !got.equal(want) {
 			t.Fatalf("one write: %+v\none byte per write: %+v", got, want)
+		}
+	})
+}
+
+// neutralEachQuote is neutral without the eight-byte filter: it looks at
+// every quote.
+func neutralEachQuote(data []byte, model string) bool {
+	if bytes.Contains(data, unicodeEscape) {
+		return false
+	}
+	for i := 0; i+1 < len(data); i++ {
+		if data[i] == '"' && !neutralAt(data[i+1:], model) {
+			return false
+		}
+	}
+	return true
+}
+
+// FuzzNeutral checks that the eight-byte filter of neutral passes over no
+// quote that matters, wherever it falls within or across words.
+func FuzzNeutral(f *testing.F) {
+	f.Add(`{"id":"chatcmpl-1","model":"gpt-4o","usage":null}`, "gpt-4o")
+	f.Add(`{"x":1,"usage":{"prompt_tokens":1}}`, "")
+	f.Add(`1234567"usage"`, "")
+	f.Add(`12345678"u`, "")
+	f.Add(`"rs_1"`, "")
+	f.Add(`{"a":"b","c":"container"}`, "")
+	f.Add(`{"modelVersion":"g","x":"resp_2"}`, "g")
+	f.Fuzz(func(t *testing.T, data, model string) {
+		tap := NewTap("openai", sseType)
+		tap.tally.model = model
+		got, want := tap.neutral([]byte(data)), neutralEachQuote([]byte(data), model)
+		if got != want {
+			t.Fatalf("neutral(%q) with model %q = %v, looking at every quote gives %v", data, model, got, want)
 		}
 	})
 }
