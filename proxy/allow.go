@@ -77,6 +77,36 @@ func modelListing(rest string) bool {
 	return ok && id != "" && !strings.Contains(id, "/") && !strings.Contains(id, ":")
 }
 
+// misplacedVersion returns the base URL, below the proxy's address, for a
+// client whose path names no API version or begins with it twice, as a
+// wrong base URL gives. It returns "" for any other path. A version later
+// in the path, as in Google's upload/v1beta/files, counts.
+func misplacedVersion(prov, path string) string {
+	versions := []string{"v1/"}
+	base := "/" + prov
+	switch prov {
+	case provider.OpenAI:
+		base = "/openai/v1"
+	case provider.Google:
+		versions = append(versions, "v1beta/")
+	}
+	named := false
+	for _, v := range versions {
+		if rest, ok := strings.CutPrefix(path, v); ok {
+			for _, again := range versions {
+				if strings.HasPrefix(rest, again) {
+					return base
+				}
+			}
+		}
+		named = named || strings.HasPrefix(path, v) || strings.Contains(path, "/"+v)
+	}
+	if named {
+		return ""
+	}
+	return base
+}
+
 // googlePathModel returns the model named in a Google path such as
 // "v1beta/models/gemini-2.5-flash:generateContent", on any key source.
 func googlePathModel(path string) string {

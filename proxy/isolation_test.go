@@ -194,6 +194,36 @@ func TestSharedAllowlist(t *testing.T) {
 	}
 }
 
+// TestSharedWrongBaseURL checks that a path from a wrong base URL still gets
+// a 403 on the shared key, with a message that names the base URL to use.
+func TestSharedWrongBaseURL(t *testing.T) {
+	st := teststack.Start(t)
+	token := st.Token(t, "base-url@example.com")
+	tests := []struct {
+		path, want string
+	}{
+		{"/openai/chat/completions", "this proxy's /openai/v1"},
+		{"/anthropic/v1/v1/messages", "this proxy's /anthropic"},
+		{"/google/models/gemini-2.5-flash:generateContent", "this proxy's /google"},
+		{"/openai/v1/files", "use your own key"},
+	}
+	for _, tt := range tests {
+		p := strings.Split(tt.path, "/")[1]
+		up := st.Upstreams[p]
+		up.Reset()
+		resp, body := st.Do(t, "POST", tt.path, token, `{}`, sdkHeaders(p)...)
+		if resp.StatusCode != 403 {
+			t.Errorf("%s: status %d, want 403", tt.path, resp.StatusCode)
+		}
+		if !strings.Contains(string(body), tt.want) {
+			t.Errorf("%s: message does not contain %q: %s", tt.path, tt.want, body)
+		}
+		if n := len(up.Requests()); n != 0 {
+			t.Errorf("%s: forwarded %d requests", tt.path, n)
+		}
+	}
+}
+
 func inShape(p string, body []byte, anthropicType, openaiCode, googleStatus string) bool {
 	var m map[string]any
 	if json.Unmarshal(body, &m) != nil {
@@ -222,6 +252,13 @@ func TestSharedModelsAndOrgHeaders(t *testing.T) {
 		`{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}`)
 	if resp.StatusCode != 403 {
 		t.Errorf("model outside shared_models: status %d, want 403", resp.StatusCode)
+	}
+	resp, body := st.Do(t, "POST", "/openai/v1/chat/completions", token, `{"messages":[]}`)
+	if resp.StatusCode != 403 {
+		t.Errorf("no model with shared_models set: status %d, want 403", resp.StatusCode)
+	}
+	if !strings.Contains(string(body), "names no model") {
+		t.Errorf("no model with shared_models set: message does not say the model is missing: %s", body)
 	}
 	resp, _ = st.Do(t, "POST", "/openai/v1/chat/completions", token, nonStream[provider.OpenAI].body,
 		"OpenAI-Organization", "org-client", "OpenAI-Project", "proj_client")

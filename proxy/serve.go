@@ -260,14 +260,23 @@ func (h *Handler) admitShared(w http.ResponseWriter, r *http.Request, x *exchang
 	}
 	allowed, pathModel := sharedEndpoint(up.spec.Name, r.Method, x.rest)
 	if !allowed {
-		h.rejectAudited(w, x, log, provider.Forbidden, fmt.Sprintf("%s /%s is not available on the shared key; use your own key for it", r.Method, x.rest), 0)
+		msg := fmt.Sprintf("%s /%s is not available on the shared key; use your own key for it", r.Method, x.rest)
+		if base := misplacedVersion(up.spec.Name, x.rest); base != "" {
+			// Storing a key would not help a client whose base URL is wrong.
+			msg = fmt.Sprintf("%s /%s is not a path of the %s API: set the SDK's base URL to this proxy's %s", r.Method, x.rest, up.spec.Title, base)
+		}
+		h.rejectAudited(w, x, log, provider.Forbidden, msg, 0)
 		return false
 	}
 	if pathModel != "" {
 		x.model = pathModel
 	}
 	if up.models != nil && r.Method == http.MethodPost && !up.models[x.model] {
-		h.rejectAudited(w, x, log, provider.Forbidden, fmt.Sprintf("model %q is not available on the shared key", x.model), 0)
+		msg := fmt.Sprintf("model %q is not available on the shared key", x.model)
+		if x.model == "" {
+			msg = "the request names no model; name one of the models available on the shared key"
+		}
+		h.rejectAudited(w, x, log, provider.Forbidden, msg, 0)
 		return false
 	}
 	if x.background {
