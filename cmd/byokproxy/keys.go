@@ -281,7 +281,18 @@ func mailboxProviderArgs(cmd string, args []string) (mailbox.ID, *provider.Spec,
 }
 
 func providerPath(id mailbox.ID, prov, rest string) string {
-	return "/admin/v1/mailboxes/" + url.PathEscape(string(id)) + "/providers/" + prov + "/" + rest
+	return mailboxPath(id) + "/providers/" + prov + "/" + rest
+}
+
+// mailboxPath returns the admin API path of mailbox id. The ids "." and
+// "..", which the id rule allows, get percent-encoded dots, because the
+// admin server's router would clean such a segment out of the path.
+func mailboxPath(id mailbox.ID) string {
+	segment := url.PathEscape(string(id))
+	if segment == "." || segment == ".." {
+		segment = strings.ReplaceAll(segment, ".", "%2E")
+	}
+	return "/admin/v1/mailboxes/" + segment
 }
 
 func keysSet(ctx context.Context, c *adminClient, cf *clientFlags, cio cliIO, args []string) error {
@@ -405,7 +416,7 @@ func keysShow(ctx context.Context, c *adminClient, cf *clientFlags, cio cliIO, a
 	if err != nil {
 		return err
 	}
-	answer, err := c.call(ctx, http.MethodGet, "/admin/v1/mailboxes/"+url.PathEscape(string(id)), nil)
+	answer, err := c.call(ctx, http.MethodGet, mailboxPath(id), nil)
 	if err != nil {
 		return err
 	}
@@ -522,7 +533,7 @@ func tokenIssue(ctx context.Context, c *adminClient, cf *clientFlags, cio cliIO,
 	if err != nil {
 		return err
 	}
-	path := "/admin/v1/mailboxes/" + url.PathEscape(string(id)) + "/token"
+	path := mailboxPath(id) + "/token"
 	if action == "revoke" {
 		path += "/revoke"
 	}

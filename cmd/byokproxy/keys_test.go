@@ -511,6 +511,30 @@ func TestTokenIssueRevoke(t *testing.T) {
 	p.run(t, "", "token", "issue", "bad id").expect(t, exitUsage)
 }
 
+func TestDotMailboxIDs(t *testing.T) {
+	p := newInProcess(t)
+	for _, id := range []mailbox.ID{".", ".."} {
+		r := p.run(t, "", "token", "issue", string(id))
+		r.expect(t, exitOK)
+		got, _, err := p.signer.Verify(strings.TrimSpace(r.stdout))
+		if err != nil {
+			t.Fatalf("token issue %s: token does not verify: %v", id, err)
+		}
+		if got != id {
+			t.Errorf("token issue %s: token names mailbox %q", id, got)
+		}
+
+		r = p.run(t, "", "keys", "show", string(id))
+		r.expect(t, exitOK)
+		if !strings.HasPrefix(r.stdout, "mailbox "+string(id)+"\n") {
+			t.Errorf("keys show %s: stdout %q", id, r.stdout)
+		}
+
+		r = p.run(t, "", "keys", "use", string(id), "openai", "shared")
+		r.expect(t, exitOK)
+	}
+}
+
 func TestClientErrorsSayWhatToDo(t *testing.T) {
 	p := newInProcess(t)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
