@@ -244,11 +244,19 @@ func (a *API) deleteKey(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	before, err := a.store.ProviderStatus(r.Context(), id, prov)
+	removed := false
 	if err == nil {
-		err = a.store.DeleteKey(r.Context(), id, prov)
+		removed, err = a.store.DeleteKey(r.Context(), id, prov)
 	}
 	if err != nil {
 		a.storeError(w, r, err, id, prov)
+		return
+	}
+	if !removed {
+		// Removal is idempotent. With no key stored nothing changed, so no audit
+		// event is written.
+		a.log.Info("key removal: no key stored", "mailbox", string(id), "provider", prov)
+		w.WriteHeader(http.StatusNoContent)
 		return
 	}
 	a.record(audit.Event{Kind: audit.KindKeyRemoved, Mailbox: string(id), Provider: prov, KeyLast4: before.Last4, Source: keystore.SourceShared})

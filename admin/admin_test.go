@@ -916,6 +916,8 @@ func TestAdminAuditEvents(t *testing.T) {
 	f.mustCall(t, http.StatusOK, http.MethodPut, "/admin/v1/mailboxes/mia/providers/openai/source", `{"source":"byok"}`)
 	f.mustCall(t, http.StatusOK, http.MethodPost, "/admin/v1/mailboxes/mia/providers/openai/test", "")
 	f.mustCall(t, http.StatusNoContent, http.MethodDelete, "/admin/v1/mailboxes/mia/providers/openai/key", "")
+	// Removing a key that is gone succeeds and records nothing.
+	f.mustCall(t, http.StatusNoContent, http.MethodDelete, "/admin/v1/mailboxes/mia/providers/openai/key", "")
 	f.mustCall(t, http.StatusOK, http.MethodPost, "/admin/v1/mailboxes/mia/token/revoke", "")
 	f.mustCall(t, http.StatusNoContent, http.MethodDelete, "/admin/v1/mailboxes/mia", "")
 

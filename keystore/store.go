@@ -365,20 +365,21 @@ func (s *Store) PutSealedKey(ctx context.Context, id mailbox.ID, prov string, se
 }
 
 var deleteKeyScript = redis.NewScript(`
-redis.call('HDEL', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
-return 1
+local removed = redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[2], ARGV[3], ARGV[4])
+return removed
 `)
 
 // DeleteKey removes the provider's key of mailbox id and sets its source back
-// to shared, atomically.
-func (s *Store) DeleteKey(ctx context.Context, id mailbox.ID, prov string) error {
-	err := deleteKeyScript.Run(ctx, s.rdb, []string{s.layout.Mailbox(string(id))},
-		fieldCipher(prov), fieldLast4(prov), fieldUpdated(prov), fieldSource(prov)).Err()
+// to shared, atomically. It reports whether a key was stored.
+func (s *Store) DeleteKey(ctx context.Context, id mailbox.ID, prov string) (bool, error) {
+	removed, err := deleteKeyScript.Run(ctx, s.rdb, []string{s.layout.Mailbox(string(id))},
+		fieldCipher(prov), fieldLast4(prov), fieldUpdated(prov), fieldSource(prov)).Int()
 	if err != nil {
-		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+		return false, fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
 	s.changed(ctx, id)
-	return nil
+	return removed == 1, nil
 }
 
 // setSourceScript refuses byok without a stored key inside Redis, so a key

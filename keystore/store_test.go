@@ -146,12 +146,23 @@ func TestSourceRules(t *testing.T) {
 		t.Errorf("shared keeps the key: %+v, %v", s, err)
 	}
 	st.SetSource(ctx, id, "openai", SourceBYOK)
-	if err := st.DeleteKey(ctx, id, "openai"); err != nil {
+	removed, err := st.DeleteKey(ctx, id, "openai")
+	if err != nil {
 		t.Fatal(err)
+	}
+	if !removed {
+		t.Error("DeleteKey of a stored key reported no key removed")
 	}
 	s, _ := st.ProviderStatus(ctx, id, "openai")
 	if s.Source != SourceShared || s.HasKey || s.Last4 != "" || s.UpdatedAt != nil {
 		t.Errorf("after delete: %+v, want shared and no key", s)
+	}
+	removed, err = st.DeleteKey(ctx, id, "openai")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if removed {
+		t.Error("DeleteKey with no key stored reported a key removed")
 	}
 	if _, err := st.SetSource(ctx, id, "openai", "other"); err == nil {
 		t.Error("unknown source accepted")
