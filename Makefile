@@ -15,8 +15,10 @@ STATICCHECK := $(GOBIN_DIR)/staticcheck
 
 .PHONY: run build deps test lint clean ui fuzz soak bench bench-go
 
-# The binary replaces the recipe's shell, so a SIGTERM or SIGINT that make
-# passes on reaches byokproxy itself, which "go run" would not pass on.
+# The binary replaces the recipe's shell, so the SIGTERM that make passes on
+# to its children reaches byokproxy itself, where "go run" would not pass it
+# on. make does not pass on SIGINT: Ctrl-C in a terminal signals the whole
+# process group, byokproxy included.
 run:
 	go build -o bin/byokproxy ./cmd/byokproxy
 	exec bin/byokproxy serve --dev
