@@ -243,11 +243,7 @@ func (a *API) deleteKey(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	before, err := a.store.ProviderStatus(r.Context(), id, prov)
-	removed := false
-	if err == nil {
-		removed, err = a.store.DeleteKey(r.Context(), id, prov)
-	}
+	last4, removed, err := a.store.DeleteKey(r.Context(), id, prov)
 	if err != nil {
 		a.storeError(w, r, err, id, prov)
 		return
@@ -259,7 +255,7 @@ func (a *API) deleteKey(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusNoContent)
 		return
 	}
-	a.record(audit.Event{Kind: audit.KindKeyRemoved, Mailbox: string(id), Provider: prov, KeyLast4: before.Last4, Source: keystore.SourceShared})
+	a.record(audit.Event{Kind: audit.KindKeyRemoved, Mailbox: string(id), Provider: prov, KeyLast4: last4, Source: keystore.SourceShared})
 	a.log.Info("key removed", "mailbox", string(id), "provider", prov)
 	w.WriteHeader(http.StatusNoContent)
 }

@@ -162,7 +162,7 @@ func TestCacheDropsChangedRecords(t *testing.T) {
 			func(r *Record) bool { return r.Generation == 1 }},
 		{"set limit", func() error { return a.SetLimit(ctx, id, &limit) },
 			func(r *Record) bool { return r.Limit != nil && *r.Limit == 5 }},
-		{"remove key", func() error { _, err := a.DeleteKey(ctx, id, provider.OpenAI); return err },
+		{"remove key", func() error { _, _, err := a.DeleteKey(ctx, id, provider.OpenAI); return err },
 			func(r *Record) bool { return r.Source == SourceShared && len(r.Ciphertext) == 0 }},
 		{"delete mailbox", func() error { return a.DeleteMailbox(ctx, id) },
 			func(r *Record) bool { return r.Generation == 2 && r.Limit == nil }},

@@ -195,7 +195,7 @@ func suiteKeyLifecycle(t *testing.T, store *keystore.Store, id mailbox.ID) {
 		}
 		suiteExpectKey(t, store, id, p, keystore.SourceBYOK, second)
 
-		if _, err := store.DeleteKey(ctx, id, p); err != nil {
+		if _, _, err := store.DeleteKey(ctx, id, p); err != nil {
 			t.Fatalf("%s: DeleteKey: %v", p, err)
 		}
 		rec, err := store.Read(ctx, id, p)
@@ -266,7 +266,7 @@ func suiteWrongBinding(t *testing.T, store *keystore.Store, inspect redis.Univer
 		t.Errorf("Open of an openai ciphertext as anthropic: %v, want ErrWrongBinding", err)
 	}
 	for _, m := range []mailbox.ID{id, other} {
-		if _, err := store.DeleteKey(ctx, m, p); err != nil {
+		if _, _, err := store.DeleteKey(ctx, m, p); err != nil {
 			t.Fatalf("DeleteKey %s: %v", m, err)
 		}
 	}

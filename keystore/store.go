@@ -364,22 +364,29 @@ func (s *Store) PutSealedKey(ctx context.Context, id mailbox.ID, prov string, se
 	return st, err
 }
 
+// deleteKeyScript returns the last four characters of the key it removes,
+// read in the same step, or nil (false in Lua) when no key was stored.
 var deleteKeyScript = redis.NewScript(`
+local last4 = redis.call('HGET', KEYS[1], ARGV[2])
 local removed = redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[1], ARGV[2], ARGV[3], ARGV[4])
-return removed
+if removed == 0 then
+  return false
+end
+return last4 or ''
 `)
 
 // DeleteKey removes the provider's key of mailbox id and sets its source back
-// to shared, atomically. It reports whether a key was stored.
-func (s *Store) DeleteKey(ctx context.Context, id mailbox.ID, prov string) (bool, error) {
-	removed, err := deleteKeyScript.Run(ctx, s.rdb, []string{s.layout.Mailbox(string(id))},
-		fieldCipher(prov), fieldLast4(prov), fieldUpdated(prov), fieldSource(prov)).Int()
-	if err != nil {
-		return false, fmt.Errorf("%w: %v", ErrUnavailable, err)
+// to shared, atomically. It returns the removed key's last four characters,
+// and removed is false when no key was stored.
+func (s *Store) DeleteKey(ctx context.Context, id mailbox.ID, prov string) (last4 string, removed bool, err error) {
+	last4, err = deleteKeyScript.Run(ctx, s.rdb, []string{s.layout.Mailbox(string(id))},
+		fieldCipher(prov), fieldLast4(prov), fieldUpdated(prov), fieldSource(prov)).Text()
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return "", false, fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
 	s.changed(ctx, id)
-	return removed == 1, nil
+	return last4, err == nil, nil
 }
 
 // setSourceScript refuses byok without a stored key inside Redis, so a key

@@ -146,18 +146,21 @@ func TestSourceRules(t *testing.T) {
 		t.Errorf("shared keeps the key: %+v, %v", s, err)
 	}
 	st.SetSource(ctx, id, "openai", SourceBYOK)
-	removed, err := st.DeleteKey(ctx, id, "openai")
+	last4, removed, err := st.DeleteKey(ctx, id, "openai")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !removed {
 		t.Error("DeleteKey of a stored key reported no key removed")
 	}
+	if want := openaiKey[len(openaiKey)-4:]; last4 != want {
+		t.Errorf("DeleteKey returned last four %q, want %q", last4, want)
+	}
 	s, _ := st.ProviderStatus(ctx, id, "openai")
 	if s.Source != SourceShared || s.HasKey || s.Last4 != "" || s.UpdatedAt != nil {
 		t.Errorf("after delete: %+v, want shared and no key", s)
 	}
-	removed, err = st.DeleteKey(ctx, id, "openai")
+	_, removed, err = st.DeleteKey(ctx, id, "openai")
 	if err != nil {
 		t.Fatal(err)
 	}

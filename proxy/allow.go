@@ -90,7 +90,6 @@ func misplacedVersion(prov, path string) string {
 	case provider.Google:
 		versions = append(versions, "v1beta/")
 	}
-	named := false
 	for _, v := range versions {
 		if rest, ok := strings.CutPrefix(path, v); ok {
 			for _, again := range versions {
@@ -98,11 +97,13 @@ func misplacedVersion(prov, path string) string {
 					return base
 				}
 			}
+			return ""
 		}
-		named = named || strings.HasPrefix(path, v) || strings.Contains(path, "/"+v)
 	}
-	if named {
-		return ""
+	for _, v := range versions {
+		if strings.Contains(path, "/"+v) {
+			return ""
+		}
 	}
 	return base
 }
