@@ -34,7 +34,8 @@ var uiAssets embed.FS
 const (
 	// SessionCookie is the name of the page's session cookie.
 	SessionCookie = "byokproxy_ui_session"
-	// CSRFHeader carries the session's CSRF token on state-changing calls.
+	// CSRFHeader carries the session's CSRF token on every admin API call
+	// the page makes.
 	CSRFHeader = "X-CSRF-Token"
 	// DefaultSessionTTL is the lifetime of a page session.
 	DefaultSessionTTL = 12 * time.Hour
@@ -76,7 +77,7 @@ type UIOptions struct {
 // UI is the handler of the admin listener when the settings page may be on.
 // It serves the page under /ui/, its sign-in and sign-out endpoints, and
 // passes /admin/v1 requests to the API, authorizing those that carry a valid
-// session cookie (plus, for methods that change state, the CSRF header).
+// session cookie and the session's CSRF header.
 //
 // Sessions are stateless signed cookies, so every replica with the same admin
 // token accepts them. Changing the admin token ends every session.
@@ -340,13 +341,13 @@ func (u *UI) serveWithSession(w http.ResponseWriter, r *http.Request) {
 		u.rejectSession(w, r, err)
 		return
 	}
-	if !safeMethod(r.Method) {
-		if r.Header.Get("Sec-Fetch-Site") == "cross-site" || !validCSRF(r, keys.signing, s) {
-			w.Header().Set("Cache-Control", "no-store")
-			u.log.Warn("ui request rejected: missing or invalid CSRF token", "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr)
-			writeError(w, http.StatusForbidden, "missing or invalid "+CSRFHeader+" header; reload the page")
-			return
-		}
+	// Reads need the header too: the cookie alone proves only that a
+	// browser holds the session, not that the page made the call.
+	if r.Header.Get("Sec-Fetch-Site") == "cross-site" || !validCSRF(r, keys.signing, s) {
+		w.Header().Set("Cache-Control", "no-store")
+		u.log.Warn("ui request rejected: missing or invalid CSRF token", "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr)
+		writeError(w, http.StatusForbidden, "missing or invalid "+CSRFHeader+" header; reload the page")
+		return
 	}
 	inner := r.Clone(r.Context())
 	inner.Header.Set("Authorization", "Bearer "+keys.token)
@@ -357,10 +358,6 @@ func (u *UI) serveWithSession(w http.ResponseWriter, r *http.Request) {
 
 func bearerRequest(token string) *http.Request {
 	return &http.Request{Header: http.Header{"Authorization": {"Bearer " + token}}}
-}
-
-func safeMethod(method string) bool {
-	return method == http.MethodGet || method == http.MethodHead || method == http.MethodOptions
 }
 
 var (

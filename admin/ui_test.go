@@ -181,9 +181,30 @@ func TestUISignInRejected(t *testing.T) {
 
 func TestUISessionReadsAPI(t *testing.T) {
 	h, store := newTestUI(t, true)
-	cookie, _ := signIn(t, h)
+	cookie, csrf := signIn(t, h)
+	_, otherCSRF := signIn(t, h)
 
-	rec := do(h, http.MethodGet, "http://admin.test/admin/v1/recipient", "", nil, cookie)
+	// A read with the cookie alone could come from any request the browser
+	// was made to send, so it needs the page's CSRF token as a change does.
+	for name, header := range map[string]http.Header{
+		"no csrf header":          nil,
+		"wrong csrf header":       {CSRFHeader: {"bm90LXRoZS10b2tlbg"}},
+		"csrf of another session": {CSRFHeader: {otherCSRF}},
+		"cross-site fetch":        {CSRFHeader: {csrf}, "Sec-Fetch-Site": {"cross-site"}},
+	} {
+		for _, path := range []string{"/admin/v1/recipient", "/admin/v1/mailboxes/" + testMailbox, "/admin/v1/mailboxes/" + testMailbox + "/usage"} {
+			rec := do(h, http.MethodGet, "http://admin.test"+path, "", header, cookie)
+			if rec.Code != http.StatusForbidden {
+				t.Errorf("%s: GET %s status = %d, want 403; body %s", name, path, rec.Code, rec.Body)
+			}
+			if strings.Contains(rec.Body.String(), "age1") || strings.Contains(rec.Body.String(), `"providers"`) {
+				t.Errorf("%s: GET %s returned data: %s", name, path, rec.Body)
+			}
+		}
+	}
+
+	withCSRF := http.Header{CSRFHeader: {csrf}}
+	rec := do(h, http.MethodGet, "http://admin.test/admin/v1/recipient", "", withCSRF, cookie)
 	if rec.Code != http.StatusOK {
 		t.Fatalf("GET recipient status = %d, want 200; body %s", rec.Code, rec.Body)
 	}
@@ -194,7 +215,7 @@ func TestUISessionReadsAPI(t *testing.T) {
 		t.Errorf("Cache-Control = %q, want no-store", got)
 	}
 
-	rec = do(h, http.MethodGet, "http://admin.test/admin/v1/mailboxes/"+testMailbox, "", nil, cookie)
+	rec = do(h, http.MethodGet, "http://admin.test/admin/v1/mailboxes/"+testMailbox, "", withCSRF, cookie)
 	if rec.Code != http.StatusOK {
 		t.Errorf("GET mailbox status = %d, want 200; body %s", rec.Code, rec.Body)
 	}

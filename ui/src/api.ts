@@ -50,7 +50,7 @@ async function request<T>(method: string, path: string, body?: unknown): Promise
   if (body !== undefined) {
     headers["Content-Type"] = "application/json";
   }
-  if (method !== "GET") {
+  if (csrfToken !== "") {
     headers["X-CSRF-Token"] = csrfToken;
   }
   let res: Response;
