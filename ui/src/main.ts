@@ -117,6 +117,16 @@ function showMain(expires: string): void {
       showMessage(message, "error", "A mailbox id is 1 to 128 letters, digits or - _ . @ + characters.");
       return;
     }
+    if (id === "." || id === "..") {
+      // Browsers resolve such a path segment away, even percent-encoded,
+      // so the request would reach another admin endpoint.
+      showMessage(
+        message,
+        "error",
+        `The mailbox id "${id}" cannot be managed from this page, because browsers remove it from request paths. Use "byokproxy keys" or the admin API with %2E for each dot.`,
+      );
+      return;
+    }
     button.disabled = true;
     try {
       await openMailbox(id, content, message);

@@ -103,6 +103,10 @@ test("key settings page keeps keys in the browser", { timeout: 180_000 }, async 
     const sourceButton = (provider, source) => card(provider).locator(`[data-source="${source}"]`);
     const keyInput = (provider) => card(provider).locator("input[type=password]");
     const expectText = (locator, text) => locator.filter({ hasText: text }).waitFor(wait);
+    const escapeRegExp = (text) => text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+    // Matches the whole text, where expectText matches any part of it.
+    const expectExactText = (locator, text) =>
+      locator.filter({ hasText: new RegExp(`^\\s*${escapeRegExp(text)}\\s*$`) }).waitFor(wait);
     const keyPuts = () => requests.filter((r) => r.method === "PUT" && r.url.endsWith("/key"));
 
     const signInWith = async (token) => {
@@ -240,6 +244,21 @@ test("key settings page keeps keys in the browser", { timeout: 180_000 }, async 
     await expectText(field("google", "source-badge"), "Shared pool");
     assert.equal(await sourceButton("google", "byok").isDisabled(), true);
     assert.equal(await button("google", "test").isDisabled(), true);
+
+    // The ids "." and ".." are valid, but a browser drops them from a
+    // request path, so the page declines them without a request.
+    step("Mailbox ids made of dots are declined");
+    for (const id of [".", ".."]) {
+      const before = requests.length;
+      await page.locator("#mailbox-id").fill(id);
+      await page.locator("#mailbox-id").press("Enter");
+      await expectText(page.locator('[data-role="mailbox-message"]'), `The mailbox id "${id}" cannot be managed from this page`);
+      assert.deepEqual(requests.slice(before).map((r) => r.url), [], `the page sent requests for mailbox "${id}"`);
+      await expectExactText(page.locator('[data-role="mailbox-name"]'), mailbox);
+    }
+    await page.locator("#mailbox-id").fill(mailbox);
+    await page.locator("#mailbox-id").press("Enter");
+    await page.locator('[data-role="mailbox-message"]').waitFor({ state: "hidden", ...wait });
 
     const text = await page.locator("body").innerText();
     for (const secret of secrets) {
