@@ -398,6 +398,27 @@ func TestCopiedCiphertextRejected(t *testing.T) {
 	if got := testutil.ToFloat64(st.Metrics.KeyErrors.WithLabelValues(p, "wrong_binding")); got != before+1 {
 		t.Errorf("wrong_binding count = %v, want %v", got, before+1)
 	}
+
+	// The audit event names the key that could not be used by its last
+	// four, as every byok event does.
+	st.WaitAudit(t)
+	wantLast4, err := st.RDB.HGet(ctx, layout.Mailbox("thief"), "last4:"+p).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var found bool
+	for _, e := range st.AuditEvents(t) {
+		if e["mailbox"] != "thief" || e["status"] != float64(503) {
+			continue
+		}
+		found = true
+		if e["kind"] != "byok" || e["key_last4"] != wantLast4 {
+			t.Errorf("audit event of the rejected key: kind %v, key_last4 %v, want byok and %q", e["kind"], e["key_last4"], wantLast4)
+		}
+	}
+	if !found {
+		t.Error("no audit event for the request with the copied ciphertext")
+	}
 }
 
 func TestDeletedMailbox(t *testing.T) {

@@ -228,6 +228,9 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slo
 
 // openKey decrypts the mailbox's own key for this request.
 func (h *Handler) openKey(w http.ResponseWriter, x *exchange, rec *keystore.Record, log *slog.Logger) bool {
+	// Set first, so that the audit event of a key that cannot be used
+	// names it too.
+	x.last4 = rec.Last4
 	key, err := h.store.Open(rec, x.mailbox, x.up.spec.Name)
 	if err != nil {
 		reason := metrics.ReasonDecryptFailed
@@ -245,7 +248,6 @@ func (h *Handler) openKey(w http.ResponseWriter, x *exchange, rec *keystore.Reco
 		return false
 	}
 	x.key = key
-	x.last4 = rec.Last4
 	x.keyText = string(key.Bytes())
 	return true
 }
