@@ -3,6 +3,7 @@ package proxy_test
 import (
 	"bufio"
 	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/json"
 	"errors"
@@ -594,6 +595,27 @@ func TestBodyLimitInProviderShape(t *testing.T) {
 				t.Errorf("body of exactly the limit: status %d: %s", resp.StatusCode, body)
 			}
 		})
+	}
+}
+
+func TestCompressedBodyOnSharedKey(t *testing.T) {
+	st := teststack.Start(t)
+	token := st.Token(t, "gzip@example.com")
+	c := nonStream[provider.OpenAI]
+	var packed bytes.Buffer
+	zw := gzip.NewWriter(&packed)
+	zw.Write([]byte(c.body))
+	zw.Close()
+	resetUpstreams(st)
+	resp, body := st.Do(t, http.MethodPost, c.path, token, packed.String(), "Content-Encoding", "gzip")
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Errorf("status %d, want 400: %s", resp.StatusCode, body)
+	}
+	if !strings.Contains(string(body), `Content-Encoding \"gzip\"`) || !strings.Contains(string(body), "send it uncompressed") {
+		t.Errorf("message does not name the encoding: %s", body)
+	}
+	if n := upstreamRequests(st); n != 0 {
+		t.Errorf("upstreams received %d requests", n)
 	}
 }
 

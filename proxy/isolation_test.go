@@ -511,6 +511,13 @@ func TestUnknownProviderAndBadPath(t *testing.T) {
 	if resp.StatusCode != 404 || !strings.Contains(string(body), `"not_found"`) {
 		t.Errorf("unknown provider: %d %s", resp.StatusCode, body)
 	}
+	if !strings.Contains(string(body), `unknown provider prefix \"/mistral/\"`) {
+		t.Errorf("unknown provider: message does not name the prefix: %s", body)
+	}
+	resp, body = st.Do(t, "GET", "/", token, "")
+	if resp.StatusCode != 404 || !strings.Contains(string(body), "missing provider prefix") {
+		t.Errorf("no provider prefix: %d %s", resp.StatusCode, body)
+	}
 	resp, body = st.Do(t, "POST", "/anthropic/v1/x", token, `{}`, "Anthropic-Version", "2023-06-01")
 	_ = body
 	if resp.StatusCode == 404 {

@@ -135,7 +135,11 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slo
 	up := s.upstreams[name]
 	if up == nil {
 		spec := provider.Guess(r)
-		spec.WriteError(w, provider.NotFound, fmt.Sprintf("unknown provider prefix %q: use /anthropic/, /openai/ or /google/", "/"+name+"/"), 0)
+		msg := fmt.Sprintf("unknown provider prefix %q: use /anthropic/, /openai/ or /google/", "/"+name+"/")
+		if name == "" {
+			msg = "missing provider prefix: use /anthropic/, /openai/ or /google/"
+		}
+		spec.WriteError(w, provider.NotFound, msg, 0)
 		h.log.Info("request for unknown provider", "request_id", x.id, "path", r.URL.Path)
 		return nil, nil
 	}
@@ -383,7 +387,11 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 		// The provider explains a malformed body better than the proxy can,
 		// except where the proxy needs the body's content.
 		if x.source == keystore.SourceShared {
-			h.rejectAudited(w, x, log, provider.BadRequest, err.Error(), 0)
+			msg := err.Error()
+			if coding := r.Header.Get("Content-Encoding"); err == errBodyNotJSON && coding != "" && !strings.EqualFold(coding, "identity") {
+				msg = fmt.Sprintf("the shared key needs the request body as plain JSON, and this one is sent with Content-Encoding %q: send it uncompressed", coding)
+			}
+			h.rejectAudited(w, x, log, provider.BadRequest, msg, 0)
 			return false
 		}
 		return true
