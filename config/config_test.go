@@ -524,6 +524,27 @@ func TestLoadEmptyEnvOverridesFile(t *testing.T) {
 	}
 }
 
+func TestUnknownEnvNamesMisspeltVariables(t *testing.T) {
+	env := []string{
+		"BYOKPROXY_LISTN=127.0.0.1:1001",
+		"BYOKPROXY_LISTEN=127.0.0.1:1002",
+		"BYOKPROXY_PROVIDERS_OPENAI_SHAREDKEY=sk-secret-value",
+		"BYOKPROXY_PROVIDERS_OPENAI_SHARED_KEY=sk-secret-value",
+		"BYOKPROXY_ADMIN_URL=http://127.0.0.1:8081",
+		"BYOKPROXY_LISTN=again",
+		"HOME=/root",
+		"MALFORMED",
+	}
+	got := UnknownEnv(env, "BYOKPROXY_ADMIN_URL")
+	want := []string{"BYOKPROXY_LISTN", "BYOKPROXY_PROVIDERS_OPENAI_SHAREDKEY"}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("UnknownEnv = %q, want %q", got, want)
+	}
+	if got := UnknownEnv(requiredEnv(t)); len(got) != 0 {
+		t.Errorf("UnknownEnv of the required variables = %q, want none", got)
+	}
+}
+
 func TestLoadNullKeepsDefault(t *testing.T) {
 	c := mustLoad(t, "tls:\nredis:\n  timeout:\nproviders:\n  openai:\n", requiredEnv(t))
 	if c.Redis.Timeout != time.Second {

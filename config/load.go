@@ -214,11 +214,35 @@ func checkFileKeys(ps *problems, path string, file map[string]any) []string {
 
 // envLayer returns the values that env sets, as nested maps keyed like the
 // config file.
-func envLayer(env []string) map[string]any {
+// envKeys maps each variable name that sets a config key to that key.
+func envKeys() map[string]string {
 	keys := map[string]string{}
 	for _, l := range leafKeys(provider.Names) {
 		keys[envName(l.key)] = l.key
 	}
+	return keys
+}
+
+// UnknownEnv returns the names of the BYOKPROXY_* variables in env that name
+// no config key, such as a misspelt one, which Load ignores. names lists
+// variables read elsewhere, which are not reported.
+func UnknownEnv(env []string, names ...string) []string {
+	keys := envKeys()
+	var unknown []string
+	for _, kv := range env {
+		name, _, _ := strings.Cut(kv, "=")
+		if !strings.HasPrefix(name, envPrefix) || slices.Contains(names, name) {
+			continue
+		}
+		if _, known := keys[name]; !known && !slices.Contains(unknown, name) {
+			unknown = append(unknown, name)
+		}
+	}
+	return unknown
+}
+
+func envLayer(env []string) map[string]any {
+	keys := envKeys()
 	layer := map[string]any{}
 	for _, kv := range env {
 		name, value, ok := strings.Cut(kv, "=")

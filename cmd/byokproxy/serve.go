@@ -41,6 +41,11 @@ func serve(args []string) error {
 		return err
 	}
 	log := newLogger(cfg, os.Stderr)
+	// Load ignores a misspelt variable, and the key it meant to set then
+	// keeps its value from the file or its default.
+	for _, name := range config.UnknownEnv(os.Environ(), envAdminURL) {
+		log.Warn("environment variable names no config key and is ignored; check its spelling against config.example.yaml", "variable", name)
+	}
 	disableCoreDumps(log)
 	redis.SetLogger(redisLogger{log: log.With("component", "redis")})
 
