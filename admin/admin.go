@@ -88,10 +88,29 @@ func New(opts Options) *API {
 	a.mux.HandleFunc("GET /admin/v1/mailboxes/{m}/usage", a.getUsage)
 	a.mux.HandleFunc("PUT /admin/v1/mailboxes/{m}/limit", a.putLimit)
 	a.mux.HandleFunc("GET /admin/v1/recipient", a.getRecipient)
-	a.mux.HandleFunc("/admin/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, http.StatusNotFound, "no admin endpoint "+r.Method+" "+r.URL.Path)
-	})
+	a.mux.HandleFunc("/admin/", a.noEndpoint)
 	return a
+}
+
+// routeMethods are the methods the admin API's routes use.
+var routeMethods = []string{http.MethodGet, http.MethodPut, http.MethodPost, http.MethodDelete}
+
+// noEndpoint writes the error for a request that matches no route: 405
+// with an Allow header when the path has routes for other methods, else 404.
+func (a *API) noEndpoint(w http.ResponseWriter, r *http.Request) {
+	var allowed []string
+	for _, method := range routeMethods {
+		probe := &http.Request{Method: method, URL: r.URL, Host: r.Host}
+		if _, pattern := a.mux.Handler(probe); pattern != "" && pattern != "/admin/" {
+			allowed = append(allowed, method)
+		}
+	}
+	if len(allowed) == 0 {
+		writeError(w, http.StatusNotFound, "no admin endpoint "+r.Method+" "+r.URL.Path)
+		return
+	}
+	w.Header().Set("Allow", strings.Join(allowed, ", "))
+	writeError(w, http.StatusMethodNotAllowed, fmt.Sprintf("%s is not allowed on %s: use %s", r.Method, r.URL.Path, strings.Join(allowed, " or ")))
 }
 
 // SetToken replaces the admin token, for a reload.
