@@ -864,6 +864,13 @@ func TestValidateProblems(t *testing.T) {
 			c.Forward.Listen = "127.0.0.1:8443"
 			c.Forward.CACertFile, c.Forward.CAKeyFile = leafCert, leafKey
 		}, []string{"config: forward.ca_cert_file: " + leafCert + " is not a CA certificate that may sign certificates; use a certificate with the CA basic constraint and, if it lists key usages, certificate signing"}},
+		{"forward upstreams on one route", func(c *Config) {
+			c.Forward.Listen = "127.0.0.1:8443"
+			c.Dev = true
+			c.Provider("openai").Upstream = "https://Gateway.example:443/llm/"
+			c.Provider("anthropic").Upstream = "https://gateway.example/llm"
+			c.Provider("google").Upstream = "https://gateway.example/other"
+		}, []string{"config: providers.openai.upstream: has the host and path of providers.anthropic.upstream, so the forward proxy would send its requests to anthropic; give each provider its own upstream host or base path, or leave forward.listen empty"}},
 		{"forward ca key missing", func(c *Config) { c.Forward.CACertFile = leafCert },
 			[]string{"config: forward.ca_key_file: missing while forward.ca_cert_file is set; set both files or neither"}},
 		{"redis timeout", func(c *Config) { c.Redis.Timeout = 0 },

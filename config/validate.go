@@ -167,6 +167,9 @@ func validateKeyPair(ps *problems, certKey, keyKey string, pair TLS) *x509.Certi
 }
 
 func (c *Config) validateForward(ps *problems) {
+	if c.Forward.Listen != "" {
+		c.validateForwardRoutes(ps)
+	}
 	pair := TLS{CertFile: c.Forward.CACertFile, KeyFile: c.Forward.CAKeyFile}
 	if c.Forward.Listen != "" && !c.Dev && pair.CertFile == "" && pair.KeyFile == "" {
 		ps.add("forward.ca_cert_file", "missing while forward.listen is set",
@@ -180,6 +183,35 @@ func (c *Config) validateForward(ps *problems) {
 	if !ca.IsCA || (ca.KeyUsage != 0 && ca.KeyUsage&x509.KeyUsageCertSign == 0) {
 		ps.add("forward.ca_cert_file", pair.CertFile+" is not a CA certificate that may sign certificates",
 			"use a certificate with the CA basic constraint and, if it lists key usages, certificate signing")
+	}
+}
+
+// validateForwardRoutes reports https upstreams that share their host and
+// base path. The forward proxy finds a tunnelled request's provider by the
+// host the client connected to and the path it sent, so it would send every
+// request for the later provider of such a pair to the earlier one.
+func (c *Config) validateForwardRoutes(ps *problems) {
+	seen := map[string]string{}
+	for _, name := range provider.Names {
+		p := c.Provider(name)
+		if p == nil {
+			continue
+		}
+		u, err := url.Parse(p.Upstream)
+		if err != nil || u.Scheme != "https" {
+			continue
+		}
+		port := u.Port()
+		if port == "" {
+			port = "443"
+		}
+		route := net.JoinHostPort(strings.TrimSuffix(strings.ToLower(u.Hostname()), "."), port) + strings.TrimSuffix(u.EscapedPath(), "/")
+		if first, ok := seen[route]; ok {
+			ps.add("providers."+name+".upstream", "has the host and path of providers."+first+".upstream, so the forward proxy would send its requests to "+first,
+				"give each provider its own upstream host or base path, or leave forward.listen empty")
+			continue
+		}
+		seen[route] = name
 	}
 }
 
