@@ -47,7 +47,7 @@ func New(reg prometheus.Registerer) *Metrics {
 		}, []string{"provider", "source", "code"}),
 		Tokens: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "byokproxy_tokens_total",
-			Help: "Tokens reported by providers, by key source and direction (input or output).",
+			Help: "Tokens reported by providers, or estimated for shared requests that ended without their usage, by key source and direction (input or output).",
 		}, []string{"provider", "source", "direction"}),
 		Duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "byokproxy_request_duration_seconds",
