@@ -226,7 +226,7 @@ const maxErrorBody = 1 << 20
 // scrubs any form of the injected key from an error body.
 func (h *Handler) modifyResponse(resp *http.Response) error {
 	x := exchangeOf(resp.Request.Context())
-	x.status = resp.StatusCode
+	x.status, x.responded = resp.StatusCode, true
 	if x.ttfb.IsZero() {
 		x.ttfb = time.Now()
 	}
@@ -547,14 +547,18 @@ func (h *Handler) finish(x *exchange, source string, log *slog.Logger) {
 			x.model = counts.Model
 		}
 	}
+	// Gemini repeats its usage so far on every chunk, so its usage is
+	// complete only when the response ended cleanly.
+	final := counts.Final || (name == provider.Google && counts.Seen && x.errText == "")
 	switch {
 	case x.source != keystore.SourceShared:
-	case x.errText != "" && status < 400 && (!counts.Seen || x.cancelled):
-		// A client that hangs up before the final usage event could
+	case status < 400 && !final && (x.errText != "" || x.tap != nil && x.tap.EventStream()):
+		// A response that ended before the provider's final usage, cut off,
+		// left by its client or closed after an error event, could
 		// otherwise take the output for free: Anthropic reports one output
 		// token when a stream starts, and Google the output so far.
 		counts = estimateUsage(x, counts)
-	case x.sent.Load() && (status == statusClientClosed || status == http.StatusGatewayTimeout):
+	case x.sent.Load() && !x.responded && (status == statusClientClosed || status == http.StatusGatewayTimeout):
 		// The provider had the whole request and may bill for it, though
 		// the client left or the proxy gave up before the response began.
 		counts.InputTokens = (x.requestBytes + 3) / 4
@@ -631,6 +635,11 @@ func estimateUsage(x *exchange, counts usage.Counts) usage.Counts {
 		return counts
 	}
 	counts.InputTokens, counts.OutputTokens = input, output
-	x.errText += "; usage estimated from bytes because the response ended before the provider reported it"
+	const note = "usage estimated from bytes because the response ended before the provider reported it"
+	if x.errText == "" {
+		x.errText = note
+	} else {
+		x.errText += "; " + note
+	}
 	return counts
 }

@@ -62,10 +62,13 @@ type exchange struct {
 	// read first, or is nil.
 	streamedBody *countingBody
 
-	status  int
-	errText string
-	ttfb    time.Time
-	tap     *usage.Tap
+	status int
+	// responded is set once the upstream's response header arrived, so
+	// status is the provider's rather than one the proxy chose.
+	responded bool
+	errText   string
+	ttfb      time.Time
+	tap       *usage.Tap
 	// cancel ends the upstream request with a cause, such as a stall.
 	cancel context.CancelCauseFunc
 	// owner stores the response and container ids a shared response

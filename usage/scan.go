@@ -24,9 +24,12 @@ const (
 	nOpenAIResponse   // "response" of an OpenAI Responses stream event
 	nOpenAIUsage      // "usage" of OpenAI chat, completions, embeddings, Responses
 	nAnthropicMessage // "message" of an Anthropic message_start event
-	nAnthropicUsage   // "usage" of an Anthropic message or event
-	nGoogleUsage      // "usageMetadata" of a Gemini response
-	nAnthropicDelta   // "delta" of an Anthropic message_delta event
+	nAnthropicUsage   // "usage" of an Anthropic message or message_delta event
+	// nAnthropicStartUsage is the "usage" of a message_start event's message,
+	// which a stream's message_delta later completes.
+	nAnthropicStartUsage
+	nGoogleUsage    // "usageMetadata" of a Gemini response
+	nAnthropicDelta // "delta" of an Anthropic message_delta event
 	// nAnthropicContainer is the "container" of an Anthropic message, of its
 	// message_start event or of a message_delta's delta.
 	nAnthropicContainer
@@ -155,7 +158,7 @@ func lookupKey(p providerKind, node target, key []byte) target {
 		case "model":
 			return fModel
 		case "usage":
-			return nAnthropicUsage
+			return nAnthropicStartUsage
 		case "container":
 			return nAnthropicContainer
 		}
@@ -182,7 +185,7 @@ func lookupKey(p providerKind, node target, key []byte) target {
 				return fOutputTokens
 			}
 		}
-	case nAnthropicUsage:
+	case nAnthropicUsage, nAnthropicStartUsage:
 		switch string(key) {
 		case "input_tokens":
 			return fInputTokens
@@ -223,6 +226,10 @@ type record struct {
 	set      uint32 // bit i set when values[i] was read
 	model    [maxCapture]byte
 	modelLen int
+	// final is set when a count was read from usage that the provider
+	// reports once, complete: OpenAI usage, or Anthropic usage outside a
+	// message_start event.
+	final bool
 	// containers are the container ids the record named, at most
 	// maxContainers. They are rare, so only a record with one allocates.
 	containers []string
@@ -233,6 +240,7 @@ type record struct {
 
 func (r *record) reset() {
 	r.set = 0
+	r.final = false
 	r.modelLen = 0
 	r.containers = r.containers[:0]
 	r.reasoning = r.reasoning[:0]
@@ -756,6 +764,12 @@ func (s *scanner) endNumber() {
 		i := s.numTarget - firstCount
 		s.rec.values[i] = s.numValue
 		s.rec.set |= 1 << i
+		if len(s.stack) > 0 {
+			switch target(s.stack[len(s.stack)-1] &^ arrayBit) {
+			case nOpenAIUsage, nAnthropicUsage:
+				s.rec.final = true
+			}
+		}
 	}
 	s.endValue()
 }

@@ -26,6 +26,11 @@ type Counts struct {
 	OutputTokens int64  // output incl. reasoning/thinking tokens
 	Model        string // model named by the response, "" if none
 	Seen         bool   // true once any usage field was read
+	// Final is true once usage that the provider reports complete was read:
+	// OpenAI usage, or Anthropic usage other than message_start's. Gemini
+	// repeats its cumulative usageMetadata on every chunk, so it never sets
+	// Final.
+	Final bool
 }
 
 // maxContainers and maxReasoning bound the container and reasoning item
@@ -41,6 +46,7 @@ type tally struct {
 	has    [countCount]bool
 	model  string
 	seen   bool
+	final  bool
 	// containers are the distinct container ids the records named, in
 	// order, at most maxContainers.
 	containers []string
@@ -65,6 +71,7 @@ func (t *tally) add(r *record) {
 	if r.modelLen > 0 && string(r.model[:r.modelLen]) != t.model {
 		t.model = string(r.model[:r.modelLen])
 	}
+	t.final = t.final || r.final
 	t.containers = addDistinct(t.containers, r.containers, maxContainers)
 	t.reasoning = addDistinct(t.reasoning, r.reasoning, maxReasoning)
 }
@@ -97,6 +104,7 @@ func (t *tally) counts() Counts {
 			t.value(fGoogleCandidates) + t.value(fGoogleThoughts),
 		Model: t.model,
 		Seen:  t.seen,
+		Final: t.final,
 	}
 }
 

@@ -25,23 +25,23 @@ type fixture struct {
 
 var fixtures = []fixture{
 	{"openai_chat_stream.sse", "openai", sseType,
-		Counts{InputTokens: 412, OutputTokens: 23, Model: "gpt-4.1-mini-2025-04-14", Seen: true}},
+		Counts{InputTokens: 412, OutputTokens: 23, Model: "gpt-4.1-mini-2025-04-14", Seen: true, Final: true}},
 	{"openai_chat_stream_nousage.sse", "openai", sseType,
 		Counts{Model: "gpt-4.1-mini-2025-04-14"}},
 	{"openai_chat.json", "openai", "application/json",
-		Counts{InputTokens: 75, OutputTokens: 1186, Model: "o4-mini-2025-04-16", Seen: true}},
+		Counts{InputTokens: 75, OutputTokens: 1186, Model: "o4-mini-2025-04-16", Seen: true, Final: true}},
 	{"openai_responses_stream.sse", "openai", "text/event-stream; charset=utf-8",
-		Counts{InputTokens: 37, OutputTokens: 11, Model: "gpt-4.1-2025-04-14", Seen: true}},
+		Counts{InputTokens: 37, OutputTokens: 11, Model: "gpt-4.1-2025-04-14", Seen: true, Final: true}},
 	{"openai_responses.json", "openai", jsonType,
-		Counts{InputTokens: 1530, OutputTokens: 342, Model: "o3-2025-04-16", Seen: true}},
+		Counts{InputTokens: 1530, OutputTokens: 342, Model: "o3-2025-04-16", Seen: true, Final: true}},
 	{"openai_embeddings.json", "openai", "application/json",
-		Counts{InputTokens: 16, Model: "text-embedding-3-small", Seen: true}},
+		Counts{InputTokens: 16, Model: "text-embedding-3-small", Seen: true, Final: true}},
 	{"anthropic_messages_stream.sse", "anthropic", sseType,
-		Counts{InputTokens: 18 + 2051 + 4096, OutputTokens: 219, Model: "claude-sonnet-4-5-20250929", Seen: true}},
+		Counts{InputTokens: 18 + 2051 + 4096, OutputTokens: 219, Model: "claude-sonnet-4-5-20250929", Seen: true, Final: true}},
 	{"anthropic_messages_stream_old.sse", "anthropic", sseType,
-		Counts{InputTokens: 25, OutputTokens: 15, Model: "claude-3-5-haiku-20241022", Seen: true}},
+		Counts{InputTokens: 25, OutputTokens: 15, Model: "claude-3-5-haiku-20241022", Seen: true, Final: true}},
 	{"anthropic_messages.json", "anthropic", "application/json",
-		Counts{InputTokens: 2095 + 1800, OutputTokens: 503, Model: "claude-opus-4-1-20250805", Seen: true}},
+		Counts{InputTokens: 2095 + 1800, OutputTokens: 503, Model: "claude-opus-4-1-20250805", Seen: true, Final: true}},
 	{"anthropic_count_tokens.json", "anthropic", "application/json", Counts{}},
 	{"google_stream.sse", "google", sseType,
 		Counts{InputTokens: 11, OutputTokens: 16 + 121, Model: "gemini-2.5-flash", Seen: true}},
@@ -52,7 +52,7 @@ var fixtures = []fixture{
 	{"google_embed.json", "google", jsonType, Counts{}},
 	{"google_count_tokens.json", "google", jsonType, Counts{}},
 	{"google_openai_compat.json", "google", "application/json",
-		Counts{InputTokens: 6, OutputTokens: 3, Model: "gemini-2.5-flash", Seen: true}},
+		Counts{InputTokens: 6, OutputTokens: 3, Model: "gemini-2.5-flash", Seen: true, Final: true}},
 }
 
 func readFixture(t testing.TB, name string) []byte {
@@ -199,13 +199,13 @@ func TestTapSSECases(t *testing.T) {
 			name:     "data split over lines",
 			provider: "openai",
 			body:     "data: {\"model\":\"m\",\ndata: \"choices\":[],\ndata:\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n",
-			want:     Counts{InputTokens: 3, OutputTokens: 4, Model: "m", Seen: true},
+			want:     Counts{InputTokens: 3, OutputTokens: 4, Model: "m", Seen: true, Final: true},
 		},
 		{
 			name:     "comments and unknown fields",
 			provider: "openai",
 			body:     ": keep-alive\nid: 7\nretry: 1000\nevent: message\ndata: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n",
-			want:     Counts{InputTokens: 1, OutputTokens: 2, Seen: true},
+			want:     Counts{InputTokens: 1, OutputTokens: 2, Seen: true, Final: true},
 		},
 		{
 			name:     "event without blank line at end",
@@ -220,7 +220,7 @@ func TestTapSSECases(t *testing.T) {
 				"data: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}} x\n\n" +
 				"data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":6}}\n\n" +
 				"data: [DONE]\n\n",
-			want: Counts{InputTokens: 5, OutputTokens: 6, Seen: true},
+			want: Counts{InputTokens: 5, OutputTokens: 6, Seen: true, Final: true},
 		},
 		{
 			name:     "usage null",
@@ -233,14 +233,23 @@ func TestTapSSECases(t *testing.T) {
 			provider: "openai",
 			body: "event: response.incomplete\ndata: {\"type\":\"response.incomplete\",\"response\":{\"model\":\"gpt-5\"," +
 				"\"status\":\"incomplete\",\"usage\":{\"input_tokens\":10,\"output_tokens\":64,\"output_tokens_details\":{\"reasoning_tokens\":64}}}}\n\n",
-			want: Counts{InputTokens: 10, OutputTokens: 64, Model: "gpt-5", Seen: true},
+			want: Counts{InputTokens: 10, OutputTokens: 64, Model: "gpt-5", Seen: true, Final: true},
 		},
 		{
 			name:     "anthropic delta keeps non-zero input",
 			provider: "anthropic",
 			body: "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude\",\"usage\":{\"input_tokens\":100,\"cache_read_input_tokens\":50,\"output_tokens\":1}}}\n\n" +
 				"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":0,\"cache_read_input_tokens\":null,\"output_tokens\":40}}\n\n",
-			want: Counts{InputTokens: 150, OutputTokens: 40, Model: "claude", Seen: true},
+			want: Counts{InputTokens: 150, OutputTokens: 40, Model: "claude", Seen: true, Final: true},
+		},
+		{
+			// message_start reports the input and one output token; only
+			// message_delta completes the usage.
+			name:     "anthropic start alone is not final",
+			provider: "anthropic",
+			body: "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude\",\"usage\":{\"input_tokens\":100,\"output_tokens\":1}}}\n\n" +
+				"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+			want: Counts{InputTokens: 100, OutputTokens: 1, Model: "claude", Seen: true},
 		},
 		{
 			name:     "anthropic error event",
@@ -258,7 +267,7 @@ func TestTapSSECases(t *testing.T) {
 			name:     "escaped model and key",
 			provider: "openai",
 			body:     "data: {\"model\":\"gpt\\u002d4o\\/mini\",\"\\u0075sage\":{\"prompt_tokens\":2,\"completion_tokens\":1}}\n\n",
-			want:     Counts{InputTokens: 2, OutputTokens: 1, Model: "gpt-4o/mini", Seen: true},
+			want:     Counts{InputTokens: 2, OutputTokens: 1, Model: "gpt-4o/mini", Seen: true, Final: true},
 		},
 		{
 			name:     "non-integer counts ignored",
@@ -276,7 +285,7 @@ func TestTapSSECases(t *testing.T) {
 			name:     "model too long ignored",
 			provider: "openai",
 			body:     "data: {\"model\":\"" + strings.Repeat("m", maxCapture+1) + "\",\"usage\":{\"prompt_tokens\":1}}\n\n",
-			want:     Counts{InputTokens: 1, Seen: true},
+			want:     Counts{InputTokens: 1, Seen: true, Final: true},
 		},
 		{
 			name:     "top-level array is not a record",
@@ -315,7 +324,7 @@ func TestTapJSONCases(t *testing.T) {
 			name:     "garbage after record keeps count",
 			provider: "openai",
 			body:     `{"model":"gpt","usage":{"prompt_tokens":5,"completion_tokens":6}} {"usage":{"prompt_tokens":7}}`,
-			want:     Counts{InputTokens: 5, OutputTokens: 6, Model: "gpt", Seen: true},
+			want:     Counts{InputTokens: 5, OutputTokens: 6, Model: "gpt", Seen: true, Final: true},
 		},
 		{
 			name:     "array cut after first element",
@@ -351,7 +360,7 @@ func TestTapJSONCases(t *testing.T) {
 			name:     "empty usage object is seen",
 			provider: "openai",
 			body:     `{"usage":{"prompt_tokens":0}}`,
-			want:     Counts{Seen: true},
+			want:     Counts{Seen: true, Final: true},
 		},
 		{
 			name:     "leading zero is invalid",
