@@ -198,14 +198,10 @@ func (c *Config) validateForwardRoutes(ps *problems) {
 			continue
 		}
 		u, err := url.Parse(p.Upstream)
-		if err != nil || u.Scheme != "https" {
+		if err != nil || UpstreamAuthority(u) == "" {
 			continue
 		}
-		port := u.Port()
-		if port == "" {
-			port = "443"
-		}
-		route := net.JoinHostPort(strings.TrimSuffix(strings.ToLower(u.Hostname()), "."), port) + strings.TrimSuffix(u.EscapedPath(), "/")
+		route := UpstreamAuthority(u) + strings.TrimSuffix(u.EscapedPath(), "/")
 		if first, ok := seen[route]; ok {
 			ps.add("providers."+name+".upstream", "has the host and path of providers."+first+".upstream, so the forward proxy would send its requests to "+first,
 				"give each provider its own upstream host or base path, or leave forward.listen empty")
@@ -213,6 +209,20 @@ func (c *Config) validateForwardRoutes(ps *problems) {
 		}
 		seen[route] = name
 	}
+}
+
+// UpstreamAuthority returns the lower-case host:port an https upstream
+// listens on, or "" for any other scheme: a client that reaches an
+// upstream through the forward proxy's CONNECT speaks TLS to it.
+func UpstreamAuthority(base *url.URL) string {
+	if base.Scheme != "https" {
+		return ""
+	}
+	port := base.Port()
+	if port == "" {
+		port = "443"
+	}
+	return net.JoinHostPort(strings.TrimSuffix(strings.ToLower(base.Hostname()), "."), port)
 }
 
 func (c *Config) validateRedis(ps *problems) {

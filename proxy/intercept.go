@@ -24,6 +24,7 @@ import (
 
 	"github.com/elazarl/goproxy"
 
+	"github.com/byokproxy/byokproxy/config"
 	"github.com/byokproxy/byokproxy/mailbox"
 	"github.com/byokproxy/byokproxy/provider"
 )
@@ -317,25 +318,11 @@ func (s *settings) connectTarget(authority string) (*tunnel, bool) {
 	host = strings.TrimSuffix(strings.ToLower(host), ".")
 	authority = net.JoinHostPort(host, port)
 	for _, up := range s.upstreams {
-		if upstreamAuthority(up.base) == authority {
+		if config.UpstreamAuthority(up.base) == authority {
 			return &tunnel{authority: authority, host: host}, true
 		}
 	}
 	return nil, false
-}
-
-// upstreamAuthority returns the lower-case host:port an https upstream
-// listens on, or "" for any other scheme: a client that reaches an
-// upstream through CONNECT speaks TLS to it.
-func upstreamAuthority(base *url.URL) string {
-	if base.Scheme != "https" {
-		return ""
-	}
-	port := base.Port()
-	if port == "" {
-		port = "443"
-	}
-	return net.JoinHostPort(strings.TrimSuffix(strings.ToLower(base.Hostname()), "."), port)
 }
 
 // rebase rewrites the URL of a request intercepted on a tunnel to authority
@@ -350,7 +337,7 @@ func (s *settings) rebase(authority string, u *url.URL) bool {
 	var bestName, bestPath string
 	for _, name := range provider.Names {
 		up := s.upstreams[name]
-		if up == nil || upstreamAuthority(up.base) != authority {
+		if up == nil || config.UpstreamAuthority(up.base) != authority {
 			continue
 		}
 		base := strings.TrimSuffix(up.base.EscapedPath(), "/")
