@@ -198,10 +198,14 @@ func (c *Config) validateForwardRoutes(ps *problems) {
 			continue
 		}
 		u, err := url.Parse(p.Upstream)
-		if err != nil || UpstreamAuthority(u) == "" {
+		if err != nil {
 			continue
 		}
-		route := UpstreamAuthority(u) + strings.TrimSuffix(u.EscapedPath(), "/")
+		authority := UpstreamAuthority(u)
+		if authority == "" {
+			continue
+		}
+		route := authority + strings.TrimSuffix(u.EscapedPath(), "/")
 		if first, ok := seen[route]; ok {
 			ps.add("providers."+name+".upstream", "has the host and path of providers."+first+".upstream, so the forward proxy would send its requests to "+first,
 				"give each provider its own upstream host or base path, or leave forward.listen empty")

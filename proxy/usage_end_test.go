@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -27,7 +28,6 @@ const (
 		`data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"one two three four five six seven eight "}}` + "\n\n"
 	anthropicFinal = `event: message_delta` + "\n" +
 		`data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":20}}` + "\n\n"
-	anthropicStop     = "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"
 	anthropicOverload = `event: error` + "\n" +
 		`data: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}` + "\n\n"
 	openaiChunk = `data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"one two three "},"finish_reason":null}],"usage":null}` + "\n\n"
@@ -55,15 +55,6 @@ func sseUpstream(t *testing.T, events []string, hold bool) *httptest.Server {
 	}))
 	t.Cleanup(srv.Close)
 	return srv
-}
-
-// repeat returns n copies of event.
-func repeat(event string, n int) []string {
-	list := make([]string, n)
-	for i := range list {
-		list[i] = event
-	}
-	return list
 }
 
 // sharedStreamEvent sends provider p's stream request through a proxy whose
@@ -108,14 +99,17 @@ func sharedStreamEvent(t *testing.T, p string, up *httptest.Server, leaveAfter s
 	}
 }
 
+// tokens returns the token count in field of audit event e, 0 if absent.
 func tokens(e map[string]any, field string) int64 {
 	v, _ := e[field].(float64)
 	return int64(v)
 }
 
 func TestClientLeavesAfterFinalUsage(t *testing.T) {
-	events := append(append([]string{anthropicStart}, repeat(anthropicText, 40)...), anthropicFinal, anthropicStop)
-	up := sseUpstream(t, events[:len(events)-1], true)
+	// The upstream holds the stream after message_delta, so the client
+	// leaves before message_stop.
+	events := slices.Concat([]string{anthropicStart}, slices.Repeat([]string{anthropicText}, 40), []string{anthropicFinal})
+	up := sseUpstream(t, events, true)
 	e, _ := sharedStreamEvent(t, provider.Anthropic, up, `"message_delta"`)
 	if in, out := tokens(e, "input_tokens"), tokens(e, "output_tokens"); in != 50 || out != 20 {
 		t.Errorf("charged %d input and %d output tokens, want the 50 and 20 the provider reported", in, out)
@@ -130,8 +124,8 @@ func TestStreamEndingWithErrorEventEstimated(t *testing.T) {
 		provider string
 		events   []string
 	}{
-		{provider.Anthropic, append(append([]string{anthropicStart}, repeat(anthropicText, 40)...), anthropicOverload)},
-		{provider.OpenAI, append(repeat(openaiChunk, 40), openaiError)},
+		{provider.Anthropic, slices.Concat([]string{anthropicStart}, slices.Repeat([]string{anthropicText}, 40), []string{anthropicOverload})},
+		{provider.OpenAI, slices.Concat(slices.Repeat([]string{openaiChunk}, 40), []string{openaiError})},
 	}
 	for _, c := range cases {
 		t.Run(c.provider, func(t *testing.T) {
