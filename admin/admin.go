@@ -5,6 +5,7 @@
 package admin
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/json"
@@ -13,6 +14,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"reflect"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -486,13 +488,18 @@ func (a *API) storeError(w http.ResponseWriter, r *http.Request, err error, id m
 // readJSON decodes a bounded JSON body and writes a 400 when it is
 // malformed.
 func readJSON(w http.ResponseWriter, r *http.Request, v any) bool {
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
-	if err := dec.Decode(v); err != nil {
+	data, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
 			writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body exceeds %d bytes", maxBody))
 			return false
 		}
+		writeError(w, http.StatusBadRequest, "the request body could not be read")
+		return false
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	if err := dec.Decode(v); err != nil {
 		// The decoder's message can quote the input, which may be a key.
 		writeError(w, http.StatusBadRequest, "the request body is not valid JSON of the expected shape")
 		return false
@@ -501,7 +508,70 @@ func readJSON(w http.ResponseWriter, r *http.Request, v any) bool {
 		writeError(w, http.StatusBadRequest, "the request body has data after the JSON value")
 		return false
 	}
+	if err := checkMembers(data, v); err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return false
+	}
 	return true
+}
+
+// checkMembers rejects what encoding/json lets through in an object: a
+// member named twice, of which the last would win, and a field's name in
+// other letter case, which would fill the field. Either could make the
+// proxy store a key other than the one the caller checked. A name is quoted
+// in the message only when it is a field's, so the message never echoes
+// the body's other text, which may be a key.
+func checkMembers(data []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return nil
+	}
+	fields := jsonFields(v)
+	seen := make(map[string]bool)
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil
+		}
+		name, _ := tok.(string)
+		folded := strings.ToLower(name)
+		field, known := fields[folded]
+		switch {
+		case seen[folded] && known:
+			return fmt.Errorf("the request body names %q more than once; send it once", field)
+		case seen[folded]:
+			return errors.New("the request body names a member more than once; send each once")
+		case known && name != field:
+			return fmt.Errorf("the request body names %q in other letter case; field names are case-sensitive", field)
+		}
+		seen[folded] = true
+		var value json.RawMessage
+		if err := dec.Decode(&value); err != nil {
+			return nil
+		}
+	}
+	return nil
+}
+
+// jsonFields maps the lower-case JSON name of each field of the struct v
+// points to to the name itself. It is empty for other types.
+func jsonFields(v any) map[string]string {
+	t := reflect.TypeOf(v)
+	if t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	fields := make(map[string]string)
+	if t.Kind() != reflect.Struct {
+		return fields
+	}
+	for f := range t.Fields() {
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		if name == "" || name == "-" {
+			name = f.Name
+		}
+		fields[strings.ToLower(name)] = name
+	}
+	return fields
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {

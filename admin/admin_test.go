@@ -448,6 +448,10 @@ func TestAdminPutKeyRejectsInvalidInput(t *testing.T) {
 		{"data after JSON", provider.OpenAI, `{"key":"` + openaiKey + `"} {}`, 400, "after the JSON", openaiKey},
 		{"body too large", provider.OpenAI, `{"key":"` + strings.Repeat("a", 70<<10) + `"}`, 413, "exceeds", ""},
 		{"age not ciphertext", provider.OpenAI, `{"age":"` + openaiKey + `"}`, 400, "recipient", openaiKey},
+		{"key twice", provider.OpenAI, `{"key":"` + openaiKey + `","key":"` + newKey(t, provider.OpenAI) + `"}`, 400, `names "key" more than once`, openaiKey},
+		{"key in upper case", provider.OpenAI, `{"KEY":"` + openaiKey + `"}`, 400, `names "key" in other letter case`, openaiKey},
+		{"key in two cases", provider.OpenAI, `{"key":"` + openaiKey + `","Key":"` + newKey(t, provider.OpenAI) + `"}`, 400, `names "key" more than once`, openaiKey},
+		{"other member twice", provider.OpenAI, `{"key":"` + openaiKey + `","` + openaiKey + `":1,"` + openaiKey + `":2}`, 400, "a member more than once", openaiKey},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -585,7 +589,8 @@ func TestAdminSourceSelection(t *testing.T) {
 		t.Errorf("source after refused byok = %q, want shared", got)
 	}
 
-	for _, bad := range []string{`{"source":"BYOK"}`, `{"source":"metered"}`, `{"source":""}`, `{}`, `"byok"`, `{"source":1}`} {
+	for _, bad := range []string{`{"source":"BYOK"}`, `{"source":"metered"}`, `{"source":""}`, `{}`, `"byok"`, `{"source":1}`,
+		`{"source":"shared","source":"byok"}`, `{"Source":"byok"}`} {
 		if status, body := f.call(t, http.MethodPut, path, bad); status != http.StatusBadRequest {
 			t.Errorf("body %s: status %d, want 400; answer %s", bad, status, body)
 		}
@@ -859,7 +864,8 @@ func TestAdminUsageAndLimit(t *testing.T) {
 			t.Errorf("usage%s: status %d, want 400; body %s", bad, status, body)
 		}
 	}
-	for _, bad := range []string{`{"monthly_token_limit":-1}`, `{"monthly_token_limit":"10"}`, `{"monthly_token_limit":1.5}`, `{}`, `[]`, `nope`} {
+	for _, bad := range []string{`{"monthly_token_limit":-1}`, `{"monthly_token_limit":"10"}`, `{"monthly_token_limit":1.5}`, `{}`, `[]`, `nope`,
+		`{"monthly_token_limit":5,"monthly_token_limit":0}`, `{"Monthly_Token_Limit":0}`} {
 		if status, body := f.call(t, http.MethodPut, "/admin/v1/mailboxes/lena/limit", bad); status != http.StatusBadRequest {
 			t.Errorf("limit body %s: status %d, want 400; answer %s", bad, status, body)
 		}

@@ -331,9 +331,15 @@ func TestSpoofedHostHeaders(t *testing.T) {
 		if r.path != "/v1/chat/completions" {
 			t.Errorf("%s: %s: upstream path %q", spoofs[i][0], spoofs[i][1], r.path)
 		}
+		// A forwarding header reaches the upstream as sent, like any other
+		// header: it changes where the request goes no more than Host does.
 		for _, name := range []string{"Forwarded", "X-Forwarded-Host", "X-Forwarded-For", "X-Forwarded-Proto"} {
-			if v := r.header.Get(name); v != "" {
-				t.Errorf("%s: %s: upstream received %s: %q", spoofs[i][0], spoofs[i][1], name, v)
+			want := ""
+			if spoofs[i][0] == name {
+				want = spoofs[i][1]
+			}
+			if v := r.header.Get(name); v != want {
+				t.Errorf("%s: %s: upstream received %s %q, want %q", spoofs[i][0], spoofs[i][1], name, v, want)
 			}
 		}
 	}
@@ -925,6 +931,38 @@ func TestTokenAlternateSpellingRejected(t *testing.T) {
 		}
 		if n := upstreamRequests(st); n != 0 {
 			t.Errorf("token with unused bits %b set: upstream received %d requests", flip, n)
+		}
+	}
+}
+
+// TestForwardingHeadersPassThrough checks that the client's forwarding
+// headers reach the upstream unchanged, as its other headers do, though the
+// proxy routes by none of them.
+func TestForwardingHeadersPassThrough(t *testing.T) {
+	st := teststack.Start(t)
+	token := st.Token(t, "forwarding@example.com")
+	sent := http.Header{
+		"Forwarded":         {"for=192.0.2.60;proto=https"},
+		"X-Forwarded-For":   {"192.0.2.60, 198.51.100.17"},
+		"X-Forwarded-Host":  {"mail.example.com"},
+		"X-Forwarded-Proto": {"https"},
+	}
+	for _, p := range provider.Names {
+		c := nonStream[p]
+		header := sdkHeaders(p)
+		for name, values := range sent {
+			header = append(header, name, values[0])
+		}
+		resp, body := st.Do(t, "POST", c.path, token, c.body, header...)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("%s: %d %s", p, resp.StatusCode, body)
+		}
+		got := st.Upstreams[p].Requests()
+		last := got[len(got)-1]
+		for name, values := range sent {
+			if v := last.Header.Values(name); len(v) != 1 || v[0] != values[0] {
+				t.Errorf("%s: upstream got %s %q, want %q", p, name, v, values[0])
+			}
 		}
 	}
 }

@@ -73,12 +73,26 @@ func bodySent(x *exchange) bool {
 	return x.sent.Load()
 }
 
-// responseRef is the ResponseWriter the reverse proxy gets for a detachable
-// stream: a reference that detach clears.
-type responseRef struct{ http.ResponseWriter }
+// clientWriter is the ResponseWriter the reverse proxy gets: a reference
+// that detach clears, and the one place the header of an informational
+// (1xx) response passes through.
+type clientWriter struct {
+	http.ResponseWriter
+	x *exchange
+}
 
 // Unwrap lets http.ResponseController reach the server's writer.
-func (r *responseRef) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+func (c *clientWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
+
+// WriteHeader removes the key from the header of a 1xx response, such as
+// 103 Early Hints. The reverse proxy copies such a header from the
+// upstream's and sends it at once, so ModifyResponse never gets it.
+func (c *clientWriter) WriteHeader(code int) {
+	if code >= 100 && code < 200 {
+		scrubHeaders(c.ResponseWriter.Header(), c.x.keyText, true)
+	}
+	c.ResponseWriter.WriteHeader(code)
+}
 
 // detachedStream is a streamed response that runs on its own goroutine,
 // outside the HTTP server.

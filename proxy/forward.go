@@ -11,8 +11,6 @@ import (
 	"net/http"
 	"net/http/httptrace"
 	"net/http/httputil"
-	"net/url"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -37,14 +35,12 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, l
 	if x.stream {
 		reverseProxy = x.up.streamProxy
 	}
-	if x.detachable {
-		// The reverse proxy's 1xx hook keeps the writer it is given for as
-		// long as the upstream request lives, and the writer keeps the
-		// server's connection state. detach can clear this reference.
-		x.w = &responseRef{ResponseWriter: w}
-		w = x.w
-	}
-	reverseProxy.ServeHTTP(w, out)
+	// The reverse proxy's 1xx hook keeps the writer it is given for as long
+	// as the upstream request lives, and the writer keeps the server's
+	// connection state. detach can clear this reference.
+	x.cw = clientWriter{ResponseWriter: w, x: x}
+	x.w = &x.cw
+	reverseProxy.ServeHTTP(x.w, out)
 	// The reverse proxy returns normally only after it has written all it
 	// read (and flushed it, on a stream), and aborts the handler on a failed
 	// write.
@@ -149,6 +145,14 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 	for _, name := range credentialHeaders {
 		out.Header.Del(name)
 	}
+	// The reverse proxy drops the client's forwarding headers before
+	// Rewrite. The upstream gets them as the client sent them, like the
+	// client's other headers: the proxy itself routes by none of them.
+	for _, name := range forwardingHeaders {
+		if values, ok := pr.In.Header[name]; ok {
+			out.Header[name] = values
+		}
+	}
 	if x.source == keystore.SourceShared && x.up.spec.Name == provider.Google {
 		// It names the Google Cloud project to bill, which on the shared
 		// key is the platform's choice.
@@ -189,6 +193,10 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 		out.Header.Del("Accept-Encoding")
 	}
 }
+
+// forwardingHeaders are the headers that httputil.ReverseProxy removes from
+// the outgoing request in Rewrite mode.
+var forwardingHeaders = []string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"}
 
 // sentBody is a request body that lets go of its bytes once the Transport
 // has read them all. Close leaves them alone, because HTTP/2 may call it
@@ -236,6 +244,9 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 	x.body = nil
 
 	scrubHeaders(resp.Header, x.keyText, resp.StatusCode >= 300)
+	// The reverse proxy announces the names of declared trailers in the
+	// header; their values arrive with the end of the body (see tapBody).
+	scrubHeaders(resp.Trailer, x.keyText, false)
 	if resp.StatusCode == http.StatusSwitchingProtocols {
 		return nil
 	}
@@ -251,7 +262,7 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 	if x.tap.EventStream() {
 		x.stream = true
 	}
-	tb := &tapBody{ReadCloser: resp.Body, ctx: resp.Request.Context(), h: h, x: x}
+	tb := &tapBody{ReadCloser: resp.Body, ctx: resp.Request.Context(), h: h, x: x, resp: resp}
 	if x.owner == nil && plain {
 		// Unencoded bytes go straight to the tap, whose Write returns no
 		// error, and decoded stays 0 because it would equal received.
@@ -296,6 +307,9 @@ type tapBody struct {
 	// and sink decodes them first or passes them to more than the tap.
 	tap  *usage.Tap
 	sink io.WriteCloser
+	// resp is the upstream response, whose Trailer the transport fills in
+	// before the body's last read returns.
+	resp *http.Response
 	// stall cancels the upstream request when no bytes arrive for idle.
 	stall *stallWatch
 	idle  time.Duration
@@ -326,6 +340,9 @@ func (b *tapBody) Read(p []byte) (int, error) {
 	}
 	if err == io.EOF {
 		b.x.bodyEnded = true
+		// The reverse proxy passes the trailers on once the body has ended,
+		// declared or not, and ModifyResponse runs before their values exist.
+		scrubHeaders(b.resp.Trailer, b.x.keyText, true)
 	}
 	if n > 0 {
 		b.x.received += int64(n)
@@ -362,11 +379,6 @@ func (b *tapBody) Close() error {
 	return b.ReadCloser.Close()
 }
 
-// maskedKey matches the masked key forms providers put in error messages,
-// such as "sk-abc1*****************wxyz": they keep the key's first and last
-// characters, and the last ones are all a caller should ever see again.
-var maskedKey = regexp.MustCompile(`[A-Za-z0-9_\-]*\*{3,}[A-Za-z0-9_\-]*`)
-
 // scrubErrorBody replaces every form of the injected key in an upstream
 // error body: raw, percent-encoded and masked.
 func scrubErrorBody(resp *http.Response, x *exchange) error {
@@ -378,6 +390,8 @@ func scrubErrorBody(resp *http.Response, x *exchange) error {
 	}
 	raw, err := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody+1))
 	resp.Body.Close()
+	// The body is replaced, and the upstream's trailers go with it.
+	resp.Trailer = nil
 	if err != nil {
 		x.errText = "reading upstream error body: " + err.Error()
 	}
@@ -417,48 +431,6 @@ func scrubErrorBody(resp *http.Response, x *exchange) error {
 		x.errText = "upstream status " + strconv.Itoa(resp.StatusCode)
 	}
 	return nil
-}
-
-// scrubHeaders removes the injected key from response header values, such as
-// a WWW-Authenticate or a redirect's Location that quotes it. The masked
-// forms are looked for only when masked is set (error and redirect
-// responses), because matching them costs a regular expression per value.
-func scrubHeaders(h http.Header, key string, masked bool) {
-	if key == "" {
-		return
-	}
-	query, path := url.QueryEscape(key), url.PathEscape(key)
-	for _, values := range h {
-		for i, v := range values {
-			if strings.Contains(v, key) || strings.Contains(v, query) || strings.Contains(v, path) ||
-				masked && maskedKey.MatchString(v) {
-				values[i] = string(scrubKey([]byte(v), key))
-			}
-		}
-	}
-}
-
-// scrubKeyPrefix replaces the end of a body that was cut inside the key:
-// the first characters of the key do not match the whole key, so scrubKey
-// leaves them.
-func scrubKeyPrefix(body []byte, key string) []byte {
-	for n := min(len(key)-1, len(body)); n > 0; n-- {
-		if bytes.HasSuffix(body, []byte(key[:n])) {
-			return append(body[:len(body)-n:len(body)-n], "[REDACTED]"...)
-		}
-	}
-	return body
-}
-
-func scrubKey(body []byte, key string) []byte {
-	if key == "" {
-		return body
-	}
-	const mask = "[REDACTED]"
-	for _, form := range []string{key, url.QueryEscape(key), url.PathEscape(key)} {
-		body = bytes.ReplaceAll(body, []byte(form), []byte(mask))
-	}
-	return maskedKey.ReplaceAll(body, []byte(mask))
 }
 
 // upstreamError writes the error response when the upstream could not be

@@ -125,7 +125,3 @@ func providerMessage(body []byte, status string) string {
 	}
 	return status
 }
-
-func scrubText(s, key string) string {
-	return string(scrubKey([]byte(s), key))
-}

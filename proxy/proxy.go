@@ -344,6 +344,35 @@ func unsafePath(r *http.Request) bool {
 	return false
 }
 
+// methodOverrideHeaders are the headers with which a client asks a server to
+// treat a POST as another method. Google's API front end honours the first.
+var methodOverrideHeaders = []string{"X-Http-Method-Override", "X-Http-Method", "X-Method-Override"}
+
+// overridesMethod reports whether a request tells the upstream to treat it
+// as another method. The proxy checks the shared key's endpoints, and records
+// each request, by its own method, so that method must be the one the
+// upstream acts on.
+func overridesMethod(r *http.Request) bool {
+	for _, name := range methodOverrideHeaders {
+		if _, ok := r.Header[name]; ok {
+			return true
+		}
+	}
+	if !strings.Contains(strings.ToLower(r.URL.RawQuery), "httpmethod") {
+		return false
+	}
+	for pair := range strings.SplitSeq(r.URL.RawQuery, "&") {
+		name, _, _ := strings.Cut(pair, "=")
+		if unescaped, err := url.QueryUnescape(name); err == nil {
+			name = unescaped
+		}
+		if strings.EqualFold(strings.TrimPrefix(name, "$"), "httpMethod") {
+			return true
+		}
+	}
+	return false
+}
+
 // headerBytes estimates the size of the request's header section.
 func headerBytes(r *http.Request) int {
 	n := len(r.Method) + len(r.RequestURI) + 12

@@ -92,8 +92,10 @@ type exchange struct {
 	// follows it through unfollow until the response is detached.
 	detachable bool
 	unfollow   func() bool
-	// w, in and log are the handler's, kept for detach until it runs.
-	w   *responseRef
+	// w, in and log are the handler's, kept for detach until it runs. w
+	// points to cw, or is nil once detach has run.
+	cw  clientWriter
+	w   *clientWriter
 	in  *http.Request
 	log *slog.Logger
 	// detached is set once the response runs on a goroutine of its own,
@@ -162,6 +164,10 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slo
 	}
 	if unsafePath(r) {
 		h.reject(w, x, log, provider.BadRequest, "invalid request path: empty or dot segments, backslashes and encoded slashes or dots are not allowed", 0)
+		return nil, nil
+	}
+	if overridesMethod(r) {
+		h.reject(w, x, log, provider.BadRequest, "method override headers and parameters are not allowed: send the request with the method it means", 0)
 		return nil, nil
 	}
 

@@ -1,0 +1,279 @@
+package proxy
+
+import "net/http"
+
+// redacted is the text that replaces each form of the key in a response.
+const redacted = "[REDACTED]"
+
+// scrubKey replaces every form of key in body from which a client could
+// read the key or a part of it. That is the key in any letter case, with any
+// of its characters percent-encoded or written as a JSON escape. It is also
+// a masked form that keeps some of the key's first or last characters.
+func scrubKey(body []byte, key string) []byte {
+	if key == "" {
+		return body
+	}
+	return replacePartialMasks(replaceKeyForms(body, key), key)
+}
+
+func scrubText(s, key string) string {
+	return string(scrubKey([]byte(s), key))
+}
+
+// scrubHeaders removes the injected key from response header values, such as
+// a WWW-Authenticate or a redirect's Location that quotes it, and drops a
+// header whose name contains it. The masked forms are looked for only when
+// masked is set (error and redirect responses, trailers and 1xx responses),
+// because looking for them costs a pass over every value.
+func scrubHeaders(h http.Header, key string, masked bool) {
+	if key == "" {
+		return
+	}
+	for name, values := range h {
+		// Every form of the key is at least as long as the key, which is
+		// longer than most names and values, so the length is checked
+		// first. A name is compared in any letter case because Go rewrites
+		// a name's case when it reads it.
+		if len(name) >= len(key) && indexKeyForm(name, key) >= 0 {
+			delete(h, name)
+			continue
+		}
+		for i, v := range values {
+			if len(v) >= len(key) && indexKeyForm(v, key) >= 0 ||
+				masked && partialMaskAt(v, key, 0) >= 0 {
+				values[i] = scrubText(v, key)
+			}
+		}
+	}
+}
+
+// scrubKeyPrefix replaces the end of a body that was cut inside the key:
+// the first characters of the key do not match the whole key, so scrubKey
+// leaves them.
+func scrubKeyPrefix(body []byte, key string) []byte {
+	for n := min(len(key)-1, len(body)); n > 0; n-- {
+		if string(body[len(body)-n:]) == key[:n] {
+			return append(body[:len(body)-n:len(body)-n], redacted...)
+		}
+	}
+	return body
+}
+
+// replaceKeyForms replaces each occurrence of a form of key in b (see
+// keyFormLen) with redacted. It returns b itself when there is none.
+func replaceKeyForms(b []byte, key string) []byte {
+	var out []byte
+	last := 0
+	for {
+		i := indexKeyForm(b[last:], key)
+		if i < 0 {
+			break
+		}
+		i += last
+		if out == nil {
+			out = make([]byte, 0, len(b))
+		}
+		out = append(out, b[last:i]...)
+		out = append(out, redacted...)
+		last = i + keyFormLen(b[i:], key)
+	}
+	if out == nil {
+		return b
+	}
+	return append(out, b[last:]...)
+}
+
+// indexKeyForm returns the offset of the first form of key in s, or -1.
+func indexKeyForm[T string | []byte](s T, key string) int {
+	first := lowerASCII(key[0])
+	for i := 0; i+len(key) <= len(s); i++ {
+		if c := s[i]; c != '%' && c != '\\' && lowerASCII(c) != first {
+			continue
+		}
+		if keyFormLen(s[i:], key) > 0 {
+			return i
+		}
+	}
+	return -1
+}
+
+// keyFormLen returns the length of the form of key that s starts with, or 0.
+// Each character of the key may appear as itself in either letter case, as
+// a %XX escape or as a JSON \u00XX escape, and '/' also as JSON's "\/".
+// An upstream that quotes the key in a JSON string, a URL or a message that
+// changes its case thus cannot pass it to the client. A key is random
+// enough that a text matching it this loosely is still the key.
+func keyFormLen[T string | []byte](s T, key string) int {
+	j := 0
+	for k := 0; k < len(key); k++ {
+		n := charFormLen(s[j:], key[k])
+		if n == 0 {
+			return 0
+		}
+		j += n
+	}
+	return j
+}
+
+// charFormLen returns the length of the form of c that s starts with, or 0.
+func charFormLen[T string | []byte](s T, c byte) int {
+	if len(s) == 0 {
+		return 0
+	}
+	switch b := s[0]; {
+	case lowerASCII(b) == lowerASCII(c):
+		return 1
+	case b == '%' && len(s) >= 3:
+		if v, ok := hexByte(s[1], s[2]); ok && lowerASCII(v) == lowerASCII(c) {
+			return 3
+		}
+	case b == '\\' && len(s) >= 2 && s[1] == '/' && c == '/':
+		return 2
+	case b == '\\' && len(s) >= 6 && s[1] == 'u':
+		hi, ok1 := hexByte(s[2], s[3])
+		lo, ok2 := hexByte(s[4], s[5])
+		if ok1 && ok2 && hi == 0 && lowerASCII(lo) == lowerASCII(c) {
+			return 6
+		}
+	}
+	return 0
+}
+
+func lowerASCII(c byte) byte {
+	if 'A' <= c && c <= 'Z' {
+		return c + 'a' - 'A'
+	}
+	return c
+}
+
+func hexByte(a, b byte) (byte, bool) {
+	x, ok1 := hexDigit(a)
+	y, ok2 := hexDigit(b)
+	return x<<4 | y, ok1 && ok2
+}
+
+func hexDigit(c byte) (byte, bool) {
+	switch {
+	case '0' <= c && c <= '9':
+		return c - '0', true
+	case 'a' <= c && c <= 'f':
+		return c - 'a' + 10, true
+	case 'A' <= c && c <= 'F':
+		return c - 'A' + 10, true
+	}
+	return 0, false
+}
+
+// minMaskedPart is how many of the key's first or last characters a masked
+// form must show to be taken for the key.
+const minMaskedPart = 4
+
+// replacePartialMasks replaces the masked forms of key in b, such as
+// "sk-abc1*****wxyz", "sk-abcd...wxyz", "sk-abcd…wxyz" or "••••wxyz": a run
+// of mask characters with the key's first characters before it or its last
+// ones after it. Providers put such forms in error messages. A run of mask
+// characters next to other text, such as "abc***xyz", is left alone.
+func replacePartialMasks(b []byte, key string) []byte {
+	var out []byte
+	last := 0
+	for i := 0; i < len(b); {
+		start := partialMaskAt(b, key, i)
+		if start < 0 {
+			break
+		}
+		end := maskedPartEnd(b, start)
+		if out == nil {
+			out = make([]byte, 0, len(b))
+		}
+		out = append(out, b[last:start]...)
+		out = append(out, redacted...)
+		i, last = end, end
+	}
+	if out == nil {
+		return b
+	}
+	return append(out, b[last:]...)
+}
+
+// partialMaskAt returns the offset, from from on, of the first masked form
+// of key in s, or -1. The form begins with the key characters before the
+// mask run.
+func partialMaskAt[T string | []byte](s T, key string, from int) int {
+	for i := from; i < len(s); i++ {
+		run, ok := maskRun(s, i)
+		if run == 0 {
+			continue
+		}
+		if ok {
+			start := i
+			for start > from && keyChar(s[start-1]) {
+				start--
+			}
+			end := i + run
+			for end < len(s) && keyChar(s[end]) {
+				end++
+			}
+			before, after := s[start:i], s[i+run:end]
+			if len(before) >= minMaskedPart && len(before) <= len(key) && equalFold(before, key[:len(before)]) ||
+				len(after) >= minMaskedPart && len(after) <= len(key) && equalFold(after, key[len(key)-len(after):]) {
+				return start
+			}
+		}
+		i += run - 1
+	}
+	return -1
+}
+
+// maskedPartEnd returns the end of the masked form that starts at start.
+func maskedPartEnd(b []byte, start int) int {
+	i := start
+	for i < len(b) && keyChar(b[i]) {
+		i++
+	}
+	run, _ := maskRun(b, i)
+	i += run
+	for i < len(b) && keyChar(b[i]) {
+		i++
+	}
+	return i
+}
+
+// maskRun returns the length in bytes of the run of mask characters at i
+// ('*', '.', '•' and '…'), and whether it is long enough to mask a key: two
+// stars or bullets, three dots or an ellipsis. Shorter runs, such as a
+// sentence's full stop, are ordinary text.
+func maskRun[T string | []byte](s T, i int) (int, bool) {
+	j, marks, dots := i, 0, 0
+	for j < len(s) {
+		switch {
+		case s[j] == '*':
+			marks, j = marks+1, j+1
+		case s[j] == '.':
+			dots, j = dots+1, j+1
+		case j+2 < len(s) && s[j] == 0xe2 && s[j+1] == 0x80 && s[j+2] == 0xa2: // •
+			marks, j = marks+1, j+3
+		case j+2 < len(s) && s[j] == 0xe2 && s[j+1] == 0x80 && s[j+2] == 0xa6: // …
+			marks, dots, j = marks+2, dots+3, j+3
+		default:
+			return j - i, marks >= 2 || dots >= 3
+		}
+	}
+	return j - i, marks >= 2 || dots >= 3
+}
+
+// keyChar reports whether c can be part of a provider key.
+func keyChar(c byte) bool {
+	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '_'
+}
+
+func equalFold[T string | []byte](a T, b string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range len(b) {
+		if lowerASCII(a[i]) != lowerASCII(b[i]) {
+			return false
+		}
+	}
+	return true
+}

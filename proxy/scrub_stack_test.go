@@ -1,0 +1,106 @@
+package proxy_test
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httptrace"
+	"net/textproto"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/byokproxy/byokproxy/config"
+	"github.com/byokproxy/byokproxy/internal/teststack"
+	"github.com/byokproxy/byokproxy/provider"
+)
+
+// echoingUpstream responds to every request with 200 and a JSON body, and
+// quotes the credential it received in the places a response can carry
+// beyond its header and body: a 103 Early Hints response, a header name,
+// and declared and undeclared trailers.
+func echoingUpstream(t *testing.T) *httptest.Server {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		key := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
+		for _, name := range []string{"X-Api-Key", "X-Goog-Api-Key"} {
+			if v := r.Header.Get(name); v != "" {
+				key = v
+			}
+		}
+		w.Header().Set("Link", "</assets/app.css?k="+key+">; rel=preload")
+		w.Header().Set("X-Early", key)
+		w.WriteHeader(http.StatusEarlyHints)
+		w.Header().Del("Link")
+		w.Header().Del("X-Early")
+
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("X-"+key, "1")
+		w.Header().Set("Trailer", "X-Echo")
+		w.WriteHeader(http.StatusOK)
+		io.WriteString(w, `{"ok":true}`)
+		w.Header().Set("X-Echo", key)
+		w.Header().Set(http.TrailerPrefix+"X-Late", "sk-"+key[len(key)-8:]+"…"+key[len(key)-4:])
+		w.Header().Set(http.TrailerPrefix+"X-Late-Raw", key)
+	}))
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+// TestKeyOutsideHeaderAndBodyScrubbed has the upstream quote the injected
+// key in a 1xx response, a header name and trailers, on the shared key and
+// on a mailbox's own, and checks that none of it reaches the client.
+func TestKeyOutsideHeaderAndBodyScrubbed(t *testing.T) {
+	up := echoingUpstream(t)
+	st := teststack.Start(t, func(c *config.Config) {
+		for _, p := range provider.Names {
+			c.Provider(p).Upstream = up.URL
+		}
+	})
+	tokens := map[string]string{"shared": st.Token(t, "echo-shared@example.com"), "byok": useBYOKEverywhere(t, st, "echo-byok@example.com")}
+	keys := map[string]map[string]string{"shared": teststack.SharedKeys, "byok": teststack.BYOKKeys}
+	for _, source := range []string{"shared", "byok"} {
+		for _, p := range provider.Names {
+			key := keys[source][p]
+			var mu sync.Mutex
+			var early []string
+			trace := &httptrace.ClientTrace{Got1xxResponse: func(code int, h textproto.MIMEHeader) error {
+				mu.Lock()
+				defer mu.Unlock()
+				for name, values := range h {
+					early = append(early, name+": "+strings.Join(values, ", "))
+				}
+				return nil
+			}}
+			ctx := httptrace.WithClientTrace(context.Background(), trace)
+			resp, body := send(t, http.DefaultClient, callRequest(ctx, st.ProxyURL, p, tokens[source], nonStream[p]))
+			if resp.StatusCode != http.StatusOK || string(body) != `{"ok":true}` {
+				t.Errorf("%s %s: %d %s", source, p, resp.StatusCode, body)
+				continue
+			}
+			var seen []string
+			mu.Lock()
+			seen = append(seen, early...)
+			mu.Unlock()
+			if len(seen) == 0 {
+				t.Errorf("%s %s: the 103 response did not reach the client", source, p)
+			}
+			for name, values := range resp.Header {
+				seen = append(seen, name+": "+strings.Join(values, ", "))
+			}
+			for name, values := range resp.Trailer {
+				seen = append(seen, "trailer "+name+": "+strings.Join(values, ", "))
+			}
+			if resp.Trailer.Get("X-Echo") != "[REDACTED]" {
+				t.Errorf("%s %s: trailer X-Echo = %q, want [REDACTED]", source, p, resp.Trailer.Get("X-Echo"))
+			}
+			for _, line := range seen {
+				lower := strings.ToLower(line)
+				if strings.Contains(lower, strings.ToLower(key)) || strings.Contains(lower, strings.ToLower(key[len(key)-4:])) {
+					t.Errorf("%s %s: the client got %q", source, p, line)
+				}
+			}
+		}
+	}
+}

@@ -1,0 +1,118 @@
+package proxy
+
+import (
+	"fmt"
+	"net/http"
+	"net/url"
+	"strings"
+	"testing"
+)
+
+// jsonEscaped writes every character of s as a JSON \u escape, with the
+// hex digits in upper case when upper is set.
+func jsonEscaped(s string, upper bool) string {
+	var b strings.Builder
+	for _, c := range []byte(s) {
+		if upper {
+			fmt.Fprintf(&b, `\u%04X`, c)
+		} else {
+			fmt.Fprintf(&b, `\u%04x`, c)
+		}
+	}
+	return b.String()
+}
+
+// percentEncoded writes every character of s as a %XX escape.
+func percentEncoded(s string) string {
+	var b strings.Builder
+	for _, c := range []byte(s) {
+		fmt.Fprintf(&b, "%%%02X", c)
+	}
+	return b.String()
+}
+
+func TestScrubKeyForms(t *testing.T) {
+	const key = "sk-proj-Ab12Cd34/Ef56Gh78_Ij90Kl12-WXYZ"
+	cases := []struct {
+		name string
+		text string
+	}{
+		{"raw", "key " + key + " is invalid"},
+		{"upper case", "KEY " + strings.ToUpper(key) + " IS INVALID"},
+		{"lower case", "key " + strings.ToLower(key)},
+		{"query escaped", "k=" + url.QueryEscape(key)},
+		{"path escaped", "/v1/" + url.PathEscape(key)},
+		{"every character percent-encoded", "k=" + percentEncoded(key)},
+		{"JSON escaped dashes", `{"m":"` + strings.ReplaceAll(key, "-", `\u002d`) + `"}`},
+		{"JSON escaped slash", `{"m":"` + strings.ReplaceAll(key, "/", `\/`) + `"}`},
+		{"JSON escaped throughout", `{"m":"` + jsonEscaped(key, false) + `"}`},
+		{"JSON escaped in upper-case hex", `{"m":"` + jsonEscaped(key, true) + `"}`},
+		{"stars", "provided: sk-proj-Ab1************WXYZ."},
+		{"two stars", "provided: sk-proj-Ab12**WXYZ."},
+		{"three dots", "provided: sk-proj-Ab12...WXYZ."},
+		{"ellipsis", "provided: sk-proj-Ab12…WXYZ."},
+		{"bullets", "provided: ••••••WXYZ"},
+		{"first characters only", "provided: sk-proj-Ab12..."},
+		{"last characters only, lower case", "provided: ...wxyz"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			got := scrubText(c.text, key)
+			if !strings.Contains(got, redacted) {
+				t.Fatalf("nothing redacted in %q", got)
+			}
+			for _, part := range []string{"Ab12", "WXYZ", "wxyz", "ab12", "Ij90"} {
+				if strings.Contains(got, part) {
+					t.Errorf("%q still shows %q", got, part)
+				}
+			}
+			if strings.Contains(got, `\u00`) && !strings.Contains(c.text[:4], `\u`) && strings.Contains(c.name, "JSON") {
+				t.Errorf("an escape of the key is left: %q", got)
+			}
+		})
+	}
+}
+
+func TestScrubKeyLeavesOtherText(t *testing.T) {
+	const key = "sk-proj-Ab12Cd34Ef56Gh78Ij90Kl12WXYZ"
+	for _, text := range []string{
+		"Rate limit reached... please wait and retry.",
+		"Please see https://platform.openai.com/account/api-keys.",
+		"**Note**: the model is overloaded…",
+		"You exceeded your quota. Check your plan and billing details.",
+		`{"error":{"message":"Invalid \u0022model\u0022","type":"invalid_request_error"}}`,
+		"model gpt-4o... not found",
+		"sk-",
+		"Invalid value *** in messages[0]; field password=abc***xyz",
+	} {
+		if got := scrubText(text, key); got != text {
+			t.Errorf("scrubText(%q) = %q, want it unchanged", text, got)
+		}
+	}
+}
+
+func TestScrubHeaders(t *testing.T) {
+	const key = "AIzaSyD-Ab12Cd34Ef56Gh78Ij90Kl12Mn34Op5"
+	h := http.Header{}
+	h.Set("X-"+key, "1")
+	h.Set("Content-Type", "application/json")
+	h.Set("X-Echo", "key="+url.QueryEscape(key))
+	h.Set("X-Hint", "AIzaSyD-Ab1...Op5")
+	scrubHeaders(h, key, false)
+	if len(h) != 3 {
+		t.Errorf("header named after the key kept: %v", h)
+	}
+	if h.Get("Content-Type") != "application/json" {
+		t.Errorf("Content-Type changed: %q", h.Get("Content-Type"))
+	}
+	if h.Get("X-Echo") != "key="+redacted {
+		t.Errorf("X-Echo = %q, want the key redacted", h.Get("X-Echo"))
+	}
+	if h.Get("X-Hint") != "AIzaSyD-Ab1...Op5" {
+		t.Errorf("masked forms are looked for only when asked: X-Hint = %q", h.Get("X-Hint"))
+	}
+	scrubHeaders(h, key, true)
+	if h.Get("X-Hint") != redacted {
+		t.Errorf("X-Hint = %q, want it redacted", h.Get("X-Hint"))
+	}
+}
