@@ -45,6 +45,11 @@ type Entry struct {
 	// Event.Mailbox on the shared key: those the proxy could not store while
 	// it forwarded the response.
 	Owned []string
+	// Prompt is set on an entry that should reach Redis at once rather than
+	// wait for a batch: usage that an allowance check is about to read.
+	Prompt bool
+	// Done, when not nil, is called once the entry is delivered or dropped.
+	Done func()
 }
 
 // Writer delivers entries to Redis from a bounded queue.
@@ -61,6 +66,8 @@ type Writer struct {
 	mu       sync.RWMutex // guards closed against sends on a closed queue
 	closed   bool
 	closing  chan struct{} // closed by Close, to cut a linger short
+	hurry    chan struct{} // sent to by Record for a prompt entry, to cut a linger short
+	linger   time.Duration // batchLinger, or another wait in tests
 	done     chan struct{}
 	stdoutMu sync.Mutex
 }
@@ -86,6 +93,8 @@ func NewWriter(rdb redis.UniversalClient, layout keystore.Layout, opts Options) 
 		rdb: rdb, layout: layout, opts: opts, log: opts.Logger,
 		queue:   make(chan Entry, opts.QueueSize),
 		closing: make(chan struct{}),
+		hurry:   make(chan struct{}, 1),
+		linger:  batchLinger,
 		done:    make(chan struct{}),
 	}
 }
@@ -101,10 +110,19 @@ func (w *Writer) Record(e Entry) {
 		w.unsent.Add(1)
 		select {
 		case w.queue <- e:
+			if e.Prompt {
+				select {
+				case w.hurry <- struct{}{}:
+				default:
+				}
+			}
 			return
 		default:
 			w.unsent.Add(-1)
 		}
+	}
+	if e.Done != nil {
+		e.Done()
 	}
 	if w.opts.Dropped != nil {
 		w.opts.Dropped.Inc()
@@ -139,6 +157,11 @@ func (w *Writer) Run(ctx context.Context) {
 		w.writeStdout(batch)
 		delivered := w.deliver(ctx, batch)
 		w.unsent.Add(-int64(len(batch)))
+		for _, e := range batch {
+			if e.Done != nil {
+				e.Done()
+			}
+		}
 		if !delivered {
 			return
 		}
@@ -153,15 +176,19 @@ func (w *Writer) Run(ctx context.Context) {
 // also wakes the writer and the network poller.
 const batchLinger = 100 * time.Millisecond
 
-// fill waits out batchLinger, unless a full batch is queued already, and
-// then adds what is queued to batch without waiting. The writer thus wakes
-// twice per batch rather than once per entry, which matters at moderate
-// rates, where waking an idle thread costs more CPU than the entry.
+// fill waits out batchLinger, unless a full batch is queued already or a
+// prompt entry is queued, and then adds what is queued to batch without
+// waiting. The writer thus wakes twice per batch rather than once per
+// entry, which matters at moderate rates, where waking an idle thread
+// costs more CPU than the entry.
 func (w *Writer) fill(ctx context.Context, batch []Entry) []Entry {
-	if len(w.queue) < w.opts.BatchSize-len(batch) {
-		timer := time.NewTimer(batchLinger)
+	// A signal left by a prompt entry that an earlier batch took along can
+	// cut one later linger short, which costs a round trip at most.
+	if len(w.queue) < w.opts.BatchSize-len(batch) && !batch[0].Prompt {
+		timer := time.NewTimer(w.linger)
 		select {
 		case <-timer.C:
+		case <-w.hurry:
 		case <-w.closing:
 		case <-ctx.Done():
 		}

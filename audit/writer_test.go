@@ -290,3 +290,66 @@ func TestUsageScriptBySHA(t *testing.T) {
 		t.Errorf("usage = %+v, want 120 requests, 360 input and 240 output tokens", c)
 	}
 }
+
+// TestPromptEntrySkipsLinger holds a batch open far longer than the test
+// runs, and checks that a prompt entry sends it, together with the entry
+// that was waiting, and that each entry's Done runs.
+func TestPromptEntrySkipsLinger(t *testing.T) {
+	srv := redistest.Start(t)
+	prefix := srv.Prefix(t)
+	rdb := srv.Client(t)
+	layout := keystore.Layout{Prefix: prefix}
+	w := NewWriter(rdb, layout, Options{})
+	w.linger = time.Hour
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.Run(ctx)
+
+	var done sync.WaitGroup
+	done.Add(2)
+	waiting := requestEntry(1)
+	waiting.Done = done.Done
+	w.Record(waiting)
+	time.Sleep(200 * time.Millisecond)
+	if n := len(streamIDs(t, rdb, layout.Audit())); n != 0 {
+		t.Fatalf("%d events delivered before the linger ended", n)
+	}
+
+	prompt := requestEntry(2)
+	prompt.Prompt = true
+	prompt.Done = done.Done
+	w.Record(prompt)
+	deadline := time.Now().Add(5 * time.Second)
+	for len(streamIDs(t, rdb, layout.Audit())) < 2 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if seen := streamIDs(t, rdb, layout.Audit()); seen["req-0001"] != 1 || seen["req-0002"] != 1 {
+		t.Fatalf("delivered %v, want req-0001 and req-0002 once each", seen)
+	}
+	finished := make(chan struct{})
+	go func() {
+		done.Wait()
+		close(finished)
+	}()
+	select {
+	case <-finished:
+	case <-time.After(5 * time.Second):
+		t.Error("Done did not run for both delivered entries")
+	}
+}
+
+// TestDroppedEntryDone checks that an entry the full queue drops still
+// runs its Done, so a count of pending usage does not keep it forever.
+func TestDroppedEntryDone(t *testing.T) {
+	srv := redistest.Start(t)
+	w := NewWriter(srv.Client(t), keystore.Layout{Prefix: srv.Prefix(t)}, Options{QueueSize: 1})
+	ran := 0
+	for i := range 3 {
+		e := requestEntry(i)
+		e.Done = func() { ran++ }
+		w.Record(e)
+	}
+	if ran != 2 {
+		t.Errorf("Done ran for %d entries, want the 2 dropped", ran)
+	}
+}

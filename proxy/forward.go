@@ -551,6 +551,10 @@ func (h *Handler) finish(x *exchange, source string, log *slog.Logger) {
 	if x.owner != nil {
 		entry.Owned = x.owner.pending
 	}
+	if tokens := counts.InputTokens + counts.OutputTokens; x.limited && tokens > 0 {
+		entry.Done = h.pending.add(x.mailbox, x.start, tokens)
+		entry.Prompt = true
+	}
 	h.audit.Record(entry)
 
 	// The audit event already records every request, so a request that

@@ -605,3 +605,48 @@ func TestUnreadBodyStreamAudited(t *testing.T) {
 		})
 	}
 }
+
+// TestAllowanceSeenByNextRequest sends each request as soon as the one
+// before it has ended, without waiting for the audit writer, as an SDK in a
+// loop does. The usage of a response is counted before the response ends,
+// so the request after the one that used up the allowance gets 429, and
+// the count of usage not yet in Redis empties once the writer delivers it.
+func TestAllowanceSeenByNextRequest(t *testing.T) {
+	st := teststack.Start(t, func(c *config.Config) { c.Metering.MonthlyTokenLimit = 1 })
+	for _, p := range provider.Names {
+		token := st.Token(t, "next-"+p+"@example.com")
+		resp, body := st.Do(t, "POST", nonStream[p].path, token, nonStream[p].body, sdkHeaders(p)...)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("%s: first request: %d %s", p, resp.StatusCode, body)
+		}
+		for i := range 2 {
+			resp, body = st.Do(t, "POST", nonStream[p].path, token, nonStream[p].body, sdkHeaders(p)...)
+			if resp.StatusCode != http.StatusTooManyRequests {
+				t.Errorf("%s: request %d after the allowance was used up: %d %s", p, i+2, resp.StatusCode, body)
+			}
+		}
+	}
+
+	m := "next-drain@example.com"
+	token := st.Token(t, m)
+	c := nonStream[provider.OpenAI]
+	if code, body := st.AdminDo(t, "PUT", "/admin/v1/mailboxes/"+m+"/limit", map[string]any{"monthly_token_limit": 1000}); code != http.StatusOK {
+		t.Fatalf("limit: %d %s", code, body)
+	}
+	if resp, body := st.Do(t, "POST", c.path, token, c.body); resp.StatusCode != http.StatusOK {
+		t.Fatalf("first request: %d %s", resp.StatusCode, body)
+	}
+	st.WaitAudit(t)
+	u := st.Upstreams[provider.OpenAI].Requests()
+	per := u[len(u)-1].Usage.InputTokens + u[len(u)-1].Usage.OutputTokens
+	// Usage counted both in Redis and as pending would reach this limit.
+	if code, body := st.AdminDo(t, "PUT", "/admin/v1/mailboxes/"+m+"/limit", map[string]any{"monthly_token_limit": 2 * per}); code != http.StatusOK {
+		t.Fatalf("limit: %d %s", code, body)
+	}
+	if resp, body := st.Do(t, "POST", c.path, token, c.body); resp.StatusCode != http.StatusOK {
+		t.Errorf("second request, %d of %d tokens used: %d %s", per, 2*per, resp.StatusCode, body)
+	}
+	if resp, body := st.Do(t, "POST", c.path, token, c.body); resp.StatusCode != http.StatusTooManyRequests {
+		t.Errorf("third request, %d of %d tokens used: %d %s", 2*per, 2*per, resp.StatusCode, body)
+	}
+}

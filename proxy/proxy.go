@@ -70,6 +70,8 @@ type Handler struct {
 
 	// streams are the responses running detached from the HTTP server.
 	streams detachedStreams
+	// pending is the shared usage charged here and not yet in Redis.
+	pending pendingUsage
 	// running counts the provider requests whose handler runs, so that
 	// Drain can wait for them to record their exchanges.
 	running atomic.Int64

@@ -62,6 +62,12 @@ type exchange struct {
 	// read first, or is nil.
 	streamedBody *countingBody
 
+	// limited is set for a shared request of a mailbox with an allowance,
+	// and pendingShared is the mailbox's usage not yet in Redis when the
+	// request was admitted.
+	limited       bool
+	pendingShared int64
+
 	status int
 	// responded is set once the upstream's response header arrived, so
 	// status is the provider's rather than one the proxy chose.
@@ -206,6 +212,10 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slo
 	}
 	log = x.reqLog.withMailbox(log, string(x.mailbox))
 
+	// Read before the record, so usage that the audit writer delivers in
+	// between is counted twice for a moment rather than missed.
+	x.pendingShared = h.pending.get(x.mailbox)
+
 	// The mailbox's record: generation, source, ciphertext and limit, from
 	// the record cache or one round trip, with usage when it is limited.
 	rec, err := h.store.Lookup(r.Context(), x.mailbox, spec.Name, s.monthlyLimit)
@@ -308,7 +318,8 @@ func (h *Handler) admitShared(w http.ResponseWriter, r *http.Request, x *exchang
 	if rec.Limit != nil {
 		limit = *rec.Limit
 	}
-	if limit > 0 && rec.UsedShared >= limit {
+	x.limited = limit > 0
+	if limit > 0 && rec.UsedShared+x.pendingShared >= limit {
 		h.metrics.MeteredRejections.WithLabelValues(up.spec.Name).Inc()
 		reset := nextMonth(time.Now())
 		msg := fmt.Sprintf("the monthly allowance of %d tokens on the shared key is used up; it resets at %s, or store your own key",
