@@ -18,6 +18,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+	"unicode"
 
 	"github.com/byokproxy/byokproxy/audit"
 	"github.com/byokproxy/byokproxy/keystore"
@@ -534,7 +535,7 @@ func checkMembers(data []byte, v any) error {
 			return nil
 		}
 		name, _ := tok.(string)
-		folded := strings.ToLower(name)
+		folded := foldName(name)
 		field, known := fields[folded]
 		switch {
 		case seen[folded] && known:
@@ -553,8 +554,22 @@ func checkMembers(data []byte, v any) error {
 	return nil
 }
 
-// jsonFields maps the lower-case JSON name of each field of the struct v
-// points to to the name itself. It is empty for other types.
+// foldName returns the same string for every name that encoding/json takes
+// for one field: each letter is replaced by the smallest letter it folds to
+// under Unicode simple case folding, so "ſource" and "Source" give what
+// "source" gives.
+func foldName(name string) string {
+	return strings.Map(func(r rune) rune {
+		least := r
+		for f := unicode.SimpleFold(r); f != r; f = unicode.SimpleFold(f) {
+			least = min(least, f)
+		}
+		return least
+	}, name)
+}
+
+// jsonFields maps the folded JSON name (see foldName) of each field of the
+// struct v points to to the name itself. It is empty for other types.
 func jsonFields(v any) map[string]string {
 	t := reflect.TypeOf(v)
 	if t.Kind() == reflect.Pointer {
@@ -569,7 +584,7 @@ func jsonFields(v any) map[string]string {
 		if name == "" || name == "-" {
 			name = f.Name
 		}
-		fields[strings.ToLower(name)] = name
+		fields[foldName(name)] = name
 	}
 	return fields
 }

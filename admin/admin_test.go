@@ -590,7 +590,8 @@ func TestAdminSourceSelection(t *testing.T) {
 	}
 
 	for _, bad := range []string{`{"source":"BYOK"}`, `{"source":"metered"}`, `{"source":""}`, `{}`, `"byok"`, `{"source":1}`,
-		`{"source":"shared","source":"byok"}`, `{"Source":"byok"}`} {
+		`{"source":"shared","source":"byok"}`, `{"Source":"byok"}`,
+		`{"source":"shared","ſource":"byok"}`, `{"\u017fource":"byok"}`} {
 		if status, body := f.call(t, http.MethodPut, path, bad); status != http.StatusBadRequest {
 			t.Errorf("body %s: status %d, want 400; answer %s", bad, status, body)
 		}

@@ -85,6 +85,53 @@ func (l Layout) usageArgs(u UsageRecord, retentionMonths int) (keys []string, ar
 	return keys, args
 }
 
+// PendingUsage is the usage of one shared request that a replica has
+// charged and the audit writer has not yet reported written.
+type PendingUsage struct {
+	RequestID string
+	Month     string // YYYY-MM of the request, as UsageRecord.Time gives it
+	Tokens    int64
+}
+
+// usedWithPendingScript returns the month's shared total, plus the tokens of
+// each pending request whose seen marker is not set yet. It reads both in
+// one step, so a request whose usage lands meanwhile counts exactly once.
+// KEYS: usage hash, then one seen marker per request. ARGV: the total's
+// field, then the tokens of each request.
+const usedWithPendingScript = `
+local used = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    used = used + tonumber(ARGV[i])
+  end
+end
+return used
+`
+
+var usedWithPending = redis.NewScript(usedWithPendingScript)
+
+// UsedShared returns mailbox id's shared total of the current month with
+// the usage of pending added where Redis has not counted it yet. pending
+// holds one replica's own requests; those of another month are left out.
+func (s *Store) UsedShared(ctx context.Context, id mailbox.ID, pending []PendingUsage) (int64, error) {
+	month := Month(s.now())
+	keys := []string{s.layout.Usage(string(id), month)}
+	args := []any{UsageTotalField}
+	for _, p := range pending {
+		if p.Month == month {
+			keys = append(keys, s.layout.Seen(string(id), p.RequestID))
+			args = append(args, p.Tokens)
+		}
+	}
+	ctx, cancel := s.bound(ctx)
+	defer cancel()
+	used, err := usedWithPending.Run(ctx, s.rdb, keys, args...).Int64()
+	if err != nil {
+		return 0, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	return used, nil
+}
+
 // Counts are the usage counters of one provider and source.
 type Counts struct {
 	Requests     int64 `json:"requests"`

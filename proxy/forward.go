@@ -343,6 +343,7 @@ func (b *tapBody) Read(p []byte) (int, error) {
 		// The reverse proxy passes the trailers on once the body has ended,
 		// declared or not, and ModifyResponse runs before their values exist.
 		scrubHeaders(b.resp.Trailer, b.x.keyText, true)
+		b.h.chargePending(b.x)
 	}
 	if n > 0 {
 		b.x.received += int64(n)
@@ -551,8 +552,11 @@ func (h *Handler) finish(x *exchange, source string, log *slog.Logger) {
 	if x.owner != nil {
 		entry.Owned = x.owner.pending
 	}
-	if tokens := counts.InputTokens + counts.OutputTokens; x.limited && tokens > 0 {
-		entry.Done = h.pending.add(x.mailbox, x.start, tokens)
+	if tokens := counts.InputTokens + counts.OutputTokens; x.limited && x.pendingDone == nil && tokens > 0 {
+		x.pendingDone = h.pending.add(x.mailbox, x.start, x.id, tokens)
+	}
+	if x.pendingDone != nil {
+		entry.Done = x.pendingDone
 		entry.Prompt = true
 	}
 	h.audit.Record(entry)

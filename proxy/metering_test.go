@@ -3,6 +3,7 @@ package proxy_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"strconv"
@@ -649,4 +650,46 @@ func TestAllowanceSeenByNextRequest(t *testing.T) {
 	if resp, body := st.Do(t, "POST", c.path, token, c.body); resp.StatusCode != http.StatusTooManyRequests {
 		t.Errorf("third request, %d of %d tokens used: %d %s", 2*per, 2*per, resp.StatusCode, body)
 	}
+}
+
+// TestAllowanceExactForSequentialRequests runs requests back to back near
+// the allowance, JSON and streamed: the second of three stays under it and
+// must pass, the third reaches it and must get 429. Usage charged here but
+// not yet written must count once, neither twice (a 429 too early) nor not
+// at all (a request too many).
+func TestAllowanceExactForSequentialRequests(t *testing.T) {
+	st := teststack.Start(t, func(c *config.Config) { c.Metering.MonthlyTokenLimit = 1000 })
+	for _, c := range []call{nonStream[provider.OpenAI], streaming[provider.OpenAI], streaming[provider.Anthropic]} {
+		calibrate := st.Token(t, "calibrate@example.com")
+		if resp, body := st.Do(t, "POST", c.path, calibrate, c.body, sdkHeaders(providerOf(c.path))...); resp.StatusCode != http.StatusOK {
+			t.Fatalf("%s: calibration: %d %s", c.path, resp.StatusCode, body)
+		}
+		st.WaitAudit(t)
+		u := st.Upstreams[providerOf(c.path)].Requests()
+		per := int64(u[len(u)-1].Usage.InputTokens + u[len(u)-1].Usage.OutputTokens)
+		for trial := range 15 {
+			m := fmt.Sprintf("exact-%d-%d@example.com", len(c.path), trial)
+			if c.stream {
+				m = "stream-" + m
+			}
+			if code, body := st.AdminDo(t, "PUT", "/admin/v1/mailboxes/"+m+"/limit", map[string]any{"monthly_token_limit": 2*per - 1}); code != http.StatusOK {
+				t.Fatalf("limit: %d %s", code, body)
+			}
+			token := st.Token(t, m)
+			var got []int
+			for range 3 {
+				resp, _ := st.Do(t, "POST", c.path, token, c.body, sdkHeaders(providerOf(c.path))...)
+				got = append(got, resp.StatusCode)
+			}
+			if got[0] != http.StatusOK || got[1] != http.StatusOK || got[2] != http.StatusTooManyRequests {
+				t.Errorf("%s (stream %v) trial %d: statuses %v, want [200 200 429] with %d tokens per request and a limit of %d", c.path, c.stream, trial, got, per, 2*per-1)
+			}
+		}
+	}
+}
+
+// providerOf returns the provider of a proxy path.
+func providerOf(path string) string {
+	name, _, _ := strings.Cut(strings.TrimPrefix(path, "/"), "/")
+	return name
 }

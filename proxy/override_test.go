@@ -19,7 +19,10 @@ func TestOverridesMethod(t *testing.T) {
 		{"/google/v1beta/files?$httpMethod=DELETE", "", true},
 		{"/google/v1beta/files?%24httpmethod=DELETE", "", true},
 		{"/google/v1beta/files?alt=json&httpMethod=GET", "", true},
+		{"/google/v1beta/files?%68ttpMethod=DELETE", "", true},
+		{"/google/v1beta/files?$http%4Dethod=GET", "", true},
 		{"/google/v1beta/files?pageToken=httpMethod", "", false},
+		{"/google/v1beta/files?pageToken=a%2Fb", "", false},
 		{"/google/v1beta/files?httpMethodNote=1", "", false},
 	}
 	for _, c := range cases {

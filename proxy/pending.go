@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -9,57 +10,68 @@ import (
 	"github.com/byokproxy/byokproxy/mailbox"
 )
 
-// pendingUsage counts, per mailbox and month, the shared tokens this
-// process has charged to mailboxes with an allowance and the audit writer
-// has not yet added to Redis. The writer sends usage in batches, so without
-// this count a client that sends its next request as soon as one ends would
-// be checked against a total that lacks the last one, and could go past its
-// allowance.
+// pendingUsage holds, per mailbox, the shared usage this process has
+// charged to mailboxes with an allowance and the audit writer has not yet
+// reported written. The writer sends usage after the response has ended, so
+// without it a client that sends its next request at once would be checked
+// against a total that lacks the last one, and could go past its allowance.
 type pendingUsage struct {
-	// entries is the number of keys in tokens, so that the usual case, with
-	// nothing pending, takes no lock.
-	entries atomic.Int64
-	mu      sync.Mutex
-	tokens  map[string]int64
+	// entries is the number of mailboxes in requests, so that the usual
+	// case, with nothing pending, takes no lock.
+	entries  atomic.Int64
+	mu       sync.Mutex
+	requests map[mailbox.ID][]keystore.PendingUsage
 }
 
-func pendingKey(id mailbox.ID, t time.Time) string {
-	return string(id) + "\x00" + keystore.Month(t)
-}
-
-// add counts n tokens for id in the month of t, and returns the function
-// that takes them off again once the writer has delivered or dropped them.
-func (p *pendingUsage) add(id mailbox.ID, t time.Time, n int64) func() {
-	key := pendingKey(id, t)
+// add holds n tokens of request requestID, begun at start, for id, and
+// returns the function that lets them go once the writer has delivered or
+// dropped them.
+func (p *pendingUsage) add(id mailbox.ID, start time.Time, requestID string, n int64) func() {
 	p.mu.Lock()
-	if p.tokens == nil {
-		p.tokens = make(map[string]int64)
+	if p.requests == nil {
+		p.requests = make(map[mailbox.ID][]keystore.PendingUsage)
 	}
-	if _, ok := p.tokens[key]; !ok {
+	if len(p.requests[id]) == 0 {
 		p.entries.Add(1)
 	}
-	p.tokens[key] += n
+	p.requests[id] = append(p.requests[id], keystore.PendingUsage{RequestID: requestID, Month: keystore.Month(start), Tokens: n})
 	p.mu.Unlock()
 	var once sync.Once
 	return func() {
 		once.Do(func() {
 			p.mu.Lock()
 			defer p.mu.Unlock()
-			if p.tokens[key] -= n; p.tokens[key] <= 0 {
-				delete(p.tokens, key)
+			list := slices.DeleteFunc(p.requests[id], func(u keystore.PendingUsage) bool { return u.RequestID == requestID })
+			if len(list) == 0 {
+				delete(p.requests, id)
 				p.entries.Add(-1)
+				return
 			}
+			p.requests[id] = list
 		})
 	}
 }
 
-// get returns the tokens pending for id in the current month.
-func (p *pendingUsage) get(id mailbox.ID) int64 {
+// get returns a copy of the usage pending for id.
+func (p *pendingUsage) get(id mailbox.ID) []keystore.PendingUsage {
 	if p.entries.Load() == 0 {
-		return 0
+		return nil
 	}
-	key := pendingKey(id, time.Now())
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.tokens[key]
+	return slices.Clone(p.requests[id])
+}
+
+// chargePending holds the usage of x as pending once its upstream body has
+// ended, before the client is sent the end of the response, so that the
+// client's next request is checked against it. finish does it for a
+// response that ends otherwise.
+func (h *Handler) chargePending(x *exchange) {
+	if !x.limited || x.pendingDone != nil || x.tap == nil {
+		return
+	}
+	c := x.tap.Counts()
+	if n := c.InputTokens + c.OutputTokens; n > 0 {
+		x.pendingDone = h.pending.add(x.mailbox, x.start, x.id, n)
+	}
 }

@@ -70,7 +70,7 @@ type Handler struct {
 
 	// streams are the responses running detached from the HTTP server.
 	streams detachedStreams
-	// pending is the shared usage charged here and not yet in Redis.
+	// pending is the shared usage charged here and not yet reported written.
 	pending pendingUsage
 	// running counts the provider requests whose handler runs, so that
 	// Drain can wait for them to record their exchanges.
@@ -360,7 +360,8 @@ func overridesMethod(r *http.Request) bool {
 			return true
 		}
 	}
-	if !strings.Contains(strings.ToLower(r.URL.RawQuery), "httpmethod") {
+	// A name can hide the word behind percent escapes (%68ttpMethod).
+	if !strings.Contains(strings.ToLower(r.URL.RawQuery), "httpmethod") && !strings.Contains(r.URL.RawQuery, "%") {
 		return false
 	}
 	for pair := range strings.SplitSeq(r.URL.RawQuery, "&") {

@@ -47,16 +47,56 @@ func scrubHeaders(h http.Header, key string, masked bool) {
 	}
 }
 
-// scrubKeyPrefix replaces the end of a body that was cut inside the key:
-// the first characters of the key do not match the whole key, so scrubKey
-// leaves them.
+// scrubKeyPrefix replaces the end of a body that was cut inside the key, in
+// any of its forms: the key's first characters do not match the whole key,
+// so scrubKey leaves them.
 func scrubKeyPrefix(body []byte, key string) []byte {
-	for n := min(len(key)-1, len(body)); n > 0; n-- {
-		if string(body[len(body)-n:]) == key[:n] {
-			return append(body[:len(body)-n:len(body)-n], redacted...)
+	// A form takes at most six bytes per character of the key.
+	for i := max(0, len(body)-6*len(key)); i < len(body); i++ {
+		if isKeyFormPrefix(body[i:], key) {
+			return append(body[:i:i], redacted...)
 		}
 	}
 	return body
+}
+
+// isKeyFormPrefix reports whether s is a form (see keyFormLen) of the key's
+// first characters, all of s, and may end inside the escape of the next
+// one. The whole key does not count.
+func isKeyFormPrefix(s []byte, key string) bool {
+	j := 0
+	for k := 0; k < len(key); k++ {
+		if j == len(s) {
+			return j > 0
+		}
+		n := charFormLen(s[j:], key[k])
+		if n == 0 {
+			return escapeStart(s[j:], key[k])
+		}
+		j += n
+	}
+	return false
+}
+
+// escapeStart reports whether s is the start, cut short, of an escape of c
+// in either letter case.
+func escapeStart(s []byte, c byte) bool {
+	const hex = "0123456789abcdef"
+	for _, b := range []byte{lowerASCII(c), upperASCII(c)} {
+		forms := []string{
+			`\u00` + string(hex[b>>4]) + string(hex[b&15]),
+			"%" + string(hex[b>>4]) + string(hex[b&15]),
+		}
+		if b == '/' {
+			forms = append(forms, `\/`)
+		}
+		for _, form := range forms {
+			if len(s) < len(form) && equalFold(s, form[:len(s)]) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // replaceKeyForms replaces each occurrence of a form of key in b (see
@@ -137,6 +177,13 @@ func charFormLen[T string | []byte](s T, c byte) int {
 		}
 	}
 	return 0
+}
+
+func upperASCII(c byte) byte {
+	if 'a' <= c && c <= 'z' {
+		return c - 'a' + 'A'
+	}
+	return c
 }
 
 func lowerASCII(c byte) byte {

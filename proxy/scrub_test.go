@@ -116,3 +116,32 @@ func TestScrubHeaders(t *testing.T) {
 		t.Errorf("X-Hint = %q, want it redacted", h.Get("X-Hint"))
 	}
 }
+
+func TestScrubKeyPrefixForms(t *testing.T) {
+	const key = "sk-proj-Ab12Cd34Ef56Gh78Ij90Kl12WXYZ"
+	cut := key[:len(key)-1]
+	for _, c := range []struct {
+		name, tail string
+	}{
+		{"raw", cut},
+		{"upper case", strings.ToUpper(cut)},
+		{"JSON escaped", jsonEscaped(cut, false)},
+		{"JSON escaped, cut inside an escape", jsonEscaped(cut, true) + `\u00`},
+		{"percent-encoded", percentEncoded(cut)},
+		{"percent-encoded, cut inside an escape", percentEncoded(cut) + "%5"},
+		{"first character only", "s"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			body := `{"error":{"message":"invalid key ` + c.tail
+			got := string(scrubKeyPrefix([]byte(body), key))
+			if want := `{"error":{"message":"invalid key ` + redacted; got != want {
+				t.Errorf("got %q, want %q", got, want)
+			}
+		})
+	}
+	for _, body := range []string{`{"error":{"message":"invalid key"}}`, `{"error":{"message":"invalid key sk-proj-Ab12 given"}`} {
+		if got := string(scrubKeyPrefix([]byte(body), key)); got != body {
+			t.Errorf("scrubKeyPrefix(%q) = %q, want it unchanged", body, got)
+		}
+	}
+}

@@ -62,11 +62,13 @@ type exchange struct {
 	// read first, or is nil.
 	streamedBody *countingBody
 
-	// limited is set for a shared request of a mailbox with an allowance,
-	// and pendingShared is the mailbox's usage not yet in Redis when the
-	// request was admitted.
-	limited       bool
-	pendingShared int64
+	// limited is set for a shared request of a mailbox with an allowance.
+	// pending is the mailbox's usage charged here and not yet reported
+	// written when the request arrived. pendingDone, once set, lets go of
+	// this request's own.
+	limited     bool
+	pending     []keystore.PendingUsage
+	pendingDone func()
 
 	status int
 	// responded is set once the upstream's response header arrived, so
@@ -212,9 +214,9 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slo
 	}
 	log = x.reqLog.withMailbox(log, string(x.mailbox))
 
-	// Read before the record, so usage that the audit writer delivers in
-	// between is counted twice for a moment rather than missed.
-	x.pendingShared = h.pending.get(x.mailbox)
+	// Read before the record: usage that leaves this list only once Redis
+	// has counted it is then either in the list or in the record's total.
+	x.pending = h.pending.get(x.mailbox)
 
 	// The mailbox's record: generation, source, ciphertext and limit, from
 	// the record cache or one round trip, with usage when it is limited.
@@ -319,7 +321,19 @@ func (h *Handler) admitShared(w http.ResponseWriter, r *http.Request, x *exchang
 		limit = *rec.Limit
 	}
 	x.limited = limit > 0
-	if limit > 0 && rec.UsedShared+x.pendingShared >= limit {
+	used := rec.UsedShared
+	if x.limited && len(x.pending) > 0 {
+		// Redis may have counted some of this usage since: the script
+		// counts each request once.
+		var err error
+		if used, err = h.store.UsedShared(r.Context(), x.mailbox, x.pending); err != nil {
+			h.metrics.KeyErrors.WithLabelValues(up.spec.Name, metrics.ReasonStoreUnavailable).Inc()
+			log.Error("key store read failed", "error", err)
+			h.rejectAudited(w, x, log, provider.Unavailable, "the key store is unavailable; retry shortly", 0)
+			return false
+		}
+	}
+	if x.limited && used >= limit {
 		h.metrics.MeteredRejections.WithLabelValues(up.spec.Name).Inc()
 		reset := nextMonth(time.Now())
 		msg := fmt.Sprintf("the monthly allowance of %d tokens on the shared key is used up; it resets at %s, or store your own key",
