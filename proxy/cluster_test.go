@@ -335,6 +335,55 @@ func TestProxyOnCluster(t *testing.T) {
 		}
 	})
 
+	// Back-to-back requests near the allowance, on a mailbox on each master:
+	// the pending usage the replica checks goes to that master in one script.
+	t.Run("allowance back to back", func(t *testing.T) {
+		seen := map[int]bool{}
+		for i := 0; i < 200 && len(seen) < len(c.Addrs); i++ {
+			m := fmt.Sprintf("cluster-exact-%d@example.com", i)
+			node := c.NodeOf(t, layout.Mailbox(m))
+			if seen[node] {
+				continue
+			}
+			seen[node] = true
+			code, body := a.admin(t, "POST", "/mailboxes/"+m+"/token", nil)
+			if code != 200 {
+				t.Fatalf("token: %d %s", code, body)
+			}
+			var tok struct{ Token string }
+			json.Unmarshal(body, &tok)
+			if code, body := a.admin(t, "PUT", "/mailboxes/"+m+"/limit", map[string]any{"monthly_token_limit": 1000}); code != 200 {
+				t.Fatalf("limit: %d %s", code, body)
+			}
+			if code, body := a.call(t, provider.OpenAI, nonStream[provider.OpenAI], tok.Token); code != 200 {
+				t.Fatalf("%s first request: %d %s", m, code, body)
+			}
+			u := upstreams[provider.OpenAI].Requests()
+			per := u[len(u)-1].Usage.InputTokens + u[len(u)-1].Usage.OutputTokens
+			if code, body := a.admin(t, "PUT", "/mailboxes/"+m+"/limit", map[string]any{"monthly_token_limit": 2*per - 1}); code != 200 {
+				t.Fatalf("limit: %d %s", code, body)
+			}
+			var got []int
+			for range 2 {
+				code, _ := a.call(t, provider.OpenAI, nonStream[provider.OpenAI], tok.Token)
+				got = append(got, code)
+			}
+			if got[0] != 200 || got[1] != 429 {
+				t.Errorf("%s on master %d: statuses %v, want [200 429] with %d tokens per request and a limit of %d", m, node, got, per, 2*per-1)
+			}
+			// The script reads the usage hash and a seen marker of the same
+			// mailbox, which a Cluster accepts only in one slot.
+			pending := []keystore.PendingUsage{{RequestID: "not-written-yet", Month: keystore.Month(time.Now()), Tokens: 5}}
+			clusterWaitFor(t, 5*time.Second, func() error {
+				used, err := a.store.UsedShared(context.Background(), mailbox.ID(m), pending)
+				if err != nil || used != int64(2*per+5) {
+					return fmt.Errorf("%s: used %d, %v, want %d", m, used, err, 2*per+5)
+				}
+				return nil
+			})
+		}
+	})
+
 	t.Run("previous response", func(t *testing.T) {
 		owner, other := mailboxes[0], mailboxes[1]
 		tokens := map[string]string{}
