@@ -211,6 +211,10 @@ func (s *detachedStream) run() {
 			s.log.Error("detached stream failed", "panic", p)
 			s.conn.Close()
 			if x := s.x; x != nil {
+				// No audit entry will let the usage go.
+				if x.charge != nil {
+					x.charge.done()
+				}
 				x.cancel(nil)
 				s.body.Close()
 				x.up.series.InFlight().Dec()

@@ -338,13 +338,6 @@ func (b *tapBody) Read(p []byte) (int, error) {
 	if b.stall != nil {
 		b.stall.readDone()
 	}
-	if err == io.EOF {
-		b.x.bodyEnded = true
-		// The reverse proxy passes the trailers on once the body has ended,
-		// declared or not, and ModifyResponse runs before their values exist.
-		scrubHeaders(b.resp.Trailer, b.x.keyText, true)
-		b.h.chargePending(b.x)
-	}
 	if n > 0 {
 		b.x.received += int64(n)
 		if b.tap != nil {
@@ -352,6 +345,14 @@ func (b *tapBody) Read(p []byte) (int, error) {
 		} else {
 			b.sink.Write(p[:n])
 		}
+	}
+	if err == io.EOF {
+		b.x.bodyEnded = true
+		// The reverse proxy passes the trailers on once the body has ended,
+		// declared or not, and ModifyResponse runs before their values exist.
+		scrubHeaders(b.resp.Trailer, b.x.keyText, true)
+		// After the tap has the last bytes, which often come with EOF.
+		b.h.chargePending(b.x)
 	}
 	if err != nil && err != io.EOF && b.x.errText == "" {
 		// A client that hangs up cancels the upstream request, and the
@@ -552,11 +553,14 @@ func (h *Handler) finish(x *exchange, source string, log *slog.Logger) {
 	if x.owner != nil {
 		entry.Owned = x.owner.pending
 	}
-	if tokens := counts.InputTokens + counts.OutputTokens; x.limited && x.pendingDone == nil && tokens > 0 {
-		x.pendingDone = h.pending.add(x.mailbox, x.start, x.id, tokens)
+	if tokens := counts.InputTokens + counts.OutputTokens; x.charge != nil {
+		// Held at the end of the body, maybe before an estimate.
+		x.charge.set(tokens)
+	} else if x.limited && tokens > 0 {
+		x.charge = h.pending.add(x.mailbox, x.start, x.id, tokens)
 	}
-	if x.pendingDone != nil {
-		entry.Done = x.pendingDone
+	if x.charge != nil {
+		entry.Done = x.charge.done
 		entry.Prompt = true
 	}
 	h.audit.Record(entry)

@@ -23,11 +23,11 @@ type pendingUsage struct {
 	requests map[mailbox.ID][]keystore.PendingUsage
 }
 
-// add holds n tokens of request requestID, begun at start, for id, and
-// returns the function that lets them go once the writer has delivered or
-// dropped them.
-func (p *pendingUsage) add(id mailbox.ID, start time.Time, requestID string, n int64) func() {
+// add holds n tokens of request requestID, begun at start, for id, until
+// the returned charge is done.
+func (p *pendingUsage) add(id mailbox.ID, start time.Time, requestID string, n int64) *pendingCharge {
 	p.mu.Lock()
+	defer p.mu.Unlock()
 	if p.requests == nil {
 		p.requests = make(map[mailbox.ID][]keystore.PendingUsage)
 	}
@@ -35,21 +35,42 @@ func (p *pendingUsage) add(id mailbox.ID, start time.Time, requestID string, n i
 		p.entries.Add(1)
 	}
 	p.requests[id] = append(p.requests[id], keystore.PendingUsage{RequestID: requestID, Month: keystore.Month(start), Tokens: n})
-	p.mu.Unlock()
-	var once sync.Once
-	return func() {
-		once.Do(func() {
-			p.mu.Lock()
-			defer p.mu.Unlock()
-			list := slices.DeleteFunc(p.requests[id], func(u keystore.PendingUsage) bool { return u.RequestID == requestID })
-			if len(list) == 0 {
-				delete(p.requests, id)
-				p.entries.Add(-1)
-				return
-			}
-			p.requests[id] = list
-		})
+	return &pendingCharge{p: p, id: id, requestID: requestID}
+}
+
+// pendingCharge is one request's usage held in a pendingUsage.
+type pendingCharge struct {
+	p         *pendingUsage
+	id        mailbox.ID
+	requestID string
+	once      sync.Once
+}
+
+// set changes the tokens held to n, the request's final count.
+func (c *pendingCharge) set(n int64) {
+	c.p.mu.Lock()
+	defer c.p.mu.Unlock()
+	for i, u := range c.p.requests[c.id] {
+		if u.RequestID == c.requestID {
+			c.p.requests[c.id][i].Tokens = n
+		}
 	}
+}
+
+// done lets the tokens go, once the writer has delivered or dropped them.
+func (c *pendingCharge) done() {
+	c.once.Do(func() {
+		p := c.p
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		list := slices.DeleteFunc(p.requests[c.id], func(u keystore.PendingUsage) bool { return u.RequestID == c.requestID })
+		if len(list) == 0 {
+			delete(p.requests, c.id)
+			p.entries.Add(-1)
+			return
+		}
+		p.requests[c.id] = list
+	})
 }
 
 // get returns a copy of the usage pending for id.
@@ -64,14 +85,14 @@ func (p *pendingUsage) get(id mailbox.ID) []keystore.PendingUsage {
 
 // chargePending holds the usage of x as pending once its upstream body has
 // ended, before the client is sent the end of the response, so that the
-// client's next request is checked against it. finish does it for a
-// response that ends otherwise.
+// client's next request is checked against it. finish sets the final count,
+// and does it for a response that ends otherwise.
 func (h *Handler) chargePending(x *exchange) {
-	if !x.limited || x.pendingDone != nil || x.tap == nil {
+	if !x.limited || x.charge != nil || x.tap == nil {
 		return
 	}
 	c := x.tap.Counts()
 	if n := c.InputTokens + c.OutputTokens; n > 0 {
-		x.pendingDone = h.pending.add(x.mailbox, x.start, x.id, n)
+		x.charge = h.pending.add(x.mailbox, x.start, x.id, n)
 	}
 }

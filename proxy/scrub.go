@@ -1,6 +1,12 @@
 package proxy
 
-import "net/http"
+import (
+	"bytes"
+	"net/http"
+	"strings"
+	"unicode/utf16"
+	"unicode/utf8"
+)
 
 // redacted is the text that replaces each form of the key in a response.
 const redacted = "[REDACTED]"
@@ -40,7 +46,7 @@ func scrubHeaders(h http.Header, key string, masked bool) {
 		}
 		for i, v := range values {
 			if len(v) >= len(key) && indexKeyForm(v, key) >= 0 ||
-				masked && partialMaskAt(v, key, 0) >= 0 {
+				masked && hasPartialMask(v, key) {
 				values[i] = scrubText(v, key)
 			}
 		}
@@ -219,27 +225,88 @@ const minMaskedPart = 4
 // "sk-abc1*****wxyz", "sk-abcd...wxyz", "sk-abcd…wxyz" or "••••wxyz": a run
 // of mask characters with the key's first characters before it or its last
 // ones after it. Providers put such forms in error messages. A run of mask
-// characters next to other text, such as "abc***xyz", is left alone.
+// characters next to other text, such as "abc***xyz", is left alone. The
+// forms are looked for with escapes decoded (see decodeEscapes), so a mask
+// written as "\u2026" or a key character as "%2D" is found too.
 func replacePartialMasks(b []byte, key string) []byte {
+	view, from, to := decodeEscapes(b)
 	var out []byte
 	last := 0
-	for i := 0; i < len(b); {
-		start := partialMaskAt(b, key, i)
+	for i := 0; i < len(view); {
+		start := partialMaskAt(view, key, i)
 		if start < 0 {
 			break
 		}
-		end := maskedPartEnd(b, start)
+		end := maskedPartEnd(view, key, start)
+		i = end
+		if from != nil {
+			start, end = from[start], to[end-1]
+		}
+		start = max(start, last)
 		if out == nil {
 			out = make([]byte, 0, len(b))
 		}
 		out = append(out, b[last:start]...)
 		out = append(out, redacted...)
-		i, last = end, end
+		last = end
 	}
 	if out == nil {
 		return b
 	}
 	return append(out, b[last:]...)
+}
+
+// hasPartialMask reports whether s holds a masked form of key, escaped or
+// not.
+func hasPartialMask(s, key string) bool {
+	view, _, _ := decodeEscapes([]byte(s))
+	return partialMaskAt(view, key, 0) >= 0
+}
+
+// decodeEscapes returns b with its JSON escapes of the Basic Multilingual
+// Plane ("\u2026"), "\/" and percent escapes ("%E2%80%A6") decoded. For each
+// byte of the result, from and to give the offsets in b of the escape or
+// byte it comes from. When b holds no backslash or percent sign, it returns
+// b itself and nil offsets.
+func decodeEscapes(b []byte) (view []byte, from, to []int) {
+	if bytes.IndexByte(b, '\\') < 0 && bytes.IndexByte(b, '%') < 0 {
+		return b, nil, nil
+	}
+	view = make([]byte, 0, len(b))
+	from = make([]int, 0, len(b))
+	to = make([]int, 0, len(b))
+	emit := func(p []byte, start, end int) {
+		for _, c := range p {
+			view = append(view, c)
+			from = append(from, start)
+			to = append(to, end)
+		}
+	}
+	for i := 0; i < len(b); {
+		switch {
+		case b[i] == '\\' && i+1 < len(b) && b[i+1] == '/':
+			emit([]byte{'/'}, i, i+2)
+			i += 2
+			continue
+		case b[i] == '\\' && i+5 < len(b) && b[i+1] == 'u':
+			hi, ok1 := hexByte(b[i+2], b[i+3])
+			lo, ok2 := hexByte(b[i+4], b[i+5])
+			if r := rune(hi)<<8 | rune(lo); ok1 && ok2 && !utf16.IsSurrogate(r) {
+				emit(utf8.AppendRune(nil, r), i, i+6)
+				i += 6
+				continue
+			}
+		case b[i] == '%' && i+2 < len(b):
+			if v, ok := hexByte(b[i+1], b[i+2]); ok {
+				emit([]byte{v}, i, i+3)
+				i += 3
+				continue
+			}
+		}
+		emit(b[i:i+1], i, i+1)
+		i++
+	}
+	return view, from, to
 }
 
 // partialMaskAt returns the offset, from from on, of the first masked form
@@ -253,11 +320,11 @@ func partialMaskAt[T string | []byte](s T, key string, from int) int {
 		}
 		if ok {
 			start := i
-			for start > from && keyChar(s[start-1]) {
+			for start > from && keyChar(s[start-1], key) {
 				start--
 			}
 			end := i + run
-			for end < len(s) && keyChar(s[end]) {
+			for end < len(s) && keyChar(s[end], key) {
 				end++
 			}
 			before, after := s[start:i], s[i+run:end]
@@ -272,14 +339,14 @@ func partialMaskAt[T string | []byte](s T, key string, from int) int {
 }
 
 // maskedPartEnd returns the end of the masked form that starts at start.
-func maskedPartEnd(b []byte, start int) int {
+func maskedPartEnd(b []byte, key string, start int) int {
 	i := start
-	for i < len(b) && keyChar(b[i]) {
+	for i < len(b) && keyChar(b[i], key) {
 		i++
 	}
 	run, _ := maskRun(b, i)
 	i += run
-	for i < len(b) && keyChar(b[i]) {
+	for i < len(b) && keyChar(b[i], key) {
 		i++
 	}
 	return i
@@ -308,9 +375,11 @@ func maskRun[T string | []byte](s T, i int) (int, bool) {
 	return j - i, marks >= 2 || dots >= 3
 }
 
-// keyChar reports whether c can be part of a provider key.
-func keyChar(c byte) bool {
-	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '_'
+// keyChar reports whether c can be part of a provider key: a letter, a
+// digit, '-' or '_', or any other character of key.
+func keyChar(c byte, key string) bool {
+	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '_' ||
+		strings.IndexByte(key, c) >= 0
 }
 
 func equalFold[T string | []byte](a T, b string) bool {

@@ -54,6 +54,11 @@ func TestScrubKeyForms(t *testing.T) {
 		{"bullets", "provided: ••••••WXYZ"},
 		{"first characters only", "provided: sk-proj-Ab12..."},
 		{"last characters only, lower case", "provided: ...wxyz"},
+		{"escaped ellipsis", `{"m":"provided: ` + key[:20] + `\u2026"}`},
+		{"escaped bullets", `{"m":"provided: \u2022\u2022\u2022\u2022` + key[len(key)-8:] + `"}`},
+		{"percent-encoded first characters", "k=%73%6B%2D" + key[3:20] + "..."},
+		{"percent-encoded ellipsis", "k=" + key[:20] + "%E2%80%A6"},
+		{"escaped last characters", `{"m":"` + key[:10] + `...` + jsonEscaped(key[len(key)-4:], false) + `"}`},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -61,7 +66,7 @@ func TestScrubKeyForms(t *testing.T) {
 			if !strings.Contains(got, redacted) {
 				t.Fatalf("nothing redacted in %q", got)
 			}
-			for _, part := range []string{"Ab12", "WXYZ", "wxyz", "ab12", "Ij90"} {
+			for _, part := range []string{"Ab12", "WXYZ", "wxyz", "ab12", "Ij90", `\u0057\u0058`} {
 				if strings.Contains(got, part) {
 					t.Errorf("%q still shows %q", got, part)
 				}

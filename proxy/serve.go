@@ -64,11 +64,11 @@ type exchange struct {
 
 	// limited is set for a shared request of a mailbox with an allowance.
 	// pending is the mailbox's usage charged here and not yet reported
-	// written when the request arrived. pendingDone, once set, lets go of
-	// this request's own.
-	limited     bool
-	pending     []keystore.PendingUsage
-	pendingDone func()
+	// written when the request arrived. charge, once set, holds this
+	// request's own.
+	limited bool
+	pending []keystore.PendingUsage
+	charge  *pendingCharge
 
 	status int
 	// responded is set once the upstream's response header arrived, so
