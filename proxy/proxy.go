@@ -350,8 +350,8 @@ func unsafePath(r *http.Request) bool {
 // treat a POST as another method. Google's API front end honours the first.
 var methodOverrideHeaders = []string{"X-Http-Method-Override", "X-Http-Method", "X-Method-Override"}
 
-// overridesMethod reports whether a request tells the upstream to treat it
-// as another method. The proxy checks the shared key's endpoints, and records
+// overridesMethod reports whether a request names a method for the upstream
+// other than its own. The proxy checks the shared key's endpoints, and records
 // each request, by its own method, so that method must be the one the
 // upstream acts on.
 func overridesMethod(r *http.Request) bool {
@@ -364,12 +364,13 @@ func overridesMethod(r *http.Request) bool {
 	if !strings.Contains(strings.ToLower(r.URL.RawQuery), "httpmethod") && !strings.Contains(r.URL.RawQuery, "%") {
 		return false
 	}
-	for pair := range strings.SplitSeq(r.URL.RawQuery, "&") {
+	// Some servers also split parameters at ';' and trim spaces from names.
+	for pair := range strings.FieldsFuncSeq(r.URL.RawQuery, func(c rune) bool { return c == '&' || c == ';' }) {
 		name, _, _ := strings.Cut(pair, "=")
 		if unescaped, err := url.QueryUnescape(name); err == nil {
 			name = unescaped
 		}
-		if strings.EqualFold(strings.TrimPrefix(name, "$"), "httpMethod") {
+		if strings.EqualFold(strings.TrimPrefix(strings.TrimSpace(name), "$"), "httpMethod") {
 			return true
 		}
 	}

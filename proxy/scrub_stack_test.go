@@ -16,9 +16,9 @@ import (
 	"github.com/byokproxy/byokproxy/provider"
 )
 
-// echoingUpstream responds to every request with 200 and a JSON body, and
-// quotes the credential it received in the places a response can carry
-// beyond its header and body: a 103 Early Hints response, a header name,
+// echoingUpstream responds to every request with 200 and a JSON body. It
+// quotes the credential it received where a response can carry text beyond
+// its header values and body: a 103 Early Hints response, a header name,
 // and declared and undeclared trailers.
 func echoingUpstream(t *testing.T) *httptest.Server {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
