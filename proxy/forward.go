@@ -381,8 +381,8 @@ func (b *tapBody) Close() error {
 	return b.ReadCloser.Close()
 }
 
-// scrubErrorBody replaces every form of the injected key in an upstream
-// error body: raw, percent-encoded and masked.
+// scrubErrorBody replaces every form of the injected key that scrubKey
+// knows in an upstream error body, plain or decoded from its encoding.
 func scrubErrorBody(resp *http.Response, x *exchange) error {
 	// The body is read whole before any of it is sent, so upstream.timeout
 	// bounds the whole read, as it bounds the headers.
