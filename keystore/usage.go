@@ -94,8 +94,9 @@ type PendingUsage struct {
 }
 
 // usedWithPendingScript returns the month's shared total, plus the tokens of
-// each pending request whose seen marker is not set yet. It reads both in
-// one step, so a request whose usage lands meanwhile counts exactly once.
+// each pending request whose seen marker is not set yet. Redis runs a script
+// without interleaving other commands, and recordUsageScript sets a marker
+// with its increment, so each request counts exactly once.
 // KEYS: usage hash, then one seen marker per request. ARGV: the total's
 // field, then the tokens of each request.
 const usedWithPendingScript = `

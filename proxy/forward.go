@@ -382,7 +382,7 @@ func (b *tapBody) Close() error {
 }
 
 // scrubErrorBody replaces every form of the injected key that scrubKey
-// knows in an upstream error body, plain or decoded from its encoding.
+// finds in an upstream error body, plain or decoded from its encoding.
 func scrubErrorBody(resp *http.Response, x *exchange) error {
 	// The body is read whole before any of it is sent, so upstream.timeout
 	// bounds the whole read, as it bounds the headers.

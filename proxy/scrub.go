@@ -108,20 +108,33 @@ func escapeStart(s []byte, c byte) bool {
 // replaceKeyForms replaces each occurrence of a form of key in b (see
 // keyFormLen) with redacted. It returns b itself when there is none.
 func replaceKeyForms(b []byte, key string) []byte {
+	return replaceSpans(b, func(from int) (int, int) {
+		i := indexKeyForm(b[from:], key)
+		if i < 0 {
+			return -1, -1
+		}
+		i += from
+		return i, i + keyFormLen(b[i:], key)
+	})
+}
+
+// replaceSpans returns b with each span that next finds replaced by
+// redacted, or b itself when next finds none. next returns the first span
+// that starts at or after from, or a start of -1.
+func replaceSpans(b []byte, next func(from int) (start, end int)) []byte {
 	var out []byte
 	last := 0
-	for {
-		i := indexKeyForm(b[last:], key)
-		if i < 0 {
+	for last < len(b) {
+		start, end := next(last)
+		if start < 0 {
 			break
 		}
-		i += last
 		if out == nil {
 			out = make([]byte, 0, len(b))
 		}
-		out = append(out, b[last:i]...)
+		out = append(out, b[last:start]...)
 		out = append(out, redacted...)
-		last = i + keyFormLen(b[i:], key)
+		last = end
 	}
 	if out == nil {
 		return b
@@ -230,30 +243,19 @@ const minMaskedPart = 4
 // written as "\u2026" or a key character as "%2D" is found too.
 func replacePartialMasks(b []byte, key string) []byte {
 	view, from, to := decodeEscapes(b)
-	var out []byte
-	last := 0
-	for i := 0; i < len(view); {
+	i := 0 // where the search in view goes on
+	return replaceSpans(b, func(last int) (int, int) {
 		start := partialMaskAt(view, key, i)
 		if start < 0 {
-			break
+			return -1, -1
 		}
 		end := maskedPartEnd(view, key, start)
 		i = end
 		if from != nil {
 			start, end = from[start], to[end-1]
 		}
-		start = max(start, last)
-		if out == nil {
-			out = make([]byte, 0, len(b))
-		}
-		out = append(out, b[last:start]...)
-		out = append(out, redacted...)
-		last = end
-	}
-	if out == nil {
-		return b
-	}
-	return append(out, b[last:]...)
+		return max(start, last), end
+	})
 }
 
 // hasPartialMask reports whether s holds a masked form of key, escaped or
