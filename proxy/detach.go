@@ -87,11 +87,31 @@ func (c *clientWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
 // WriteHeader removes the key from the header of a 1xx response, such as
 // 103 Early Hints. The reverse proxy copies such a header from the
 // upstream's and sends it at once, so ModifyResponse never gets it.
+//
+// Before the final response it sets the proxy's request id again, because
+// the reverse proxy clears the header after a 1xx response and adds an
+// upstream header of the same name to it.
 func (c *clientWriter) WriteHeader(code int) {
+	h := c.ResponseWriter.Header()
 	if code >= 100 && code < 200 {
-		scrubHeaders(c.ResponseWriter.Header(), c.x.keyText, true)
+		scrubHeaders(h, c.x.keyText, true)
+	} else {
+		setRequestID(h, c.x.id)
 	}
 	c.ResponseWriter.WriteHeader(code)
+}
+
+// requestIDHeader names the header that carries the proxy's id of a
+// request. The provider's own x-request-id passes through for the SDKs
+// that read it.
+const requestIDHeader = "X-Byokproxy-Request-Id"
+
+// setRequestID makes id the only value of requestIDHeader in h. It
+// allocates nothing when h has that value already.
+func setRequestID(h http.Header, id string) {
+	if v := h[requestIDHeader]; len(v) != 1 || v[0] != id {
+		h[requestIDHeader] = []string{id}
+	}
 }
 
 // detachedStream is a streamed response that runs on its own goroutine,
@@ -174,6 +194,7 @@ func (h *Handler) detach(resp *http.Response, x *exchange) bool {
 			header.Add(k, v)
 		}
 	}
+	setRequestID(header, x.id)
 	s := &detachedStream{
 		h: h, x: x, log: x.log, conn: conn, srv: srv, body: resp.Body, header: header,
 		keepAlive: !x.in.Close, watched: make(chan struct{}),

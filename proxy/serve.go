@@ -140,9 +140,7 @@ func (h *Handler) serveProvider(w http.ResponseWriter, r *http.Request) {
 func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slog.Logger) {
 	s := h.settings.Load()
 	x := &exchange{id: newRequestID(), start: time.Now(), method: r.Method}
-	// The provider's own x-request-id passes through for the SDKs that read
-	// it, so the proxy's id travels in a header of its own.
-	w.Header().Set("X-Byokproxy-Request-Id", x.id)
+	setRequestID(w.Header(), x.id)
 
 	name, rest, _ := splitRoute(r.URL.Path)
 	up := s.upstreams[name]

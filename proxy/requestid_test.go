@@ -1,0 +1,104 @@
+package proxy_test
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httptrace"
+	"net/textproto"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/byokproxy/byokproxy/config"
+	"github.com/byokproxy/byokproxy/internal/teststack"
+	"github.com/byokproxy/byokproxy/provider"
+)
+
+// hintingUpstream sends 103 Early Hints before every response, and puts a
+// header named as the proxy's request id on both the hints and the
+// response, as a confused or hostile upstream could.
+func hintingUpstream(t *testing.T) *httptest.Server {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Link", "</style.css>; rel=preload")
+		w.Header().Set("X-Byokproxy-Request-Id", "from-the-upstream")
+		w.WriteHeader(http.StatusEarlyHints)
+		w.Header().Del("Link")
+		if strings.Contains(r.URL.RawQuery, "alt=sse") {
+			w.Header().Set("Content-Type", "text/event-stream")
+			w.WriteHeader(http.StatusOK)
+			io.WriteString(w, `data: {"candidates":[{"content":{"role":"model","parts":[{"text":"hi"}]},"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1,"totalTokenCount":4}}`+"\n\n")
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"candidates":[{"content":{"role":"model","parts":[{"text":"hi"}]},"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1,"totalTokenCount":4}}`)
+	}))
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+// TestRequestIDAfterEarlyHints checks that a response after 103 Early Hints
+// still carries the proxy's request id, once, and that it is the id of the
+// request's audit event, whether the response is JSON, an attached stream
+// or a detached one.
+func TestRequestIDAfterEarlyHints(t *testing.T) {
+	up := hintingUpstream(t)
+	st := teststack.Start(t, func(c *config.Config) {
+		c.Provider(provider.Google).Upstream = up.URL
+	})
+	_, attachedURL := st.AttachedProxy(t)
+	cases := []struct {
+		name, url string
+		c         call
+	}{
+		{"json", st.ProxyURL, nonStream[provider.Google]},
+		{"detached stream", st.ProxyURL, streaming[provider.Google]},
+		{"attached stream", attachedURL, streaming[provider.Google]},
+	}
+	for i, tc := range cases {
+		m := "hints-" + string(rune('a'+i)) + "@example.com"
+		token := st.Token(t, m)
+		var mu sync.Mutex
+		var hinted []string
+		trace := &httptrace.ClientTrace{Got1xxResponse: func(code int, h textproto.MIMEHeader) error {
+			mu.Lock()
+			defer mu.Unlock()
+			hinted = append(hinted, h.Values("X-Byokproxy-Request-Id")...)
+			return nil
+		}}
+		ctx := httptrace.WithClientTrace(context.Background(), trace)
+		resp, body := send(t, http.DefaultClient, callRequest(ctx, tc.url, provider.Google, token, tc.c))
+		if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), `"hi"`) {
+			t.Errorf("%s: %d %s", tc.name, resp.StatusCode, body)
+			continue
+		}
+		mu.Lock()
+		if len(hinted) == 0 {
+			t.Errorf("%s: the 103 response carried no request id", tc.name)
+		}
+		mu.Unlock()
+		ids := resp.Header.Values("X-Byokproxy-Request-Id")
+		if len(ids) != 1 {
+			t.Errorf("%s: request id header %q, want one value", tc.name, ids)
+			continue
+		}
+
+		var events []map[string]any
+		for deadline := time.Now().Add(5 * time.Second); len(events) == 0 && time.Now().Before(deadline); {
+			events = teststack.EventsOf(st.AuditEvents(t), m)
+			if len(events) == 0 {
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
+		if len(events) != 1 {
+			t.Errorf("%s: %d audit events, want 1", tc.name, len(events))
+			continue
+		}
+		if events[0]["request_id"] != ids[0] {
+			t.Errorf("%s: request id %q, audit event's %v", tc.name, ids[0], events[0]["request_id"])
+		}
+	}
+}
