@@ -14,12 +14,13 @@ const redacted = "[REDACTED]"
 // scrubKey replaces every form of key in body from which a client could
 // read the key or a part of it. That is the key in any letter case, with any
 // of its characters percent-encoded or written as a JSON escape. It is also
-// a masked form that keeps some of the key's first or last characters.
+// a masked form that keeps some of the key's first or last characters, and
+// any run of minFragment or more of the key's characters.
 func scrubKey(body []byte, key string) []byte {
 	if key == "" {
 		return body
 	}
-	return replacePartialMasks(replaceKeyForms(body, key), key)
+	return replaceKeyFragments(replacePartialMasks(replaceKeyForms(body, key), key), key)
 }
 
 func scrubText(s, key string) string {
@@ -35,6 +36,7 @@ func scrubHeaders(h http.Header, key string, masked bool) {
 	if key == "" {
 		return
 	}
+	var fragments lazyFragments
 	for name, values := range h {
 		// Every form of the key is at least as long as the key, which is
 		// longer than most names and values, so the length is checked
@@ -46,7 +48,7 @@ func scrubHeaders(h http.Header, key string, masked bool) {
 		}
 		for i, v := range values {
 			if len(v) >= len(key) && indexKeyForm(v, key) >= 0 ||
-				masked && hasPartialMask(v, key) {
+				masked && (hasPartialMask(v, key) || fragments.in(v, key)) {
 				values[i] = scrubText(v, key)
 			}
 		}
@@ -394,4 +396,109 @@ func equalFold[T string | []byte](a T, b string) bool {
 		}
 	}
 	return true
+}
+
+// minFragment is how many consecutive characters of the key a text must
+// show to be taken for a part of it. The prefixes that providers publish,
+// such as "sk-ant-api03-", are shorter, and 16 of a key's random characters
+// are very unlikely to turn up in other text.
+const minFragment = 16
+
+// keyFragments finds the runs of minFragment or more characters of a key,
+// in any letter case. It is built for one scrub, because it holds the key.
+type keyFragments struct {
+	// grams holds each minFragment-long part of the key, in lower case.
+	grams map[string]struct{}
+	// pairs has a bit set for each pair of adjacent characters of the key,
+	// in lower case, so most positions of other text are passed over
+	// without a map lookup.
+	pairs [1 << 16 / 64]uint64
+}
+
+func newKeyFragments(key string) *keyFragments {
+	lower := strings.ToLower(key)
+	f := &keyFragments{grams: make(map[string]struct{}, len(lower))}
+	for i := 0; i+minFragment <= len(lower); i++ {
+		f.grams[lower[i:i+minFragment]] = struct{}{}
+	}
+	for i := 0; i+1 < len(lower); i++ {
+		pair := uint16(lower[i])<<8 | uint16(lower[i+1])
+		f.pairs[pair/64] |= 1 << (pair % 64)
+	}
+	return f
+}
+
+// matchAt reports whether the minFragment bytes of s at i are a part of the
+// key.
+func (f *keyFragments) matchAt(s []byte, i int) bool {
+	if i+minFragment > len(s) {
+		return false
+	}
+	pair := uint16(lowerASCII(s[i]))<<8 | uint16(lowerASCII(s[i+1]))
+	if f.pairs[pair/64]&(1<<(pair%64)) == 0 {
+		return false
+	}
+	var window [minFragment]byte
+	for j := range window {
+		window[j] = lowerASCII(s[i+j])
+	}
+	_, ok := f.grams[string(window[:])]
+	return ok
+}
+
+// next returns the first run of s, at or after from, made of overlapping
+// parts of the key, or -1.
+func (f *keyFragments) next(s []byte, from int) (start, end int) {
+	for i := from; i+minFragment <= len(s); i++ {
+		if !f.matchAt(s, i) {
+			continue
+		}
+		end := i + minFragment
+		for f.matchAt(s, end-minFragment+1) {
+			end++
+		}
+		return i, end
+	}
+	return -1, -1
+}
+
+// replaceKeyFragments replaces each run of minFragment or more of the key's
+// characters in b, such as a key cut short or with its first characters
+// left out. They are looked for with escapes decoded (see decodeEscapes).
+func replaceKeyFragments(b []byte, key string) []byte {
+	if len(key) < minFragment || len(b) < minFragment {
+		return b
+	}
+	f := newKeyFragments(key)
+	view, from, to := decodeEscapes(b)
+	i := 0 // where the search in view goes on
+	return replaceSpans(b, func(last int) (int, int) {
+		start, end := f.next(view, i)
+		if start < 0 {
+			return -1, -1
+		}
+		i = end
+		if from != nil {
+			start, end = from[start], to[end-1]
+		}
+		return max(start, last), end
+	})
+}
+
+// lazyFragments builds the keyFragments of a key on first use, so that
+// header values too short to hold a fragment cost nothing.
+type lazyFragments struct{ f *keyFragments }
+
+// in reports whether s holds a run of minFragment or more of the key's
+// characters, escaped or not.
+func (l *lazyFragments) in(s, key string) bool {
+	if len(key) < minFragment || len(s) < minFragment {
+		return false
+	}
+	if l.f == nil {
+		l.f = newKeyFragments(key)
+	}
+	view, _, _ := decodeEscapes([]byte(s))
+	start, _ := l.f.next(view, 0)
+	return start >= 0
 }

@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -99,6 +100,52 @@ func TestKeyOutsideHeaderAndBodyScrubbed(t *testing.T) {
 				lower := strings.ToLower(line)
 				if strings.Contains(lower, strings.ToLower(key)) || strings.Contains(lower, strings.ToLower(key[len(key)-4:])) {
 					t.Errorf("%s %s: the client got %q", source, p, line)
+				}
+			}
+		}
+	}
+}
+
+// TestKeyFragmentsInErrorScrubbed has the upstream quote most of the
+// injected key in an error body, cut short at its end or its start, and
+// checks that no part of it reaches the client.
+func TestKeyFragmentsInErrorScrubbed(t *testing.T) {
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		key := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
+		for _, name := range []string{"X-Api-Key", "X-Goog-Api-Key"} {
+			if v := r.Header.Get(name); v != "" {
+				key = v
+			}
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusUnauthorized)
+		fmt.Fprintf(w, `{"error":{"message":"key %s or %s is not valid, nor %s","type":"authentication_error"}}`,
+			key[:len(key)-3], strings.ToUpper(key[5:]), strings.ReplaceAll(key[2:len(key)-2], "-", `\u002d`))
+	}))
+	t.Cleanup(up.Close)
+	st := teststack.Start(t, func(c *config.Config) {
+		for _, p := range provider.Names {
+			c.Provider(p).Upstream = up.URL
+		}
+	})
+	tokens := map[string]string{"shared": st.Token(t, "fragment-shared@example.com"), "byok": useBYOKEverywhere(t, st, "fragment-byok@example.com")}
+	keys := map[string]map[string]string{"shared": teststack.SharedKeys, "byok": teststack.BYOKKeys}
+	for _, source := range []string{"shared", "byok"} {
+		for _, p := range provider.Names {
+			key := strings.ToLower(keys[source][p])
+			resp, body := send(t, http.DefaultClient, callRequest(context.Background(), st.ProxyURL, p, tokens[source], nonStream[p]))
+			if resp.StatusCode != http.StatusUnauthorized {
+				t.Errorf("%s %s: status %d, want the upstream's 401", source, p, resp.StatusCode)
+			}
+			if n := strings.Count(string(body), "[REDACTED]"); n != 3 {
+				t.Errorf("%s %s: %d redactions in %s, want 3", source, p, n, body)
+			}
+			lower := strings.ToLower(strings.ReplaceAll(string(body), `\u002d`, "-"))
+			for i := 0; i+12 <= len(key); i++ {
+				if strings.Contains(lower, key[i:i+12]) {
+					t.Errorf("%s %s: the client got %q of the key in %s", source, p, key[i:i+12], body)
+					break
 				}
 			}
 		}

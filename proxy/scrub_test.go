@@ -96,6 +96,49 @@ func TestScrubKeyLeavesOtherText(t *testing.T) {
 	}
 }
 
+func TestScrubKeyFragments(t *testing.T) {
+	const key = "sk-ant-api03-Xy7Qp2Lm9Rt4Vb6Nc8Jd1Hf3Kg5Ws0-AbCd"
+	secret := strings.ToLower(key[len("sk-ant-api03-"):])
+	cases := []struct {
+		name string
+		text string
+	}{
+		{"all but the last characters", "key " + key[:len(key)-3] + " is invalid"},
+		{"all but the first characters", "key ..." + key[20:]},
+		{"sixteen characters from the middle", "part " + key[20:36] + "."},
+		{"upper case", "KEY " + strings.ToUpper(key[5:40])},
+		{"percent-encoded", "k=" + percentEncoded(key[:30])},
+		{"JSON escaped", `{"m":"` + jsonEscaped(key[10:34], false) + `"}`},
+		{"two fragments", key[:20] + " and " + key[25:45]},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			got := scrubText(c.text, key)
+			if !strings.Contains(got, redacted) {
+				t.Fatalf("nothing redacted in %q", got)
+			}
+			lower := strings.ToLower(got)
+			for i := 0; i+8 <= len(secret); i++ {
+				if strings.Contains(lower, secret[i:i+8]) {
+					t.Errorf("%q still shows %q", got, secret[i:i+8])
+				}
+			}
+		})
+	}
+
+	// The published prefix and runs shorter than minFragment are other
+	// text: no key can be read from them.
+	for _, text := range []string{
+		"Anthropic keys start with sk-ant-api03- and are secret.",
+		"id " + key[20:20+minFragment-1] + " not found",
+		"sk-ant-api03-" + strings.Repeat("z", 40),
+	} {
+		if got := scrubText(text, key); got != text {
+			t.Errorf("scrubText(%q) = %q, want it unchanged", text, got)
+		}
+	}
+}
+
 func TestScrubHeaders(t *testing.T) {
 	const key = "AIzaSyD-Ab12Cd34Ef56Gh78Ij90Kl12Mn34Op5"
 	h := http.Header{}
@@ -116,9 +159,17 @@ func TestScrubHeaders(t *testing.T) {
 	if h.Get("X-Hint") != "AIzaSyD-Ab1...Op5" {
 		t.Errorf("masked forms are looked for only when asked: X-Hint = %q", h.Get("X-Hint"))
 	}
+	h.Set("X-Part", "key="+key[2:30])
+	scrubHeaders(h, key, false)
+	if h.Get("X-Part") != "key="+key[2:30] {
+		t.Errorf("fragments are looked for only when asked: X-Part = %q", h.Get("X-Part"))
+	}
 	scrubHeaders(h, key, true)
 	if h.Get("X-Hint") != redacted {
 		t.Errorf("X-Hint = %q, want it redacted", h.Get("X-Hint"))
+	}
+	if h.Get("X-Part") != "key="+redacted {
+		t.Errorf("X-Part = %q, want the fragment redacted", h.Get("X-Part"))
 	}
 }
 
