@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -26,16 +28,18 @@ type drainingProxy struct {
 	proc          *proxyProcess
 	listen        string
 	metricsListen string
+	forwardListen string
 	redis         *redistest.Server
 	rdb           *redis.Client
 	prefix        string
 	token         string
 }
 
-// startDrainingProxy starts byokproxy with the given shutdown grace period,
-// in front of an emulator that waits eventDelay before each stream event
-// after the first, and issues a token for the mailbox slow@example.com.
-// It starts a redis-server of its own, which a test may pause.
+// startDrainingProxy starts byokproxy with the given shutdown grace period
+// and a forward listener, in front of an emulator that waits eventDelay
+// before each stream event after the first, and issues a token for the
+// mailbox slow@example.com. It starts a redis-server of its own, which a
+// test may pause.
 func startDrainingProxy(t *testing.T, grace string, eventDelay time.Duration) *drainingProxy {
 	t.Helper()
 	root := moduleRoot(t)
@@ -58,6 +62,11 @@ func startDrainingProxy(t *testing.T, grace string, eventDelay time.Duration) *d
 	d.listen = fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))
 	adminListen := fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))
 	d.metricsListen = fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))
+	d.forwardListen = fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))
+	caCert, caKey := filepath.Join(dir, "forward-ca.pem"), filepath.Join(dir, "forward-ca-key.pem")
+	if out, err := exec.Command(bin, "ca", "new", "--cert", caCert, "--key", caKey).CombinedOutput(); err != nil {
+		t.Fatalf("byokproxy ca new: %v\n%s", err, out)
+	}
 	adminToken := randomString(t, 40)
 	configFile := filepath.Join(dir, "byokproxy.yaml")
 	writeConfig(t, configFile, map[string]any{
@@ -65,6 +74,7 @@ func startDrainingProxy(t *testing.T, grace string, eventDelay time.Duration) *d
 		"shutdown_grace": grace,
 		"admin":          map[string]any{"listen": adminListen, "token": adminToken},
 		"metrics":        map[string]any{"listen": d.metricsListen},
+		"forward":        map[string]any{"listen": d.forwardListen, "ca_cert_file": caCert, "ca_key_file": caKey},
 		"auth":           map[string]any{"token_secrets": []string{randomString(t, 48)}},
 		"keystore":       map[string]any{"identity_file": identityFile},
 		"redis":          map[string]any{"url": rs.URL, "prefix": d.prefix},
@@ -167,6 +177,56 @@ func TestShutdownFinishesStreams(t *testing.T) {
 	if !strings.Contains(text, `"mailbox":"slow@example.com"`) || !strings.Contains(text, `"stream":true`) {
 		t.Errorf("the stream's audit event did not land before exit; stream holds:\n%s", text)
 	}
+}
+
+// TestShutdownStopsForwardListener sends SIGTERM while a stream drains on
+// the proxy listener. The forward listener must stop accepting at once,
+// and a CONNECT on a client connection opened before the signal must get
+// 503, so that no new stream starts that the grace period would cut.
+func TestShutdownStopsForwardListener(t *testing.T) {
+	d := startDrainingProxy(t, "20s", time.Second)
+	_, reader := d.startStream(t)
+	early, err := net.Dial("tcp", d.forwardListen)
+	if err != nil {
+		t.Fatalf("dial the forward listener: %v", err)
+	}
+	defer early.Close()
+
+	d.signal(t, syscall.SIGTERM)
+	refused := false
+	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		conn, err := net.DialTimeout("tcp", d.forwardListen, time.Second)
+		if err != nil {
+			refused = true
+			break
+		}
+		conn.Close()
+	}
+	if !refused {
+		t.Error("the forward listener still accepts connections 3 s after SIGTERM, while a stream drains")
+	}
+
+	early.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprintf(early, "CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\nProxy-Authorization: Bearer %s\r\n\r\n", d.token)
+	resp, err := http.ReadResponse(bufio.NewReader(early), nil)
+	if err != nil {
+		t.Errorf("CONNECT on a connection opened before the signal: %v", err)
+	} else {
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusServiceUnavailable {
+			t.Errorf("CONNECT on a connection opened before the signal: status %d, want 503", resp.StatusCode)
+		}
+	}
+
+	select {
+	case <-d.proc.done:
+		t.Error("byokproxy exited before the stream ended")
+	default:
+	}
+	if _, err := io.ReadAll(reader); err != nil {
+		t.Errorf("stream cut during shutdown: %v", err)
+	}
+	d.waitExit(t, 20*time.Second)
 }
 
 // TestSecondSignalEndsGracePeriod sends SIGTERM and then SIGINT while a

@@ -155,6 +155,11 @@ func (f *Forward) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f.connect.ServeHTTP(w, r)
 }
 
+// StopIntercepting makes every later CONNECT get 503, also on client
+// connections already open. Requests on connections already intercepted go
+// on.
+func (f *Forward) StopIntercepting() { f.ln.Close() }
+
 // Shutdown stops intercepting new connections and waits, until ctx ends, for
 // the requests and streams on intercepted connections to finish.
 func (f *Forward) Shutdown(ctx context.Context) error {

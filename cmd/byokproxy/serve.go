@@ -190,7 +190,7 @@ func serve(args []string) error {
 			}
 		}
 	}()
-	for _, s := range servers {
+	stop := func(s *listener) {
 		if err := s.srv.Shutdown(ctx); err != nil {
 			log.Warn("requests still running at the end of the grace period", "listener", s.name, "error", err)
 			if s.name == "proxy" {
@@ -198,18 +198,33 @@ func serve(args []string) error {
 			}
 			s.srv.Close()
 		}
-		// Streams detached from the proxy listener's server are not among
-		// the requests its Shutdown waits for. They are waited for here,
-		// before the admin and metrics listeners stop, so that both serve
-		// while the streams drain.
-		if s.name == "proxy" {
-			if err := handler.Drain(ctx); err != nil {
-				log.Warn("streams still open at the end of the grace period", "listener", "proxy", "error", err)
+	}
+	// The forward listener stops accepting as the proxy listener does, so
+	// no client starts a stream through it while the proxy listener drains,
+	// only to have it cut when the grace period ends. Its server goes on
+	// serving the connections already open, where a CONNECT now gets 503:
+	// a server in Shutdown would close them without a response instead.
+	if forward != nil {
+		forward.StopIntercepting()
+		for _, s := range servers {
+			if s.name == "forward" {
+				s.close()
 			}
 		}
 	}
-	// The forward listener's Shutdown does not wait for hijacked tunnels, so
-	// the intercepted requests inside them are drained here.
+	for _, s := range servers {
+		if s.name == "proxy" {
+			stop(s)
+		}
+	}
+	// Streams detached from the proxy listener's server are not among the
+	// requests its Shutdown waits for, and the forward listener's Shutdown
+	// does not wait for hijacked tunnels. Both are waited for here, before
+	// the admin and metrics listeners stop, so that both serve while the
+	// streams drain.
+	if err := handler.Drain(ctx); err != nil {
+		log.Warn("streams still open at the end of the grace period", "listener", "proxy", "error", err)
+	}
 	if forward != nil {
 		if err := forward.Shutdown(ctx); err != nil {
 			log.Warn("intercepted requests still running at the end of the grace period", "listener", "forward", "error", err)
@@ -218,6 +233,11 @@ func serve(args []string) error {
 			// Close does not wait for the handlers of the requests it
 			// cuts, which still record their exchanges.
 			handler.Drain(ctx)
+		}
+	}
+	for _, s := range servers {
+		if s.name != "proxy" {
+			stop(s)
 		}
 	}
 	close(drained)
