@@ -100,11 +100,19 @@ func NewWriter(rdb redis.UniversalClient, layout keystore.Layout, opts Options) 
 }
 
 // Record queues e without blocking. If the queue is full or the writer is
-// closed, e is dropped and counted.
+// closed, e is dropped and counted. An entry that changes no state (no
+// usage, no owned ids) is dropped once the queue is half full. While Redis
+// is unreachable, clients retry their rejected requests, and the events
+// of those would otherwise push out the usage of requests that completed.
 func (w *Writer) Record(e Entry) {
 	w.mu.RLock()
 	defer w.mu.RUnlock()
-	if !w.closed {
+	reason := "writer closed"
+	switch {
+	case w.closed:
+	case e.Usage == nil && len(e.Owned) == 0 && len(w.queue) >= w.opts.QueueSize-w.opts.QueueSize/2:
+		reason = "queue half full, the rest is kept for usage"
+	default:
 		// Counted before the send, so the writer cannot deliver the entry
 		// and count it off first.
 		w.unsent.Add(1)
@@ -119,6 +127,7 @@ func (w *Writer) Record(e Entry) {
 			return
 		default:
 			w.unsent.Add(-1)
+			reason = "queue full"
 		}
 	}
 	if e.Done != nil {
@@ -126,10 +135,6 @@ func (w *Writer) Record(e Entry) {
 	}
 	if w.opts.Dropped != nil {
 		w.opts.Dropped.Inc()
-	}
-	reason := "queue full"
-	if w.closed {
-		reason = "writer closed"
 	}
 	w.log.Warn("audit event dropped: "+reason,
 		"request_id", e.Event.RequestID, "mailbox", e.Event.Mailbox,

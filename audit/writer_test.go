@@ -156,6 +156,42 @@ func TestFullQueueDropsAndCounts(t *testing.T) {
 	}
 }
 
+func TestFullQueueKeepsRoomForUsage(t *testing.T) {
+	srv := redistest.Start(t)
+	dropped := prometheus.NewCounter(prometheus.CounterOpts{Name: "dropped"})
+	w := NewWriter(srv.Client(t), keystore.Layout{Prefix: srv.Prefix(t)}, Options{QueueSize: 5, Dropped: dropped})
+	// No Run: nothing drains. Rejected requests carry no usage.
+	for i := range 6 {
+		e := requestEntry(i)
+		e.Usage = nil
+		e.Event.Status, e.Event.InputTokens, e.Event.OutputTokens = 503, 0, 0
+		w.Record(e)
+	}
+
+	if got := testutil.ToFloat64(dropped); got != 3 {
+		t.Errorf("dropped = %v after 6 entries without usage, want 3", got)
+	}
+	for i := range 3 {
+		w.Record(requestEntry(10 + i))
+	}
+	if w.Pending() != 5 {
+		t.Errorf("pending = %d, want 5", w.Pending())
+	}
+	if got := testutil.ToFloat64(dropped); got != 4 {
+		t.Errorf("dropped = %v after 3 entries with usage, want 4: only the last finds the queue full", got)
+	}
+
+	withUsage := 0
+	for range 5 {
+		if e := <-w.queue; e.Usage != nil {
+			withUsage++
+		}
+	}
+	if withUsage != 2 {
+		t.Errorf("%d queued entries with usage, want 2", withUsage)
+	}
+}
+
 func TestCloseFlushesAndStdout(t *testing.T) {
 	srv := redistest.Start(t)
 	prefix := srv.Prefix(t)
