@@ -46,6 +46,23 @@ func stripQueryCredentials(rawQuery string, shared bool) string {
 	return strings.Join(kept, "&")
 }
 
+// withoutQueryParam returns rawQuery without the parameters called name,
+// as url.ParseQuery reads their names. The rest keep their order and
+// encoding, which url.Values.Encode would change.
+func withoutQueryParam(rawQuery, name string) string {
+	others := make([]string, 0, 4)
+	for part := range strings.SplitSeq(rawQuery, "&") {
+		key, _, _ := strings.Cut(part, "=")
+		if unescaped, err := url.QueryUnescape(key); err == nil {
+			key = unescaped
+		}
+		if key != name {
+			others = append(others, part)
+		}
+	}
+	return strings.Join(others, "&")
+}
+
 func namesCredential(part string, shared bool) bool {
 	for param := range strings.SplitSeq(part, ";") {
 		name, _, _ := strings.Cut(param, "=")

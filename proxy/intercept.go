@@ -301,9 +301,8 @@ func (f *Forward) serveIntercepted(w http.ResponseWriter, r *http.Request) {
 		for _, name := range tokenHeaders {
 			r.Header.Del(name)
 		}
-		if q := r.URL.Query(); q.Has("key") {
-			q.Del("key")
-			r.URL.RawQuery = q.Encode()
+		if r.URL.Query().Has("key") {
+			r.URL.RawQuery = withoutQueryParam(r.URL.RawQuery, "key")
 		}
 		r.Header.Set("Authorization", "Bearer "+t.token)
 	}

@@ -622,6 +622,26 @@ func TestForwardTokenPlacement(t *testing.T) {
 	}
 }
 
+// TestForwardProxyTokenKeepsQuery sends a placeholder ?key= next to other
+// parameters through a tunnel with a proxy token. The placeholder goes, and
+// the rest reach the upstream in their order and encoding.
+func TestForwardProxyTokenKeepsQuery(t *testing.T) {
+	env := newForwardEnv(t)
+	up := env.upstreams["openai"]
+	resp, err := env.client(env.byokToken, true).Get(up.URL + "/v1/models?z=1&key=placeholder&a=b%2Bc&%6Bey=other&m=2")
+	if err != nil {
+		t.Fatalf("GET through the forward proxy: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d: %s", resp.StatusCode, body)
+	}
+	if got := lastRequest(t, up).RawQuery; got != "z=1&a=b%2Bc&m=2" {
+		t.Errorf("upstream query %q, want %q", got, "z=1&a=b%2Bc&m=2")
+	}
+}
+
 // rawConnect sends CONNECT target to the forward proxy with the given
 // Proxy-Authorization (none when empty) and returns the response.
 func (e *forwardEnv) rawConnect(t *testing.T, target, proxyAuth string) (*http.Response, string) {
