@@ -430,9 +430,15 @@ func scrubErrorBody(resp *http.Response, x *exchange) error {
 	resp.ContentLength = int64(len(clean))
 	resp.Header.Set("Content-Length", strconv.Itoa(len(clean)))
 	if x.errText == "" {
-		x.errText = "upstream status " + strconv.Itoa(resp.StatusCode)
+		x.errText = upstreamStatusText(resp.StatusCode)
 	}
 	return nil
+}
+
+// upstreamStatusText is the audit error of a response whose only fault is
+// the upstream's own error status.
+func upstreamStatusText(status int) string {
+	return "upstream status " + strconv.Itoa(status)
 }
 
 // upstreamError writes the error response when the upstream could not be
@@ -567,9 +573,11 @@ func (h *Handler) finish(x *exchange, source string, log *slog.Logger) {
 
 	// The audit event already records every request, so a request that
 	// went well logs only at debug. Formatting the line took about 30 µs per
-	// stream at 100 streams/s, as much as the usage tap.
+	// stream at 100 streams/s, as much as the usage tap. An upstream's 4xx
+	// response, such as an invalid key or a rate limit, is the client's
+	// concern and logs at debug too.
 	level := slog.LevelDebug
-	if x.errText != "" || status >= 500 {
+	if status >= 500 || x.errText != "" && x.errText != upstreamStatusText(status) {
 		level = slog.LevelWarn
 	}
 	if !log.Enabled(context.Background(), level) {
