@@ -821,6 +821,7 @@ func TestValidateProblems(t *testing.T) {
 	missing := filepath.Join(dir, "missing")
 	notPEM := writeFile(t, "not-pem", "hello\n")
 	leafCert, leafKey := writeKeyPair(t, false)
+	_, otherKey := writeKeyPair(t, false)
 	hybrid, err := age.GenerateHybridIdentity()
 	if err != nil {
 		t.Fatal(err)
@@ -871,6 +872,18 @@ func TestValidateProblems(t *testing.T) {
 			c.Provider("anthropic").Upstream = "https://gateway.example/llm"
 			c.Provider("google").Upstream = "https://gateway.example/other"
 		}, []string{"config: providers.openai.upstream: has the host and path of providers.anthropic.upstream, so the forward proxy would send its requests to anthropic; give each provider its own upstream host or base path, or leave forward.listen empty"}},
+		{"tls key file missing", func(c *Config) { c.TLS.CertFile, c.TLS.KeyFile = leafCert, missing },
+			[]string{"config: tls.key_file: open " + missing + ": no such file or directory; set a PEM certificate file and the PEM file of its private key"}},
+		{"tls cert not PEM", func(c *Config) { c.TLS.CertFile, c.TLS.KeyFile = notPEM, leafKey },
+			[]string{"config: tls.cert_file: " + notPEM + " holds no PEM certificate; set a PEM certificate file and the PEM file of its private key"}},
+		{"forward ca key not PEM", func(c *Config) {
+			c.Forward.Listen = "127.0.0.1:8443"
+			c.Forward.CACertFile, c.Forward.CAKeyFile = leafCert, notPEM
+		}, []string{"config: forward.ca_key_file: tls: failed to find any PEM data in key input; set the PEM file of the private key of " + leafCert}},
+		{"forward ca key of another certificate", func(c *Config) {
+			c.Forward.Listen = "127.0.0.1:8443"
+			c.Forward.CACertFile, c.Forward.CAKeyFile = leafCert, otherKey
+		}, []string{"config: forward.ca_key_file: tls: private key does not match public key; set the PEM file of the private key of " + leafCert}},
 		{"forward ca key missing", func(c *Config) { c.Forward.CACertFile = leafCert },
 			[]string{"config: forward.ca_key_file: missing while forward.ca_cert_file is set; set both files or neither"}},
 		{"redis timeout", func(c *Config) { c.Redis.Timeout = 0 },

@@ -3,6 +3,7 @@ package config
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"fmt"
 	"net"
 	"net/url"
@@ -158,12 +159,44 @@ func validateKeyPair(ps *problems, certKey, keyKey string, pair TLS) *x509.Certi
 		ps.add(keyKey, "missing while "+certKey+" is set", "set both files or neither")
 		return nil
 	}
-	cert, err := tls.LoadX509KeyPair(pair.CertFile, pair.KeyFile)
+	// The files are read and the certificate parsed one by one, so that a
+	// problem names the setting of the file at fault.
+	const hint = "set a PEM certificate file and the PEM file of its private key"
+	certPEM, err := os.ReadFile(pair.CertFile)
 	if err != nil {
-		ps.add(certKey, err.Error(), "set a PEM certificate file and the PEM file of its private key")
+		ps.add(certKey, err.Error(), hint)
+		return nil
+	}
+	keyPEM, err := os.ReadFile(pair.KeyFile)
+	if err != nil {
+		ps.add(keyKey, err.Error(), hint)
+		return nil
+	}
+	if !hasCertificate(certPEM) {
+		ps.add(certKey, pair.CertFile+" holds no PEM certificate", hint)
+		return nil
+	}
+	cert, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		ps.add(keyKey, err.Error(), "set the PEM file of the private key of "+pair.CertFile)
 		return nil
 	}
 	return cert.Leaf
+}
+
+// hasCertificate reports whether data holds a PEM certificate that parses.
+func hasCertificate(data []byte) bool {
+	for {
+		var block *pem.Block
+		block, data = pem.Decode(data)
+		if block == nil {
+			return false
+		}
+		if block.Type == "CERTIFICATE" {
+			_, err := x509.ParseCertificate(block.Bytes)
+			return err == nil
+		}
+	}
 }
 
 func (c *Config) validateForward(ps *problems) {

@@ -181,7 +181,7 @@ func forwardCA(cfg *config.Config) (ca tls.Certificate, certFile string, err err
 	if cfg.Forward.CACertFile != "" || !cfg.Dev {
 		ca, err = tls.LoadX509KeyPair(cfg.Forward.CACertFile, cfg.Forward.CAKeyFile)
 		if err != nil {
-			return ca, "", fmt.Errorf("forward.ca_cert_file: %w", err)
+			return ca, "", fmt.Errorf("forward.ca_cert_file and forward.ca_key_file: %w", err)
 		}
 		return ca, cfg.Forward.CACertFile, nil
 	}
