@@ -158,10 +158,16 @@ func (s *Store) Watch(ctx context.Context, log *slog.Logger) {
 		}
 		if !failing {
 			failing = true
-			if wasLive {
+			var refused redis.Error
+			switch {
+			case wasLive:
 				log.Warn("record cache off: lost the changes subscription, reading Redis on every request", "error", err)
-			} else {
+			case errors.As(err, &refused):
+				// Redis itself refused the subscription, as an ACL does.
 				log.Error("record cache off: subscribing to the changes channel failed, reading Redis on every request; allow the channel and PUBLISH and SUBSCRIBE for the Redis user",
+					"channel", s.layout.Changes(), "error", err)
+			default:
+				log.Warn("record cache off: Redis unreachable, subscribing to the changes channel again until it responds",
 					"channel", s.layout.Changes(), "error", err)
 			}
 		}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
@@ -359,6 +360,9 @@ func TestCacheOffWhenSubscribeRejected(t *testing.T) {
 	if !waitFor(2*time.Second, func() bool { return strings.Contains(logged.String(), "subscribing to the changes channel failed") }) {
 		t.Fatalf("no error logged for the rejected subscription; log: %s", logged.String())
 	}
+	if !strings.Contains(logged.String(), "allow the channel and PUBLISH and SUBSCRIBE") {
+		t.Errorf("the error does not name the permissions to grant; log: %s", logged.String())
+	}
 	id := mailbox.ID("cache-refused")
 	for want := int64(1); want <= 3; want++ {
 		// The notice fails too, and the write must still succeed.
@@ -375,6 +379,44 @@ func TestCacheOffWhenSubscribeRejected(t *testing.T) {
 	}
 	if !strings.Contains(logged.String(), "publishing a mailbox change failed") {
 		t.Errorf("failed notice not logged; log: %s", logged.String())
+	}
+}
+
+// TestCacheOffWhileRedisUnreachable starts the watch with no Redis to
+// reach. The warning names the cause, without the advice on permissions
+// that a refused subscription gets.
+func TestCacheOffWhileRedisUnreachable(t *testing.T) {
+	rdb := redis.NewClient(&redis.Options{Addr: fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t)), MaxRetries: -1})
+	t.Cleanup(func() { rdb.Close() })
+	ids, err := GenerateIdentities()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := New(rdb, "unreachable:", ids)
+	s.EnableCache(MaxCacheTTL)
+	var logged syncBuffer
+	watchCtx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		s.Watch(watchCtx, slog.New(slog.NewJSONHandler(&logged, nil)))
+		close(done)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
+
+	if !waitFor(2*time.Second, func() bool { return strings.Contains(logged.String(), "record cache off") }) {
+		t.Fatalf("no warning logged for the unreachable Redis; log: %s", logged.String())
+	}
+	if !strings.Contains(logged.String(), "Redis unreachable") {
+		t.Errorf("the warning does not name the unreachable Redis; log: %s", logged.String())
+	}
+	if strings.Contains(logged.String(), "PUBLISH and SUBSCRIBE") {
+		t.Errorf("a connection error was logged as a refused subscription; log: %s", logged.String())
+	}
+	if s.cache.live.Load() {
+		t.Error("the cache is on without a subscription")
 	}
 }
 
