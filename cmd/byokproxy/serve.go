@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -122,8 +123,10 @@ func serve(args []string) error {
 		{name: "metrics", addr: cfg.Metrics.Listen, handler: promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})},
 	}
 	var forward *proxy.Forward
+	var caFile string
 	if cfg.Forward.Listen != "" {
-		ca, caFile, err := forwardCA(cfg)
+		var ca tls.Certificate
+		ca, caFile, err = forwardCA(cfg)
 		if err != nil {
 			return err
 		}
@@ -151,7 +154,7 @@ func serve(args []string) error {
 	log.Info("byokproxy started", "listen", cfg.Listen, "admin_listen", cfg.Admin.Listen, "admin_ui", cfg.Admin.UI,
 		"metrics_listen", cfg.Metrics.Listen, "dev", cfg.Dev, "identities", ids.Len())
 	if cfg.Dev {
-		printDevBanner(cfg)
+		printDevBanner(os.Stderr, cfg, caFile)
 	}
 
 	sigs := make(chan os.Signal, 1)
@@ -360,14 +363,18 @@ func randomToken() string {
 	return hex.EncodeToString(b)
 }
 
-// printDevBanner prints the admin token and a first request to standard
-// error, where a developer running "make run" reads them.
-func printDevBanner(cfg *config.Config) {
-	uiLine := ""
+// printDevBanner prints the listeners, the admin token and a first request
+// to w, standard error in the proxy, where a developer running "make run"
+// reads them. caFile is the forward proxy's CA certificate, if it runs.
+func printDevBanner(w io.Writer, cfg *config.Config, caFile string) {
+	extraLines := ""
 	if cfg.Admin.UI {
-		uiLine = "\n  key settings page: http://" + cfg.Admin.Listen + "/ui/ (sign in with the admin token)"
+		extraLines = "\n  key settings page: http://" + cfg.Admin.Listen + "/ui/ (sign in with the admin token)"
 	}
-	fmt.Fprintf(os.Stderr, `
+	if cfg.Forward.Listen != "" {
+		extraLines += "\n  forward proxy: http://" + cfg.Forward.Listen + " (its CA certificate: " + caFile + ")"
+	}
+	fmt.Fprintf(w, `
 byokproxy is running in dev mode (in-memory store; everything is lost on exit).
 
   proxy:   http://%[1]s   (SDK base URLs: /openai/v1, /anthropic, /google)
@@ -380,7 +387,7 @@ Try it:
   curl -s -X POST -H "Authorization: Bearer $ADMIN_TOKEN" http://%[2]s/admin/v1/mailboxes/alice@example.com/token
   curl -s -H "Authorization: Bearer $ADMIN_TOKEN" http://%[2]s/admin/v1/mailboxes/alice@example.com
 
-`, cfg.Listen, cfg.Admin.Listen, cfg.Metrics.Listen, cfg.Admin.Token, uiLine)
+`, cfg.Listen, cfg.Admin.Listen, cfg.Metrics.Listen, cfg.Admin.Token, extraLines)
 }
 
 // disableCoreDumps sets the core file size limit to zero, so a crash never
