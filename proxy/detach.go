@@ -88,16 +88,15 @@ func (c *clientWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
 // 103 Early Hints. The reverse proxy copies such a header from the
 // upstream's and sends it at once, so ModifyResponse never gets it.
 //
-// Before the final response it sets the proxy's request id again, because
-// the reverse proxy clears the header after a 1xx response and adds an
-// upstream header of the same name to it.
+// It also sets the proxy's request id again, because the reverse proxy
+// clears the header after a 1xx response and adds an upstream header of
+// the same name to it.
 func (c *clientWriter) WriteHeader(code int) {
 	h := c.ResponseWriter.Header()
 	if code >= 100 && code < 200 {
-		scrubHeaders(h, c.x.keyText, true)
-	} else {
-		setRequestID(h, c.x.id)
+		scrubHeaders(h, c.x.keyText, true, nil)
 	}
+	setRequestID(h, c.x.id)
 	c.ResponseWriter.WriteHeader(code)
 }
 
@@ -214,7 +213,7 @@ func (h *Handler) detach(resp *http.Response, x *exchange) bool {
 	s.chunks = httputil.NewChunkedWriter(s)
 
 	// Neither may hold the server's connection state past this point.
-	x.w, x.in = nil, nil
+	x.w, x.in, x.client = nil, nil, nil
 	x.detached = true
 	resp.Body = http.NoBody
 	h.streams.add(s, srv)

@@ -17,10 +17,66 @@ const redacted = "[REDACTED]"
 // a masked form that keeps some of the key's first or last characters, and
 // any run of minFragment or more of the key's characters.
 func scrubKey(body []byte, key string) []byte {
+	return scrubKeyFor(body, key, nil)
+}
+
+// scrubKeyFor is scrubKey for a response to a client that sent sent. A
+// partial form of the key (a mask or a fragment) that the client sent
+// itself is left alone. Were it replaced, a client could send a guess
+// that a provider error repeats, such as a model name, and learn from the
+// replacement whether the guess matches the key, one character at a time.
+// With sent unknown, no partial form is looked for at all, for the same
+// reason. The whole key is replaced always, since guessing it gains
+// nothing.
+func scrubKeyFor(body []byte, key string, sent *sentText) []byte {
 	if key == "" {
 		return body
 	}
-	return replaceKeyFragments(replacePartialMasks(replaceKeyForms(body, key), key), key)
+	body = replaceKeyForms(body, key)
+	if sent.unknown() {
+		return body
+	}
+	return replaceKeyFragments(replacePartialMasks(body, key, sent), key, sent)
+}
+
+// sentText holds the text a client sent with a request, decoded as the
+// scrubber decodes a response (see decodeEscapes) and in lower case. A nil
+// *sentText stands for nothing sent.
+type sentText struct {
+	lower []byte
+	// notKept is set when the request body was forwarded as it came,
+	// without a copy, so what the client sent is not known.
+	notKept bool
+}
+
+// unknownSent is the sentText of a request whose body was not kept.
+var unknownSent = &sentText{notKept: true}
+
+// newSentText returns the sentText of the given parts of a request.
+func newSentText(parts ...[]byte) *sentText {
+	t := &sentText{}
+	for _, p := range parts {
+		view, _, _ := decodeEscapes(p)
+		for _, c := range view {
+			t.lower = append(t.lower, lowerASCII(c))
+		}
+		t.lower = append(t.lower, '\n')
+	}
+	return t
+}
+
+func (t *sentText) unknown() bool { return t != nil && t.notKept }
+
+// contains reports whether the client sent b, in any letter case.
+func (t *sentText) contains(b []byte) bool {
+	if t == nil || len(b) == 0 {
+		return false
+	}
+	lower := make([]byte, len(b))
+	for i, c := range b {
+		lower[i] = lowerASCII(c)
+	}
+	return bytes.Contains(t.lower, lower)
 }
 
 func scrubText(s, key string) string {
@@ -29,27 +85,32 @@ func scrubText(s, key string) string {
 
 // scrubHeaders removes the injected key from response header values, such as
 // a WWW-Authenticate or a redirect's Location that quotes it, and drops a
-// header whose name contains it. The masked forms are looked for only when
+// header whose name contains it. The partial forms are looked for only when
 // masked is set (error and redirect responses, trailers and 1xx responses),
-// because looking for them costs a pass over every value.
-func scrubHeaders(h http.Header, key string, masked bool) {
+// because looking for them costs a pass over every value. Those the client
+// sent are left alone, as scrubKeyFor leaves them. A nil sent replaces
+// them all.
+func scrubHeaders(h http.Header, key string, masked bool, sent *sentText) {
 	if key == "" {
 		return
 	}
 	var fragments lazyFragments
+	partial := func(s string) bool {
+		return masked && !sent.unknown() && (hasPartialMask(s, key) || fragments.in(s, key))
+	}
 	for name, values := range h {
 		// Every form of the key is at least as long as the key, which is
 		// longer than most names and values, so the length is checked
 		// first. A name is compared in any letter case because Go rewrites
 		// a name's case when it reads it.
-		if len(name) >= len(key) && indexKeyForm(name, key) >= 0 {
+		if len(name) >= len(key) && indexKeyForm(name, key) >= 0 ||
+			partial(name) && string(scrubKeyFor([]byte(name), key, sent)) != name {
 			delete(h, name)
 			continue
 		}
 		for i, v := range values {
-			if len(v) >= len(key) && indexKeyForm(v, key) >= 0 ||
-				masked && (hasPartialMask(v, key) || fragments.in(v, key)) {
-				values[i] = scrubText(v, key)
+			if len(v) >= len(key) && indexKeyForm(v, key) >= 0 || partial(v) {
+				values[i] = string(scrubKeyFor([]byte(v), key, sent))
 			}
 		}
 	}
@@ -57,11 +118,18 @@ func scrubHeaders(h http.Header, key string, masked bool) {
 
 // scrubKeyPrefix replaces the end of a body that was cut inside the key, in
 // any of its forms: the key's first characters do not match the whole key,
-// so scrubKey leaves them.
-func scrubKeyPrefix(body []byte, key string) []byte {
+// so scrubKey leaves them. As with the other partial forms (see
+// scrubKeyFor), an end that the client sent itself is left alone.
+func scrubKeyPrefix(body []byte, key string, sent *sentText) []byte {
+	if sent.unknown() {
+		return body
+	}
 	// A form takes at most six bytes per character of the key.
 	for i := max(0, len(body)-6*len(key)); i < len(body); i++ {
 		if isKeyFormPrefix(body[i:], key) {
+			if view, _, _ := decodeEscapes(body[i:]); sent.contains(view) {
+				return body
+			}
 			return append(body[:i:i], redacted...)
 		}
 	}
@@ -243,20 +311,25 @@ const minMaskedPart = 4
 // characters next to other text, such as "abc***xyz", is left alone. The
 // forms are looked for with escapes decoded (see decodeEscapes), so a mask
 // written as "\u2026" or a key character as "%2D" is found too.
-func replacePartialMasks(b []byte, key string) []byte {
+func replacePartialMasks(b []byte, key string, sent *sentText) []byte {
 	view, from, to := decodeEscapes(b)
 	i := 0 // where the search in view goes on
 	return replaceSpans(b, func(last int) (int, int) {
-		start := partialMaskAt(view, key, i)
-		if start < 0 {
-			return -1, -1
+		for {
+			start := partialMaskAt(view, key, i)
+			if start < 0 {
+				return -1, -1
+			}
+			end := maskedPartEnd(view, key, start)
+			i = end
+			if sent.contains(view[start:end]) {
+				continue
+			}
+			if from != nil {
+				start, end = from[start], to[end-1]
+			}
+			return max(start, last), end
 		}
-		end := maskedPartEnd(view, key, start)
-		i = end
-		if from != nil {
-			start, end = from[start], to[end-1]
-		}
-		return max(start, last), end
 	})
 }
 
@@ -465,7 +538,7 @@ func (f *keyFragments) next(s []byte, from int) (start, end int) {
 // replaceKeyFragments replaces each run of minFragment or more of the key's
 // characters in b, such as a key cut short or with its first characters
 // left out. They are looked for with escapes decoded (see decodeEscapes).
-func replaceKeyFragments(b []byte, key string) []byte {
+func replaceKeyFragments(b []byte, key string, sent *sentText) []byte {
 	if len(key) < minFragment || len(b) < minFragment {
 		return b
 	}
@@ -473,15 +546,20 @@ func replaceKeyFragments(b []byte, key string) []byte {
 	view, from, to := decodeEscapes(b)
 	i := 0 // where the search in view goes on
 	return replaceSpans(b, func(last int) (int, int) {
-		start, end := f.next(view, i)
-		if start < 0 {
-			return -1, -1
+		for {
+			start, end := f.next(view, i)
+			if start < 0 {
+				return -1, -1
+			}
+			i = end
+			if sent.contains(view[start:end]) {
+				continue
+			}
+			if from != nil {
+				start, end = from[start], to[end-1]
+			}
+			return max(start, last), end
 		}
-		i = end
-		if from != nil {
-			start, end = from[start], to[end-1]
-		}
-		return max(start, last), end
 	})
 }
 

@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -148,6 +149,87 @@ func TestKeyFragmentsInErrorScrubbed(t *testing.T) {
 					break
 				}
 			}
+		}
+	}
+}
+
+// quotingUpstream answers every request with an error that repeats what
+// the client sent, as providers do: Anthropic's 404 quotes the model, and
+// Google's 400 names each unknown field of the body. It also quotes part
+// of the key it received.
+func quotingUpstream(t *testing.T) *httptest.Server {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		data, _ := io.ReadAll(r.Body)
+		var fields map[string]json.RawMessage
+		json.Unmarshal(data, &fields)
+		w.Header().Set("Content-Type", "application/json")
+		if key := r.Header.Get("X-Goog-Api-Key"); key != "" {
+			var names []string
+			for name := range fields {
+				if name != "contents" {
+					names = append(names, name)
+				}
+			}
+			w.WriteHeader(http.StatusBadRequest)
+			msg, _ := json.Marshal(fmt.Sprintf("Unknown name %q; key %s", strings.Join(names, ","), key[4:24]))
+			fmt.Fprintf(w, `{"error":{"code":400,"message":%s,"status":"INVALID_ARGUMENT"}}`, msg)
+			return
+		}
+		key := r.Header.Get("X-Api-Key")
+		var model string
+		json.Unmarshal(fields["model"], &model)
+		w.WriteHeader(http.StatusNotFound)
+		msg, _ := json.Marshal("model: " + model + "; key " + key[:16] + "***" + key[len(key)-4:])
+		fmt.Fprintf(w, `{"type":"error","error":{"type":"not_found_error","message":%s}}`, msg)
+	}))
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+// TestScrubberRevealsNothingOfGuesses sends guesses at the shared key that
+// the upstream's errors repeat, some right and some wrong, and checks that
+// the client gets the same answer for each, while the upstream's own
+// quotes of the key are redacted.
+func TestScrubberRevealsNothingOfGuesses(t *testing.T) {
+	up := quotingUpstream(t)
+	st := teststack.Start(t, func(c *config.Config) {
+		c.Provider(provider.Anthropic).Upstream = up.URL
+		c.Provider(provider.Google).Upstream = up.URL
+	})
+	token := st.Token(t, "guesses@example.com")
+	anthropicKey := teststack.SharedKeys[provider.Anthropic]
+	googleKey := teststack.SharedKeys[provider.Google]
+	cases := []struct {
+		name, p      string
+		right, wrong string
+		body         func(guess string) string
+	}{
+		{"masked first characters", provider.Anthropic, anthropicKey[:14] + "**", anthropicKey[:13] + "#**",
+			func(g string) string { return `{"model":"` + g + `","max_tokens":1,"messages":[]}` }},
+		{"sixteen characters", provider.Anthropic, anthropicKey[20:36], anthropicKey[20:35] + "#",
+			func(g string) string { return `{"model":"` + g + `","max_tokens":1,"messages":[]}` }},
+		{"field name on a streamed body", provider.Google, googleKey[10:26], googleKey[10:25] + "#",
+			func(g string) string { return `{"contents":[],"` + g + `":1}` }},
+	}
+	for _, tc := range cases {
+		path := "/anthropic/v1/messages"
+		if tc.p == provider.Google {
+			path = "/google/v1beta/models/gemini-2.5-flash:generateContent"
+		}
+		answers := map[string]string{}
+		for _, guess := range []string{tc.right, tc.wrong} {
+			req := callRequest(context.Background(), st.ProxyURL, tc.p, token, call{path: path, body: tc.body(guess)})
+			_, body := send(t, http.DefaultClient, req)
+			if !strings.Contains(string(body), guess) {
+				t.Errorf("%s: the error does not repeat the guess %q: %s", tc.name, guess, body)
+			}
+			answers[guess] = strings.ReplaceAll(string(body), guess, "GUESS")
+		}
+		if answers[tc.right] != answers[tc.wrong] {
+			t.Errorf("%s: a right guess got %s\nand a wrong one %s", tc.name, answers[tc.right], answers[tc.wrong])
+		}
+		if n := strings.Count(answers[tc.right], "[REDACTED]"); n != 1 {
+			t.Errorf("%s: %d redactions in %s, want the upstream's own quote of the key", tc.name, n, answers[tc.right])
 		}
 	}
 }

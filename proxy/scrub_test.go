@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
 	"strings"
@@ -139,6 +140,43 @@ func TestScrubKeyFragments(t *testing.T) {
 	}
 }
 
+func TestScrubKeyForLeavesWhatClientSent(t *testing.T) {
+	const key = "sk-ant-api03-Xy7Qp2Lm9Rt4Vb6Nc8Jd1Hf3Kg5Ws0-AbCd"
+	// A guess the client sends and the provider repeats: were it redacted
+	// only when right, the client could read the key one character at a
+	// time.
+	for _, guess := range []string{
+		"sk-ant-api03-X**",                      // right first character, masked
+		"sk-ant-api03-Z**",                      // wrong first character, masked
+		strings.ToLower(key[20:36]),             // sixteen right characters
+		key[20:35] + "z",                        // fifteen right, one wrong
+		key[:len(key)-3],                        // cut short
+		percentEncoded(key[5:25]) + "%E2%80%A6", // escaped, with an ellipsis
+	} {
+		sent := newSentText([]byte("/v1/messages"), []byte(`{"model":"`+guess+`"}`))
+		body := `{"error":{"message":"model: ` + guess + `"}}`
+		if got := string(scrubKeyFor([]byte(body), key, sent)); got != body {
+			t.Errorf("the client's own %q was changed: %q", guess, got)
+		}
+	}
+
+	sent := newSentText([]byte(`{"model":"claude-haiku-4-5"}`))
+	for _, own := range []string{key[:16] + "***" + key[len(key)-4:], key[10:40], key} {
+		body := `{"error":{"message":"model: claude-haiku-4-5, key ` + own + `"}}`
+		got := string(scrubKeyFor([]byte(body), key, sent))
+		if !strings.Contains(got, "model: claude-haiku-4-5, key "+redacted) {
+			t.Errorf("the provider's %q was not redacted: %q", own, got)
+		}
+	}
+
+	// A body forwarded without a copy leaves partial forms alone, and
+	// the whole key is redacted still.
+	body := `{"m":"` + key[10:40] + ` and ` + key + `"}`
+	if got, want := string(scrubKeyFor([]byte(body), key, unknownSent)), `{"m":"`+key[10:40]+` and `+redacted+`"}`; got != want {
+		t.Errorf("with the request unknown: got %q, want %q", got, want)
+	}
+}
+
 func TestScrubHeaders(t *testing.T) {
 	const key = "AIzaSyD-Ab12Cd34Ef56Gh78Ij90Kl12Mn34Op5"
 	h := http.Header{}
@@ -146,7 +184,7 @@ func TestScrubHeaders(t *testing.T) {
 	h.Set("Content-Type", "application/json")
 	h.Set("X-Echo", "key="+url.QueryEscape(key))
 	h.Set("X-Hint", "AIzaSyD-Ab1...Op5")
-	scrubHeaders(h, key, false)
+	scrubHeaders(h, key, false, nil)
 	if len(h) != 3 {
 		t.Errorf("header named after the key kept: %v", h)
 	}
@@ -160,11 +198,11 @@ func TestScrubHeaders(t *testing.T) {
 		t.Errorf("masked forms are looked for only when asked: X-Hint = %q", h.Get("X-Hint"))
 	}
 	h.Set("X-Part", "key="+key[2:30])
-	scrubHeaders(h, key, false)
+	scrubHeaders(h, key, false, nil)
 	if h.Get("X-Part") != "key="+key[2:30] {
 		t.Errorf("fragments are looked for only when asked: X-Part = %q", h.Get("X-Part"))
 	}
-	scrubHeaders(h, key, true)
+	scrubHeaders(h, key, true, nil)
 	if h.Get("X-Hint") != redacted {
 		t.Errorf("X-Hint = %q, want it redacted", h.Get("X-Hint"))
 	}
@@ -189,15 +227,32 @@ func TestScrubKeyPrefixForms(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			body := `{"error":{"message":"invalid key ` + c.tail
-			got := string(scrubKeyPrefix([]byte(body), key))
+			got := string(scrubKeyPrefix([]byte(body), key, nil))
 			if want := `{"error":{"message":"invalid key ` + redacted; got != want {
 				t.Errorf("got %q, want %q", got, want)
 			}
 		})
 	}
 	for _, body := range []string{`{"error":{"message":"invalid key"}}`, `{"error":{"message":"invalid key sk-proj-Ab12 given"}`} {
-		if got := string(scrubKeyPrefix([]byte(body), key)); got != body {
+		if got := string(scrubKeyPrefix([]byte(body), key, nil)); got != body {
 			t.Errorf("scrubKeyPrefix(%q) = %q, want it unchanged", body, got)
 		}
+	}
+}
+
+func TestCountingBodyKeepsWhatItForwards(t *testing.T) {
+	small := newCountingBody(io.NopCloser(strings.NewReader(`{"contents":[]}`)))
+	io.Copy(io.Discard, small)
+	if kept, whole := small.takeSent(); !whole || string(kept) != `{"contents":[]}` {
+		t.Errorf("takeSent = %q, %v; want the whole body", kept, whole)
+	}
+	if kept, whole := small.takeSent(); whole || kept != nil {
+		t.Errorf("second takeSent = %q, %v; want nothing, since the copy was given away", kept, whole)
+	}
+
+	large := newCountingBody(io.NopCloser(strings.NewReader(strings.Repeat("x", maxKeptBody+1))))
+	io.Copy(io.Discard, large)
+	if kept, whole := large.takeSent(); whole || kept != nil {
+		t.Errorf("takeSent of a body over maxKeptBody = %d bytes, %v; want nothing", len(kept), whole)
 	}
 }
