@@ -156,9 +156,14 @@ func (f *Forward) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 // StopIntercepting makes every later CONNECT get 503, also on client
-// connections already open. Requests on connections already intercepted go
-// on.
-func (f *Forward) StopIntercepting() { f.ln.Close() }
+// connections already open. Requests already running in intercepted
+// connections go on, and those connections take no new request: the
+// server of the intercepted connections starts its shutdown, which
+// Shutdown then waits for.
+func (f *Forward) StopIntercepting() {
+	f.ln.Close()
+	go f.server.Shutdown(context.Background())
+}
 
 // Shutdown stops intercepting new connections and waits, until ctx ends, for
 // the requests and streams on intercepted connections to finish.

@@ -20,6 +20,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httptrace"
 	"net/url"
 	"os"
 	"os/exec"
@@ -1177,5 +1178,39 @@ func TestForwardShutdownWaitsForStreams(t *testing.T) {
 		}
 	case <-time.After(fwdTimeout):
 		t.Fatal("Shutdown did not return after the stream ended")
+	}
+}
+
+// TestStopInterceptingEndsOpenTunnels keeps an intercepted connection open
+// and calls StopIntercepting, as shutdown does first. A new request must
+// not start on that connection, because the grace period would cut it.
+func TestStopInterceptingEndsOpenTunnels(t *testing.T) {
+	env := newForwardEnv(t)
+	up := env.upstreams["openai"]
+	client := env.client(env.byokToken, false)
+	stream := func() (status int, reused bool, err error) {
+		ctx := httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{
+			GotConn: func(info httptrace.GotConnInfo) { reused = info.Reused },
+		})
+		body := `{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hello"}]}`
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, up.URL+"/v1/chat/completions", strings.NewReader(body))
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := client.Do(req)
+		if err != nil {
+			return 0, reused, err
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode, reused, nil
+	}
+	if status, _, err := stream(); err != nil || status != http.StatusOK {
+		t.Fatalf("stream before StopIntercepting: %d, %v", status, err)
+	}
+
+	env.fwd.StopIntercepting()
+	time.Sleep(100 * time.Millisecond)
+	status, reused, err := stream()
+	if err == nil && status == http.StatusOK && reused {
+		t.Error("a new stream started on an intercepted connection after StopIntercepting")
 	}
 }
