@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -143,7 +144,9 @@ func (s *Store) Watch(ctx context.Context, log *slog.Logger) {
 	log.Info("record cache watching for changes", "channel", s.layout.Changes())
 
 	backoff := 100 * time.Millisecond
-	failing := false
+	// logged is the cause of the last failure logged, so that a failure
+	// that repeats is logged once, and one with another cause again.
+	logged := ""
 	for ctx.Err() == nil {
 		err := s.watchOnce(ctx, log)
 		if ctx.Err() != nil {
@@ -153,18 +156,23 @@ func (s *Store) Watch(ctx context.Context, log *slog.Logger) {
 		c.invalidateAll()
 		if err == nil {
 			// The subscription was confirmed before it failed.
-			backoff, failing = 100*time.Millisecond, false
+			backoff, logged = 100*time.Millisecond, ""
 			err = errors.New("subscription ended")
 		}
-		if !failing {
-			failing = true
-			var refused redis.Error
-			switch {
-			case wasLive:
+		cause := subscribeFailure(err)
+		if wasLive {
+			cause = "lost"
+		}
+		if cause != logged {
+			logged = cause
+			switch cause {
+			case "lost":
 				log.Warn("record cache off: lost the changes subscription, reading Redis on every request", "error", err)
-			case errors.As(err, &refused):
-				// Redis itself refused the subscription, as an ACL does.
+			case "permission":
 				log.Error("record cache off: subscribing to the changes channel failed, reading Redis on every request; allow the channel and PUBLISH and SUBSCRIBE for the Redis user",
+					"channel", s.layout.Changes(), "error", err)
+			case "refused":
+				log.Error("record cache off: Redis rejected the subscription, reading Redis on every request; check the Redis user and password",
 					"channel", s.layout.Changes(), "error", err)
 			default:
 				log.Warn("record cache off: Redis unreachable, subscribing to the changes channel again until it responds",
@@ -177,6 +185,22 @@ func (s *Store) Watch(ctx context.Context, log *slog.Logger) {
 			return
 		}
 		backoff = min(backoff*2, 2*time.Second)
+	}
+}
+
+// subscribeFailure names the cause of a failed subscription: "permission"
+// when Redis denies the channel or command, as an ACL does, "refused" for
+// any other error reply (such as a wrong password), and "unreachable" for
+// a network error.
+func subscribeFailure(err error) string {
+	var reply redis.Error
+	switch {
+	case !errors.As(err, &reply):
+		return "unreachable"
+	case strings.HasPrefix(reply.Error(), "NOPERM"):
+		return "permission"
+	default:
+		return "refused"
 	}
 }
 

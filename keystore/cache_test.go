@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -417,6 +418,87 @@ func TestCacheOffWhileRedisUnreachable(t *testing.T) {
 	}
 	if s.cache.live.Load() {
 		t.Error("the cache is on without a subscription")
+	}
+}
+
+// watchLogged runs Watch for a store on rdb until the test ends, and
+// returns its log.
+func watchLogged(t *testing.T, rdb *redis.Client, prefix string) *syncBuffer {
+	t.Helper()
+	ids, err := GenerateIdentities()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := New(rdb, prefix, ids)
+	s.EnableCache(MaxCacheTTL)
+	logged := &syncBuffer{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		s.Watch(ctx, slog.New(slog.NewJSONHandler(logged, nil)))
+		close(done)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	return logged
+}
+
+// TestCacheAdviceAfterRedisReturns has the first two dials fail, as when
+// the proxy starts before Redis, and then Redis deny the channel. The
+// advice on permissions must follow the warning about the unreachable
+// Redis.
+func TestCacheAdviceAfterRedisReturns(t *testing.T) {
+	srv := redistest.StartOwn(t)
+	prefix := srv.Prefix(t)
+	admin := srv.Client(t)
+	err := admin.Do(context.Background(), "ACL", "SETUSER", "latechannels", "reset", "on", ">pw", "~"+prefix+"*",
+		"resetchannels", "+@all").Err()
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := *admin.Options()
+	opts.Username, opts.Password, opts.MaxRetries = "latechannels", "pw", -1
+	var dials atomic.Int32
+	addr := opts.Addr
+	opts.Dialer = func(ctx context.Context, network, _ string) (net.Conn, error) {
+		if dials.Add(1) <= 2 {
+			return nil, &net.OpError{Op: "dial", Net: network, Err: errors.New("connection refused")}
+		}
+		var d net.Dialer
+		return d.DialContext(ctx, network, addr)
+	}
+	rdb := redis.NewClient(&opts)
+	t.Cleanup(func() { rdb.Close() })
+	logged := watchLogged(t, rdb, prefix)
+
+	if !waitFor(3*time.Second, func() bool { return strings.Contains(logged.String(), "PUBLISH and SUBSCRIBE") }) {
+		t.Errorf("no advice on permissions once Redis denied the channel; log: %s", logged.String())
+	}
+	if !strings.Contains(logged.String(), "Redis unreachable") {
+		t.Errorf("no warning while Redis could not be reached; log: %s", logged.String())
+	}
+}
+
+// TestCacheWrongPasswordNotPermissions checks that a wrong password is
+// logged as such, not as a missing channel permission.
+func TestCacheWrongPasswordNotPermissions(t *testing.T) {
+	srv := redistest.StartOwn(t)
+	opts := *srv.Client(t).Options()
+	opts.Username, opts.Password = "nosuchuser", "wrong"
+	rdb := redis.NewClient(&opts)
+	t.Cleanup(func() { rdb.Close() })
+	logged := watchLogged(t, rdb, srv.Prefix(t))
+
+	if !waitFor(2*time.Second, func() bool { return strings.Contains(logged.String(), "record cache off") }) {
+		t.Fatalf("nothing logged for the refused subscription; log: %s", logged.String())
+	}
+	if !strings.Contains(logged.String(), "check the Redis user and password") {
+		t.Errorf("the error does not point at the credentials; log: %s", logged.String())
+	}
+	if strings.Contains(logged.String(), "PUBLISH and SUBSCRIBE") {
+		t.Errorf("a wrong password was logged as a missing channel permission; log: %s", logged.String())
 	}
 }
 
