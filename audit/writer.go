@@ -100,17 +100,19 @@ func NewWriter(rdb redis.UniversalClient, layout keystore.Layout, opts Options) 
 }
 
 // Record queues e without blocking. If the queue is full or the writer is
-// closed, e is dropped and counted. An entry that changes no state (no
-// usage, no owned ids) is dropped once the queue is half full. While Redis
-// is unreachable, clients retry their rejected requests, and the events
-// of those would otherwise push out the usage of requests that completed.
+// closed, e is dropped and counted. A request event that changes no state
+// (no usage, no owned ids) is dropped once the queue is half full. While
+// Redis is unreachable, clients retry their rejected requests, and the
+// events of those would otherwise push out the usage of requests that
+// completed. Events of key changes may use the whole queue.
 func (w *Writer) Record(e Entry) {
 	w.mu.RLock()
 	defer w.mu.RUnlock()
 	reason := "writer closed"
 	switch {
 	case w.closed:
-	case e.Usage == nil && len(e.Owned) == 0 && len(w.queue) >= w.opts.QueueSize-w.opts.QueueSize/2:
+	case e.Usage == nil && len(e.Owned) == 0 && (e.Event.Kind == KindBYOK || e.Event.Kind == KindMetered) &&
+		len(w.queue) >= w.opts.QueueSize-w.opts.QueueSize/2:
 		reason = "queue half full, the rest is kept for usage"
 	default:
 		// Counted before the send, so the writer cannot deliver the entry

@@ -181,6 +181,11 @@ func TestFullQueueKeepsRoomForUsage(t *testing.T) {
 		t.Errorf("dropped = %v after 3 entries with usage, want 4: only the last finds the queue full", got)
 	}
 
+	w.Record(Entry{Event: Event{Time: time.Now(), Kind: KindTokenRevoked, Mailbox: "mb"}})
+	if got := testutil.ToFloat64(dropped); got != 5 {
+		t.Errorf("dropped = %v after a key change event on a full queue, want 5", got)
+	}
+
 	withUsage := 0
 	for range 5 {
 		if e := <-w.queue; e.Usage != nil {
@@ -189,6 +194,23 @@ func TestFullQueueKeepsRoomForUsage(t *testing.T) {
 	}
 	if withUsage != 2 {
 		t.Errorf("%d queued entries with usage, want 2", withUsage)
+	}
+}
+
+func TestKeyChangeEventsUseWholeQueue(t *testing.T) {
+	srv := redistest.Start(t)
+	dropped := prometheus.NewCounter(prometheus.CounterOpts{Name: "dropped"})
+	w := NewWriter(srv.Client(t), keystore.Layout{Prefix: srv.Prefix(t)}, Options{QueueSize: 4, Dropped: dropped})
+	// No Run: nothing drains.
+	for _, kind := range []string{KindKeySet, KindTokenRevoked, KindSourceChanged, KindMailboxDeleted, KindKeyRemoved} {
+		w.Record(Entry{Event: Event{Time: time.Now(), Kind: kind, Mailbox: "mb"}})
+	}
+
+	if w.Pending() != 4 {
+		t.Errorf("pending = %d, want 4: key change events fill the whole queue", w.Pending())
+	}
+	if got := testutil.ToFloat64(dropped); got != 1 {
+		t.Errorf("dropped = %v, want 1", got)
 	}
 }
 
