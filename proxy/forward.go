@@ -612,10 +612,11 @@ func (h *Handler) finish(x *exchange, source string, log *slog.Logger) {
 	// The audit event already records every request, so a request that
 	// went well logs only at debug. Formatting the line took about 30 µs per
 	// stream at 100 streams/s, as much as the usage tap. An upstream's 4xx
-	// response, such as an invalid key or a rate limit, is the client's
-	// concern and logs at debug too.
+	// response is the client's concern and logs at debug too, except a
+	// rejected or rate-limited shared key, which is the platform's.
 	level := slog.LevelDebug
-	if status >= 500 || x.errText != "" && x.errText != upstreamStatusText(status) {
+	if status >= 500 || x.errText != "" && x.errText != upstreamStatusText(status) ||
+		x.source == keystore.SourceShared && (status == http.StatusUnauthorized || status == http.StatusForbidden || status == http.StatusTooManyRequests) {
 		level = slog.LevelWarn
 	}
 	if !log.Enabled(context.Background(), level) {
