@@ -209,6 +209,13 @@ func TestScrubHeaders(t *testing.T) {
 	if h.Get("X-Part") != "key="+redacted {
 		t.Errorf("X-Part = %q, want the fragment redacted", h.Get("X-Part"))
 	}
+
+	named := http.Header{}
+	named.Set("X-"+key[2:30], "1")
+	scrubHeaders(named, key, true, nil)
+	if len(named) != 0 {
+		t.Errorf("header named after a run of the key kept: %v", named)
+	}
 }
 
 func TestScrubKeyPrefixForms(t *testing.T) {
