@@ -340,23 +340,7 @@ func TestCacheOffWhenSubscribeRejected(t *testing.T) {
 	opts.Username, opts.Password = "nochannels", "pw"
 	rdb := redis.NewClient(&opts)
 	t.Cleanup(func() { rdb.Close() })
-	ids, err := GenerateIdentities()
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := New(rdb, prefix, ids)
-	s.EnableCache(MaxCacheTTL)
-	var logged syncBuffer
-	watchCtx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() {
-		s.Watch(watchCtx, slog.New(slog.NewJSONHandler(&logged, nil)))
-		close(done)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		<-done
-	})
+	s, logged := watchLogged(t, rdb, prefix)
 
 	if !waitFor(2*time.Second, func() bool { return strings.Contains(logged.String(), "subscribing to the changes channel failed") }) {
 		t.Fatalf("no error logged for the rejected subscription; log: %s", logged.String())
@@ -389,23 +373,7 @@ func TestCacheOffWhenSubscribeRejected(t *testing.T) {
 func TestCacheOffWhileRedisUnreachable(t *testing.T) {
 	rdb := redis.NewClient(&redis.Options{Addr: fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t)), MaxRetries: -1})
 	t.Cleanup(func() { rdb.Close() })
-	ids, err := GenerateIdentities()
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := New(rdb, "unreachable:", ids)
-	s.EnableCache(MaxCacheTTL)
-	var logged syncBuffer
-	watchCtx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		s.Watch(watchCtx, slog.New(slog.NewJSONHandler(&logged, nil)))
-		close(done)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		<-done
-	})
+	s, logged := watchLogged(t, rdb, "unreachable:")
 
 	if !waitFor(2*time.Second, func() bool { return strings.Contains(logged.String(), "record cache off") }) {
 		t.Fatalf("no warning logged for the unreachable Redis; log: %s", logged.String())
@@ -421,9 +389,9 @@ func TestCacheOffWhileRedisUnreachable(t *testing.T) {
 	}
 }
 
-// watchLogged runs Watch for a store on rdb until the test ends, and
-// returns its log.
-func watchLogged(t *testing.T, rdb *redis.Client, prefix string) *syncBuffer {
+// watchLogged runs Watch for a cached store on rdb until the test ends,
+// and returns the store and its log.
+func watchLogged(t *testing.T, rdb *redis.Client, prefix string) (*Store, *syncBuffer) {
 	t.Helper()
 	ids, err := GenerateIdentities()
 	if err != nil {
@@ -442,7 +410,7 @@ func watchLogged(t *testing.T, rdb *redis.Client, prefix string) *syncBuffer {
 		cancel()
 		<-done
 	})
-	return logged
+	return s, logged
 }
 
 // TestCacheAdviceAfterRedisReturns has the first two dials fail, as when
@@ -471,7 +439,7 @@ func TestCacheAdviceAfterRedisReturns(t *testing.T) {
 	}
 	rdb := redis.NewClient(&opts)
 	t.Cleanup(func() { rdb.Close() })
-	logged := watchLogged(t, rdb, prefix)
+	_, logged := watchLogged(t, rdb, prefix)
 
 	if !waitFor(3*time.Second, func() bool { return strings.Contains(logged.String(), "PUBLISH and SUBSCRIBE") }) {
 		t.Errorf("no advice on permissions once Redis denied the channel; log: %s", logged.String())
@@ -489,7 +457,7 @@ func TestCacheWrongPasswordNotPermissions(t *testing.T) {
 	opts.Username, opts.Password = "nosuchuser", "wrong"
 	rdb := redis.NewClient(&opts)
 	t.Cleanup(func() { rdb.Close() })
-	logged := watchLogged(t, rdb, srv.Prefix(t))
+	_, logged := watchLogged(t, rdb, srv.Prefix(t))
 
 	if !waitFor(2*time.Second, func() bool { return strings.Contains(logged.String(), "record cache off") }) {
 		t.Fatalf("nothing logged for the refused subscription; log: %s", logged.String())

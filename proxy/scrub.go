@@ -312,15 +312,27 @@ const minMaskedPart = 4
 // forms are looked for with escapes decoded (see decodeEscapes), so a mask
 // written as "\u2026" or a key character as "%2D" is found too.
 func replacePartialMasks(b []byte, key string, sent *sentText) []byte {
+	return replaceFound(b, sent, func(view []byte, from int) (int, int) {
+		start := partialMaskAt(view, key, from)
+		if start < 0 {
+			return -1, -1
+		}
+		return start, maskedPartEnd(view, key, start)
+	})
+}
+
+// replaceFound replaces each span of b that find returns in b's view with
+// escapes decoded (see decodeEscapes), unless the client sent its text.
+// find returns the first span at or after from, or a start of -1.
+func replaceFound(b []byte, sent *sentText, find func(view []byte, from int) (start, end int)) []byte {
 	view, from, to := decodeEscapes(b)
 	i := 0 // where the search in view goes on
 	return replaceSpans(b, func(last int) (int, int) {
 		for {
-			start := partialMaskAt(view, key, i)
+			start, end := find(view, i)
 			if start < 0 {
 				return -1, -1
 			}
-			end := maskedPartEnd(view, key, start)
 			i = end
 			if sent.contains(view[start:end]) {
 				continue
@@ -542,25 +554,7 @@ func replaceKeyFragments(b []byte, key string, sent *sentText) []byte {
 	if len(key) < minFragment || len(b) < minFragment {
 		return b
 	}
-	f := newKeyFragments(key)
-	view, from, to := decodeEscapes(b)
-	i := 0 // where the search in view goes on
-	return replaceSpans(b, func(last int) (int, int) {
-		for {
-			start, end := f.next(view, i)
-			if start < 0 {
-				return -1, -1
-			}
-			i = end
-			if sent.contains(view[start:end]) {
-				continue
-			}
-			if from != nil {
-				start, end = from[start], to[end-1]
-			}
-			return max(start, last), end
-		}
-	})
+	return replaceFound(b, sent, newKeyFragments(key).next)
 }
 
 // lazyFragments builds the keyFragments of a key on first use, so that
