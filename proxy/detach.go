@@ -94,7 +94,7 @@ func (c *clientWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
 func (c *clientWriter) WriteHeader(code int) {
 	h := c.ResponseWriter.Header()
 	if code >= 100 && code < 200 {
-		scrubHeaders(h, c.x.keyText, true, nil)
+		scrubHeaders(h, c.x.keyText, true)
 	}
 	setRequestID(h, c.x.id)
 	c.ResponseWriter.WriteHeader(code)
@@ -213,7 +213,7 @@ func (h *Handler) detach(resp *http.Response, x *exchange) bool {
 	s.chunks = httputil.NewChunkedWriter(s)
 
 	// Neither may hold the server's connection state past this point.
-	x.w, x.in, x.client = nil, nil, nil
+	x.w, x.in = nil, nil
 	x.detached = true
 	resp.Body = http.NoBody
 	h.streams.add(s, srv)

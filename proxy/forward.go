@@ -40,7 +40,6 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, l
 	// connection state. detach can clear this reference.
 	x.cw = clientWriter{ResponseWriter: w, x: x}
 	x.w = &x.cw
-	x.client = r
 	reverseProxy.ServeHTTP(x.w, out)
 	// The reverse proxy returns normally only after it has written all it
 	// read (and flushed it, on a stream), and aborts the handler on a failed
@@ -241,30 +240,21 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 	}
 	x.up.series.TTFB().Observe(x.ttfb.Sub(x.start).Seconds())
 
-	// The response has begun, so the body will not be sent again. An
-	// error body is checked against it.
-	sentBody := x.body
+	// The response has begun, so the body will not be sent again.
 	x.body = nil
-	if x.streamedBody != nil && (resp.StatusCode < 300 || resp.StatusCode == http.StatusNotModified) {
-		x.streamedBody.takeSent()
-	}
 
 	// The proxy's request id is its own. A 101 response's header reaches
 	// the client without passing clientWriter.
 	resp.Header.Del(requestIDHeader)
-	var sent *sentText
-	if resp.StatusCode >= 300 {
-		sent = clientSent(x, sentBody)
-	}
-	scrubHeaders(resp.Header, x.keyText, resp.StatusCode >= 300, sent)
+	scrubHeaders(resp.Header, x.keyText, resp.StatusCode >= 300)
 	// The reverse proxy announces the names of declared trailers in the
 	// header; their values arrive with the end of the body (see tapBody).
-	scrubHeaders(resp.Trailer, x.keyText, false, nil)
+	scrubHeaders(resp.Trailer, x.keyText, false)
 	if resp.StatusCode == http.StatusSwitchingProtocols {
 		return nil
 	}
 	if resp.StatusCode >= 300 && resp.StatusCode != http.StatusNotModified {
-		return scrubErrorBody(resp, x, sent)
+		return scrubErrorBody(resp, x)
 	}
 
 	encoding := strings.ToLower(resp.Header.Get("Content-Encoding"))
@@ -363,7 +353,7 @@ func (b *tapBody) Read(p []byte) (int, error) {
 		b.x.bodyEnded = true
 		// The reverse proxy passes the trailers on once the body has ended,
 		// declared or not, and ModifyResponse runs before their values exist.
-		scrubHeaders(b.resp.Trailer, b.x.keyText, true, nil)
+		scrubHeaders(b.resp.Trailer, b.x.keyText, true)
 		// After the tap has the last bytes, which often come with EOF.
 		b.h.chargePending(b.x)
 	}
@@ -394,11 +384,9 @@ func (b *tapBody) Close() error {
 	return b.ReadCloser.Close()
 }
 
-// scrubErrorBody replaces every form of the injected key that scrubKeyFor
+// scrubErrorBody replaces every form of the injected key that scrubKey
 // finds in an upstream error body, plain or decoded from its encoding.
-// The partial forms found in sent, the client's own text (see clientSent),
-// stay.
-func scrubErrorBody(resp *http.Response, x *exchange, sent *sentText) error {
+func scrubErrorBody(resp *http.Response, x *exchange) error {
 	// The body is read whole before any of it is sent, so upstream.timeout
 	// bounds the whole read, as it bounds the headers.
 	if idle := x.up.idleTimeout; idle > 0 {
@@ -435,9 +423,9 @@ func scrubErrorBody(resp *http.Response, x *exchange, sent *sentText) error {
 		raw = decoded
 		resp.Header.Del("Content-Encoding")
 	}
-	clean := scrubKeyFor(raw, x.keyText, sent)
+	clean := scrubKey(raw, x.keyText)
 	if cut {
-		clean = scrubKeyPrefix(clean, x.keyText, sent)
+		clean = scrubCutEnd(clean)
 	}
 	resp.Body = io.NopCloser(bytes.NewReader(clean))
 	// The scrubbed body is all in memory, so the copy reaches its end.
@@ -454,29 +442,6 @@ func scrubErrorBody(resp *http.Response, x *exchange, sent *sentText) error {
 // the upstream's own error status.
 func upstreamStatusText(status int) string {
 	return "upstream status " + strconv.Itoa(status)
-}
-
-// clientSent returns what the client of x sent: its path, query, header
-// and body, as read before forwarding or as kept while streamed. It is
-// unknown for a streamed body longer than maxKeptBody.
-func clientSent(x *exchange, sentBody []byte) *sentText {
-	if x.client == nil {
-		return unknownSent
-	}
-	if x.streamedBody != nil {
-		kept, whole := x.streamedBody.takeSent()
-		if !whole {
-			return unknownSent
-		}
-		sentBody = kept
-	}
-	var header []byte
-	for name, values := range x.client.Header {
-		for _, v := range values {
-			header = append(append(append(append(header, name...), ": "...), v...), '\n')
-		}
-	}
-	return newSentText([]byte(x.client.URL.EscapedPath()), []byte(x.client.URL.RawQuery), header, sentBody)
 }
 
 // upstreamError writes the error response when the upstream could not be

@@ -3,7 +3,6 @@ package proxy
 import (
 	"bytes"
 	"net/http"
-	"strings"
 	"unicode/utf16"
 	"unicode/utf8"
 )
@@ -12,71 +11,21 @@ import (
 const redacted = "[REDACTED]"
 
 // scrubKey replaces every form of key in body from which a client could
-// read the key or a part of it. That is the key in any letter case, with any
-// of its characters percent-encoded or written as a JSON escape. It is also
-// a masked form that keeps some of the key's first or last characters, and
-// any run of minFragment or more of the key's characters.
+// read the key or a part of it. That is the key in any letter case, with
+// any of its characters percent-encoded or written as a JSON escape. It is
+// also any text that looks like a provider key, masked or cut short (see
+// findKeyLike).
+//
+// Only the whole key is matched against key itself. Provider errors repeat
+// what the client sent, such as a model name, so a replacement that
+// depended on whether part of a text matches the key would let a client
+// send guesses and read the key one character at a time. Guessing the
+// whole key at once gains nothing.
 func scrubKey(body []byte, key string) []byte {
-	return scrubKeyFor(body, key, nil)
-}
-
-// scrubKeyFor is scrubKey for a response to a client that sent sent. A
-// partial form of the key (a mask or a fragment) that the client sent
-// itself is left alone. Were it replaced, a client could send a guess
-// that a provider error repeats, such as a model name, and learn from the
-// replacement whether the guess matches the key, one character at a time.
-// With sent unknown, no partial form is looked for at all, for the same
-// reason. The whole key is replaced always, since guessing it gains
-// nothing.
-func scrubKeyFor(body []byte, key string, sent *sentText) []byte {
 	if key == "" {
 		return body
 	}
-	body = replaceKeyForms(body, key)
-	if sent.unknown() {
-		return body
-	}
-	return replaceKeyFragments(replacePartialMasks(body, key, sent), key, sent)
-}
-
-// sentText holds the text a client sent with a request, decoded as the
-// scrubber decodes a response (see decodeEscapes) and in lower case. A nil
-// *sentText stands for nothing sent.
-type sentText struct {
-	lower []byte
-	// notKept is set when the request body was forwarded as it came,
-	// without a copy, so what the client sent is not known.
-	notKept bool
-}
-
-// unknownSent is the sentText of a request whose body was not kept.
-var unknownSent = &sentText{notKept: true}
-
-// newSentText returns the sentText of the given parts of a request.
-func newSentText(parts ...[]byte) *sentText {
-	t := &sentText{}
-	for _, p := range parts {
-		view, _, _ := decodeEscapes(p)
-		for _, c := range view {
-			t.lower = append(t.lower, lowerASCII(c))
-		}
-		t.lower = append(t.lower, '\n')
-	}
-	return t
-}
-
-func (t *sentText) unknown() bool { return t != nil && t.notKept }
-
-// contains reports whether the client sent b, in any letter case.
-func (t *sentText) contains(b []byte) bool {
-	if t == nil || len(b) == 0 {
-		return false
-	}
-	lower := make([]byte, len(b))
-	for i, c := range b {
-		lower[i] = lowerASCII(c)
-	}
-	return bytes.Contains(t.lower, lower)
+	return replaceFound(replaceKeyForms(body, key), findKeyLike)
 }
 
 func scrubText(s, key string) string {
@@ -85,94 +34,50 @@ func scrubText(s, key string) string {
 
 // scrubHeaders removes the injected key from response header values, such as
 // a WWW-Authenticate or a redirect's Location that quotes it, and drops a
-// header whose name contains it. The partial forms are looked for only when
-// masked is set (error and redirect responses, trailers and 1xx responses),
-// because looking for them costs a pass over every value. Those the client
-// sent are left alone, as scrubKeyFor leaves them. A nil sent replaces
-// them all.
-func scrubHeaders(h http.Header, key string, masked bool, sent *sentText) {
+// header whose name contains it. Text that looks like a key is looked for
+// only when masked is set (error and redirect responses, trailers and 1xx
+// responses), because looking for it costs a pass over every value.
+func scrubHeaders(h http.Header, key string, masked bool) {
 	if key == "" {
 		return
-	}
-	var fragments lazyFragments
-	partial := func(s string) bool {
-		return masked && !sent.unknown() && (hasPartialMask(s, key) || fragments.in(s, key))
 	}
 	for name, values := range h {
 		// Every form of the key is at least as long as the key, which is
 		// longer than most names and values, so the length is checked
 		// first. A name is compared in any letter case because Go rewrites
 		// a name's case when it reads it.
-		if len(name) >= len(key) && indexKeyForm(name, key) >= 0 ||
-			partial(name) && string(scrubKeyFor([]byte(name), key, sent)) != name {
+		if len(name) >= len(key) && indexKeyForm(name, key) >= 0 {
 			delete(h, name)
 			continue
 		}
 		for i, v := range values {
-			if len(v) >= len(key) && indexKeyForm(v, key) >= 0 || partial(v) {
-				values[i] = string(scrubKeyFor([]byte(v), key, sent))
+			if len(v) >= len(key) && indexKeyForm(v, key) >= 0 || masked && hasKeyLike(v) {
+				values[i] = scrubText(v, key)
 			}
 		}
 	}
 }
 
-// scrubKeyPrefix replaces the end of a body that was cut inside the key, in
-// any of its forms: the key's first characters do not match the whole key,
-// so scrubKey leaves them. As with the other partial forms (see
-// scrubKeyFor), an end that the client sent itself is left alone.
-func scrubKeyPrefix(body []byte, key string, sent *sentText) []byte {
-	if sent.unknown() {
+// scrubCutEnd replaces the last word of a body that was cut short, which
+// may be the start of the key in any of its forms: scrubKey matches only
+// the whole key. The word is replaced whatever it holds, so that the
+// replacement gives the client nothing about the key.
+func scrubCutEnd(body []byte) []byte {
+	i := len(body)
+	for i > 0 && cutWordByte(body[i-1]) {
+		i--
+	}
+	if i == len(body) {
 		return body
 	}
-	// A form takes at most six bytes per character of the key.
-	for i := max(0, len(body)-6*len(key)); i < len(body); i++ {
-		if isKeyFormPrefix(body[i:], key) {
-			if view, _, _ := decodeEscapes(body[i:]); sent.contains(view) {
-				return body
-			}
-			return append(body[:i:i], redacted...)
-		}
-	}
-	return body
+	return append(body[:i:i], redacted...)
 }
 
-// isKeyFormPrefix reports whether s is a form (see keyFormLen) of the key's
-// first characters, all of s, and may end inside the escape of the next
-// one. The whole key does not count.
-func isKeyFormPrefix(s []byte, key string) bool {
-	j := 0
-	for k := 0; k < len(key); k++ {
-		if j == len(s) {
-			return j > 0
-		}
-		n := charFormLen(s[j:], key[k])
-		if n == 0 {
-			return escapeStart(s[j:], key[k])
-		}
-		j += n
-	}
-	return false
-}
-
-// escapeStart reports whether s is the start, cut short, of an escape of c
-// in either letter case.
-func escapeStart(s []byte, c byte) bool {
-	const hex = "0123456789abcdef"
-	for _, b := range []byte{lowerASCII(c), upperASCII(c)} {
-		forms := []string{
-			`\u00` + string(hex[b>>4]) + string(hex[b&15]),
-			"%" + string(hex[b>>4]) + string(hex[b&15]),
-		}
-		if b == '/' {
-			forms = append(forms, `\/`)
-		}
-		for _, form := range forms {
-			if len(s) < len(form) && equalFold(s, form[:len(s)]) {
-				return true
-			}
-		}
-	}
-	return false
+// cutWordByte reports whether c can belong to a key in any of its forms,
+// escaped or masked: a key character, an escape's '%' or '\\', a mask's
+// '*' or '.', or a byte of a multi-byte character such as '…'.
+func cutWordByte(c byte) bool {
+	return tokenChar(c) || c == '%' || c == '\\' || c == '*' || c == '.' || c >= 0x80
 }
 
 // replaceKeyForms replaces each occurrence of a form of key in b (see
@@ -268,13 +173,6 @@ func charFormLen[T string | []byte](s T, c byte) int {
 	return 0
 }
 
-func upperASCII(c byte) byte {
-	if 'a' <= c && c <= 'z' {
-		return c - 'a' + 'A'
-	}
-	return c
-}
-
 func lowerASCII(c byte) byte {
 	if 'A' <= c && c <= 'Z' {
 		return c + 'a' - 'A'
@@ -300,56 +198,118 @@ func hexDigit(c byte) (byte, bool) {
 	return 0, false
 }
 
-// minMaskedPart is how many of the key's first or last characters a masked
-// form must show to be taken for the key.
+// minMaskedPart is how many characters a masked form must show after its
+// mask to be taken for a key's last characters.
 const minMaskedPart = 4
 
-// replacePartialMasks replaces the masked forms of key in b, such as
-// "sk-abc1*****wxyz", "sk-abcd...wxyz", "sk-abcd…wxyz" or "••••wxyz": a run
-// of mask characters with the key's first characters before it or its last
-// ones after it. Providers put such forms in error messages. A run of mask
-// characters next to other text, such as "abc***xyz", is left alone. The
-// forms are looked for with escapes decoded (see decodeEscapes), so a mask
-// written as "\u2026" or a key character as "%2D" is found too.
-func replacePartialMasks(b []byte, key string, sent *sentText) []byte {
-	return replaceFound(b, sent, func(view []byte, from int) (int, int) {
-		start := partialMaskAt(view, key, from)
-		if start < 0 {
-			return -1, -1
+// keyPrefixes are the prefixes that the providers publish for their keys,
+// in lower case, longest first: text that names a prefix alone, such as
+// "keys start with sk-ant-api03-", is not taken for a key.
+var keyPrefixes = []string{
+	"sk-ant-admin01-", "sk-ant-api03-", "sk-svcacct-", "sk-admin-", "sk-proj-", "sk-ant-", "sk-", "aiza",
+}
+
+// findKeyLike returns the first span of s, at or after from, that looks
+// like a provider key, or a start of -1. That is either
+//   - a word that starts with a published key prefix and has four or more
+//     characters or a mask after it, such as "sk-proj-Ab12****wxyz",
+//     "sk-ant-api03-Xy7Qp2" or "AIzaSy…", or
+//   - a mask that starts a word and has four or more key characters after
+//     it, such as "••••wxyz" or "...WXYZ".
+//
+// Neither depends on the key itself, so whether a text is replaced tells
+// a client nothing about the key (see scrubKey). Callers pass a view with
+// escapes decoded (see decodeEscapes).
+func findKeyLike(s []byte, from int) (start, end int) {
+	for i := from; i < len(s); i++ {
+		wordStart := i == 0 || !alnum(s[i-1])
+		if !wordStart {
+			continue
 		}
-		return start, maskedPartEnd(view, key, start)
-	})
+		if n := keyPrefixLen(s[i:]); n > 0 {
+			end, masked := keyLikeEnd(s, i+n)
+			if masked || end-(i+n) >= minMaskedPart {
+				return i, end
+			}
+			continue
+		}
+		if i > 0 && tokenChar(s[i-1]) {
+			continue
+		}
+		run, _, standalone := maskRun(s, i)
+		if standalone {
+			end := i + run
+			for end < len(s) && tokenChar(s[end]) {
+				end++
+			}
+			if end-(i+run) >= minMaskedPart {
+				return i, end
+			}
+		}
+		if run > 1 {
+			// The rest of the run starts no mask of its own that this
+			// one did not, and scanning it again for each of its bytes
+			// would take quadratic time.
+			i += run - 1
+		}
+	}
+	return -1, -1
+}
+
+// keyPrefixLen returns the length of the longest published key prefix that
+// s starts with, in any letter case, or 0.
+func keyPrefixLen(s []byte) int {
+	for _, p := range keyPrefixes {
+		if len(s) >= len(p) && equalFold(s[:len(p)], p) {
+			return len(p)
+		}
+	}
+	return 0
+}
+
+// keyLikeEnd returns where the key characters and masks from i on end, and
+// whether there was a mask among them.
+func keyLikeEnd(s []byte, i int) (end int, masked bool) {
+	for i < len(s) {
+		if tokenChar(s[i]) {
+			i++
+			continue
+		}
+		run, ok, _ := maskRun(s, i)
+		if !ok {
+			break
+		}
+		i += run
+		masked = true
+	}
+	return i, masked
 }
 
 // replaceFound replaces each span of b that find returns in b's view with
-// escapes decoded (see decodeEscapes), unless the client sent its text.
-// find returns the first span at or after from, or a start of -1.
-func replaceFound(b []byte, sent *sentText, find func(view []byte, from int) (start, end int)) []byte {
+// escapes decoded (see decodeEscapes). find returns the first span at or
+// after from, or a start of -1.
+func replaceFound(b []byte, find func(view []byte, from int) (start, end int)) []byte {
 	view, from, to := decodeEscapes(b)
 	i := 0 // where the search in view goes on
 	return replaceSpans(b, func(last int) (int, int) {
-		for {
-			start, end := find(view, i)
-			if start < 0 {
-				return -1, -1
-			}
-			i = end
-			if sent.contains(view[start:end]) {
-				continue
-			}
-			if from != nil {
-				start, end = from[start], to[end-1]
-			}
-			return max(start, last), end
+		start, end := find(view, i)
+		if start < 0 {
+			return -1, -1
 		}
+		i = end
+		if from != nil {
+			start, end = from[start], to[end-1]
+		}
+		return max(start, last), end
 	})
 }
 
-// hasPartialMask reports whether s holds a masked form of key, escaped or
-// not.
-func hasPartialMask(s, key string) bool {
+// hasKeyLike reports whether s holds text that looks like a provider key
+// (see findKeyLike), escaped or not.
+func hasKeyLike(s string) bool {
 	view, _, _ := decodeEscapes([]byte(s))
-	return partialMaskAt(view, key, 0) >= 0
+	start, _ := findKeyLike(view, 0)
+	return start >= 0
 }
 
 // decodeEscapes returns b with its JSON escapes of the Basic Multilingual
@@ -398,54 +358,13 @@ func decodeEscapes(b []byte) (view []byte, from, to []int) {
 	return view, from, to
 }
 
-// partialMaskAt returns the offset, from from on, of the first masked form
-// of key in s, or -1. The form begins with the key characters before the
-// mask run.
-func partialMaskAt[T string | []byte](s T, key string, from int) int {
-	for i := from; i < len(s); i++ {
-		run, ok := maskRun(s, i)
-		if run == 0 {
-			continue
-		}
-		if ok {
-			start := i
-			for start > from && keyChar(s[start-1], key) {
-				start--
-			}
-			end := i + run
-			for end < len(s) && keyChar(s[end], key) {
-				end++
-			}
-			before, after := s[start:i], s[i+run:end]
-			if len(before) >= minMaskedPart && len(before) <= len(key) && equalFold(before, key[:len(before)]) ||
-				len(after) >= minMaskedPart && len(after) <= len(key) && equalFold(after, key[len(key)-len(after):]) {
-				return start
-			}
-		}
-		i += run - 1
-	}
-	return -1
-}
-
-// maskedPartEnd returns the end of the masked form that starts at start.
-func maskedPartEnd(b []byte, key string, start int) int {
-	i := start
-	for i < len(b) && keyChar(b[i], key) {
-		i++
-	}
-	run, _ := maskRun(b, i)
-	i += run
-	for i < len(b) && keyChar(b[i], key) {
-		i++
-	}
-	return i
-}
-
 // maskRun returns the length in bytes of the run of mask characters at i
-// ('*', '.', '•' and '…'), and whether it is long enough to mask a key: two
-// stars or bullets, three dots or an ellipsis. Shorter runs, such as a
-// sentence's full stop, are ordinary text.
-func maskRun[T string | []byte](s T, i int) (int, bool) {
+// ('*', '.', '•' and '…'). inWord reports whether the run can mask a key
+// within a word: two stars or bullets, three dots or an ellipsis.
+// standalone reports whether it can at the start of a word: three stars or
+// bullets, three dots or an ellipsis. Shorter runs, such as a sentence's
+// full stop or Markdown's "**", are ordinary text.
+func maskRun[T string | []byte](s T, i int) (n int, inWord, standalone bool) {
 	j, marks, dots := i, 0, 0
 	for j < len(s) {
 		switch {
@@ -456,19 +375,22 @@ func maskRun[T string | []byte](s T, i int) (int, bool) {
 		case j+2 < len(s) && s[j] == 0xe2 && s[j+1] == 0x80 && s[j+2] == 0xa2: // •
 			marks, j = marks+1, j+3
 		case j+2 < len(s) && s[j] == 0xe2 && s[j+1] == 0x80 && s[j+2] == 0xa6: // …
-			marks, dots, j = marks+2, dots+3, j+3
+			marks, dots, j = marks+3, dots+3, j+3
 		default:
-			return j - i, marks >= 2 || dots >= 3
+			return j - i, marks >= 2 || dots >= 3, marks >= 3 || dots >= 3
 		}
 	}
-	return j - i, marks >= 2 || dots >= 3
+	return j - i, marks >= 2 || dots >= 3, marks >= 3 || dots >= 3
 }
 
-// keyChar reports whether c can be part of a provider key: a letter, a
-// digit, '-' or '_', or any other character of key.
-func keyChar(c byte, key string) bool {
-	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '_' ||
-		strings.IndexByte(key, c) >= 0
+// tokenChar reports whether c can be part of a provider key: a letter, a
+// digit, '-', '_', '+' or '/'.
+func tokenChar(c byte) bool {
+	return alnum(c) || c == '-' || c == '_' || c == '+' || c == '/'
+}
+
+func alnum(c byte) bool {
+	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9'
 }
 
 func equalFold[T string | []byte](a T, b string) bool {
@@ -481,96 +403,4 @@ func equalFold[T string | []byte](a T, b string) bool {
 		}
 	}
 	return true
-}
-
-// minFragment is how many consecutive characters of the key a text must
-// show to be taken for a part of it. The prefixes that providers publish,
-// such as "sk-ant-api03-", are shorter, and 16 of a key's random characters
-// are very unlikely to turn up in other text.
-const minFragment = 16
-
-// keyFragments finds the runs of minFragment or more characters of a key,
-// in any letter case. It is built for one scrub, because it holds the key.
-type keyFragments struct {
-	// grams holds each minFragment-long part of the key, in lower case.
-	grams map[string]struct{}
-	// pairs has a bit set for each pair of adjacent characters of the key,
-	// in lower case, so most positions of other text are passed over
-	// without a map lookup.
-	pairs [1 << 16 / 64]uint64
-}
-
-func newKeyFragments(key string) *keyFragments {
-	lower := strings.ToLower(key)
-	f := &keyFragments{grams: make(map[string]struct{}, len(lower))}
-	for i := 0; i+minFragment <= len(lower); i++ {
-		f.grams[lower[i:i+minFragment]] = struct{}{}
-	}
-	for i := 0; i+1 < len(lower); i++ {
-		pair := uint16(lower[i])<<8 | uint16(lower[i+1])
-		f.pairs[pair/64] |= 1 << (pair % 64)
-	}
-	return f
-}
-
-// matchAt reports whether the minFragment bytes of s at i are a part of the
-// key.
-func (f *keyFragments) matchAt(s []byte, i int) bool {
-	if i+minFragment > len(s) {
-		return false
-	}
-	pair := uint16(lowerASCII(s[i]))<<8 | uint16(lowerASCII(s[i+1]))
-	if f.pairs[pair/64]&(1<<(pair%64)) == 0 {
-		return false
-	}
-	var window [minFragment]byte
-	for j := range window {
-		window[j] = lowerASCII(s[i+j])
-	}
-	_, ok := f.grams[string(window[:])]
-	return ok
-}
-
-// next returns the first run of s, at or after from, made of overlapping
-// parts of the key, or -1.
-func (f *keyFragments) next(s []byte, from int) (start, end int) {
-	for i := from; i+minFragment <= len(s); i++ {
-		if !f.matchAt(s, i) {
-			continue
-		}
-		end := i + minFragment
-		for f.matchAt(s, end-minFragment+1) {
-			end++
-		}
-		return i, end
-	}
-	return -1, -1
-}
-
-// replaceKeyFragments replaces each run of minFragment or more of the key's
-// characters in b, such as a key cut short or with its first characters
-// left out. They are looked for with escapes decoded (see decodeEscapes).
-func replaceKeyFragments(b []byte, key string, sent *sentText) []byte {
-	if len(key) < minFragment || len(b) < minFragment {
-		return b
-	}
-	return replaceFound(b, sent, newKeyFragments(key).next)
-}
-
-// lazyFragments builds the keyFragments of a key on first use, so that
-// header values too short to hold a fragment cost nothing.
-type lazyFragments struct{ f *keyFragments }
-
-// in reports whether s holds a run of minFragment or more of the key's
-// characters, escaped or not.
-func (l *lazyFragments) in(s, key string) bool {
-	if len(key) < minFragment || len(s) < minFragment {
-		return false
-	}
-	if l.f == nil {
-		l.f = newKeyFragments(key)
-	}
-	view, _, _ := decodeEscapes([]byte(s))
-	start, _ := l.f.next(view, 0)
-	return start >= 0
 }

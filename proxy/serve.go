@@ -35,9 +35,6 @@ type exchange struct {
 	last4   string
 	key     *keystore.Secret
 	keyText string // the key as the header holds it, for scrubbing error bodies
-	// client is the request as the client sent it, which an error body
-	// is checked against. detach clears it.
-	client *http.Request
 
 	model       string
 	stream      bool
@@ -487,12 +484,6 @@ type countingBody struct {
 	n    atomic.Int64
 	// eof is set once the body has been read to its end.
 	eof atomic.Bool
-
-	// mu guards kept and overflow, since the transport may still be
-	// reading the body when an error response arrives.
-	mu       sync.Mutex
-	kept     []byte
-	overflow bool
 }
 
 type readCloser struct{ io.ReadCloser }
@@ -506,35 +497,10 @@ func newCountingBody(body io.ReadCloser) *countingBody {
 func (b *countingBody) Read(p []byte) (int, error) {
 	n, err := b.body.Load().Read(p)
 	b.n.Add(int64(n))
-	if n > 0 {
-		b.mu.Lock()
-		if !b.overflow && len(b.kept)+n <= maxKeptBody {
-			b.kept = append(b.kept, p[:n]...)
-		} else {
-			b.overflow, b.kept = true, nil
-		}
-		b.mu.Unlock()
-	}
 	if err == io.EOF {
 		b.eof.Store(true)
 	}
 	return n, err
-}
-
-// maxKeptBody bounds the copy a countingBody keeps of what it forwards.
-// An error body is checked against what the client sent (see
-// scrubKeyFor), and a longer body counts as unknown.
-const maxKeptBody = 256 << 10
-
-// takeSent returns the bytes forwarded so far, and false if there were
-// more than maxKeptBody. The body keeps no copy from then on, so a stream
-// does not hold one for as long as its response lasts.
-func (b *countingBody) takeSent() ([]byte, bool) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	kept, whole := b.kept, !b.overflow
-	b.overflow, b.kept = true, nil
-	return kept, whole
 }
 
 func (b *countingBody) Close() error { return b.body.Load().Close() }
@@ -543,12 +509,7 @@ func (b *countingBody) Close() error { return b.body.Load().Close() }
 // holds the server's state of the connection, which a detached stream
 // must not keep, and the transport keeps its request for as long as the
 // response lasts.
-func (b *countingBody) release() {
-	b.body.Store(&readCloser{http.NoBody})
-	b.mu.Lock()
-	b.overflow, b.kept = true, nil
-	b.mu.Unlock()
-}
+func (b *countingBody) release() { b.body.Store(&readCloser{http.NoBody}) }
 
 // firstBodyBuffer is the most readAll allocates for a request body before
 // any of it has arrived.
