@@ -246,7 +246,7 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 	// The proxy's request id is its own. A 101 response's header reaches
 	// the client without passing clientWriter.
 	resp.Header.Del(requestIDHeader)
-	scrubHeaders(resp.Header, x.keyText, resp.StatusCode >= 300)
+	scrubHeaders(resp.Header, x.keyText, resp.StatusCode < 200 || resp.StatusCode >= 300)
 	// The reverse proxy announces the names of declared trailers in the
 	// header; their values arrive with the end of the body (see tapBody).
 	scrubHeaders(resp.Trailer, x.keyText, false)

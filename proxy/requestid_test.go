@@ -110,12 +110,14 @@ func TestRequestIDAfterEarlyHints(t *testing.T) {
 }
 
 // TestRequestIDOnSwitchingProtocols checks that a 101 response, which the
-// reverse proxy writes itself, carries the proxy's request id alone.
+// reverse proxy writes itself, carries the proxy's request id alone and no
+// masked key.
 func TestRequestIDOnSwitchingProtocols(t *testing.T) {
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Connection", "Upgrade")
 		w.Header().Set("Upgrade", "websocket")
 		w.Header().Set("X-Byokproxy-Request-Id", "from-the-upstream")
+		w.Header().Set("X-Key-Hint", "sk-proj-byok…OWN2")
 		w.WriteHeader(http.StatusSwitchingProtocols)
 	}))
 	t.Cleanup(up.Close)
@@ -141,5 +143,9 @@ func TestRequestIDOnSwitchingProtocols(t *testing.T) {
 	}
 	if ids := resp.Header.Values("X-Byokproxy-Request-Id"); len(ids) != 1 || ids[0] == "from-the-upstream" {
 		t.Errorf("request id header %q, want the proxy's id alone", ids)
+	}
+	// A 101 response's header is scrubbed as that of other 1xx responses.
+	if hint := resp.Header.Get("X-Key-Hint"); hint != "[REDACTED]" {
+		t.Errorf("X-Key-Hint = %q, want the masked key redacted", hint)
 	}
 }

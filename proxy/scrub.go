@@ -17,10 +17,10 @@ const redacted = "[REDACTED]"
 // findKeyLike).
 //
 // Only the whole key is matched against key itself. Provider errors repeat
-// what the client sent, such as a model name, so a replacement that
-// depended on whether part of a text matches the key would let a client
-// send guesses and read the key one character at a time. Guessing the
-// whole key at once gains nothing.
+// what the client sent, such as a model name. Were part of a text replaced
+// because it matches the key, a client could send guesses and read the
+// key one character at a time. Guessing the whole key at once gains
+// nothing.
 func scrubKey(body []byte, key string) []byte {
 	if key == "" {
 		return body
@@ -312,8 +312,9 @@ func hasKeyLike(s string) bool {
 	return start >= 0
 }
 
-// decodeEscapes returns b with its JSON escapes of the Basic Multilingual
-// Plane ("\u2026"), "\/" and percent escapes ("%E2%80%A6") decoded. For each
+// decodeEscapes returns b with its JSON escapes ("\u2026" within the Basic
+// Multilingual Plane, "\n", "\/" and the like) and percent escapes
+// ("%E2%80%A6") decoded. For each
 // byte of the result, from and to give the offsets in b of the escape or
 // byte it comes from. When b holds no backslash or percent sign, it returns
 // b itself and nil offsets.
@@ -333,8 +334,8 @@ func decodeEscapes(b []byte) (view []byte, from, to []int) {
 	}
 	for i := 0; i < len(b); {
 		switch {
-		case b[i] == '\\' && i+1 < len(b) && b[i+1] == '/':
-			emit([]byte{'/'}, i, i+2)
+		case b[i] == '\\' && i+1 < len(b) && jsonEscapes[b[i+1]] != 0:
+			emit([]byte{jsonEscapes[b[i+1]]}, i, i+2)
 			i += 2
 			continue
 		case b[i] == '\\' && i+5 < len(b) && b[i+1] == 'u':
@@ -357,6 +358,11 @@ func decodeEscapes(b []byte) (view []byte, from, to []int) {
 	}
 	return view, from, to
 }
+
+// jsonEscapes maps the letter of each two-character JSON escape to the
+// byte it stands for. A key that follows "\\n" in a message then starts a
+// word in the decoded view, as it does in the text the message holds.
+var jsonEscapes = [256]byte{'"': '"', '\\': '\\', '/': '/', 'b': '\b', 'f': '\f', 'n': '\n', 'r': '\r', 't': '\t'}
 
 // maskRun returns the length in bytes of the run of mask characters at i
 // ('*', '.', '•' and '…'). inWord reports whether the run can mask a key

@@ -59,6 +59,9 @@ func TestScrubKeyForms(t *testing.T) {
 		{"percent-encoded first characters", "k=%73%6B%2D" + key[3:20] + "..."},
 		{"percent-encoded ellipsis", "k=" + key[:20] + "%E2%80%A6"},
 		{"escaped last characters", `{"m":"` + key[:10] + `...` + jsonEscaped(key[len(key)-4:], false) + `"}`},
+		{"after a JSON newline", `{"m":"Error code: 401\nIncorrect API key provided:\n` + key[:12] + `…WXYZ"}`},
+		{"after a JSON tab", `{"m":"key:\t` + key[:len(key)-1] + `"}`},
+		{"mask after a JSON newline", `{"m":"key\n•••WXYZ"}`},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
