@@ -217,9 +217,10 @@ var keyPrefixes = []string{
 //   - a mask that starts a word and has four or more key characters after
 //     it, such as "••••wxyz" or "...WXYZ".
 //
-// Neither depends on the key itself, so whether a text is replaced tells
-// a client nothing about the key (see scrubKey). Callers pass a view with
-// escapes decoded (see decodeEscapes).
+// Neither depends on the key itself, so whether a text is replaced gives
+// a client nothing about the key (see scrubKey). For the same reason, a
+// part of the key without its prefix, such as its middle characters, is
+// not found. Callers pass a view with escapes decoded (see decodeEscapes).
 func findKeyLike(s []byte, from int) (start, end int) {
 	for i := from; i < len(s); i++ {
 		wordStart := i == 0 || !alnum(s[i-1])
