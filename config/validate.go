@@ -184,7 +184,7 @@ func validateKeyPair(ps *problems, certKey, keyKey string, pair TLS) *x509.Certi
 	return cert.Leaf
 }
 
-// hasCertificate reports whether data holds a PEM certificate that parses.
+// hasCertificate reports whether data contains a PEM certificate that parses.
 func hasCertificate(data []byte) bool {
 	for {
 		var block *pem.Block

@@ -193,16 +193,16 @@ func TestShutdownStopsForwardListener(t *testing.T) {
 	defer early.Close()
 
 	d.signal(t, syscall.SIGTERM)
-	refused := false
+	closed := false
 	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
 		conn, err := net.DialTimeout("tcp", d.forwardListen, time.Second)
 		if err != nil {
-			refused = true
+			closed = true
 			break
 		}
 		conn.Close()
 	}
-	if !refused {
+	if !closed {
 		t.Error("the forward listener still accepts connections 3 s after SIGTERM, while a stream drains")
 	}
 

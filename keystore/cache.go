@@ -171,7 +171,7 @@ func (s *Store) Watch(ctx context.Context, log *slog.Logger) {
 			case "permission":
 				log.Error("record cache off: subscribing to the changes channel failed, reading Redis on every request; allow the channel and PUBLISH and SUBSCRIBE for the Redis user",
 					"channel", s.layout.Changes(), "error", err)
-			case "refused":
+			case "rejected":
 				log.Error("record cache off: Redis rejected the subscription, reading Redis on every request; check the Redis user and password",
 					"channel", s.layout.Changes(), "error", err)
 			default:
@@ -189,7 +189,7 @@ func (s *Store) Watch(ctx context.Context, log *slog.Logger) {
 }
 
 // subscribeFailure names the cause of a failed subscription: "permission"
-// when Redis denies the channel or command, as an ACL does, "refused" for
+// when Redis denies the channel or command, as an ACL does, "rejected" for
 // any other error reply (such as a wrong password), and "unreachable" for
 // a network error.
 func subscribeFailure(err error) string {
@@ -200,7 +200,7 @@ func subscribeFailure(err error) string {
 	case strings.HasPrefix(reply.Error(), "NOPERM"):
 		return "permission"
 	default:
-		return "refused"
+		return "rejected"
 	}
 }
 

@@ -306,9 +306,7 @@ func (f *Forward) serveIntercepted(w http.ResponseWriter, r *http.Request) {
 		for _, name := range tokenHeaders {
 			r.Header.Del(name)
 		}
-		if r.URL.Query().Has("key") {
-			r.URL.RawQuery = withoutQueryParam(r.URL.RawQuery, "key")
-		}
+		r.URL.RawQuery = withoutQueryParam(r.URL.RawQuery, "key")
 		r.Header.Set("Authorization", "Bearer "+t.token)
 	}
 	f.h.ServeHTTP(w, r)
