@@ -17,6 +17,9 @@
 #   CANDIDATE=DIR   also build byokproxy from the source tree DIR and measure
 #                   it as shared-candidate and byok-candidate in the same
 #                   rounds, to weigh a change against the current tree
+#   CANDIDATE_ENV="NAME=VALUE ..."  environment of the candidate processes
+#                   only; without CANDIDATE the candidate is this tree, so a
+#                   runtime setting can be weighed on the same code
 #   OUT=DIR         where results.jsonl, report.md and latency.svg go
 #                   (default: a new directory under /tmp)
 #
@@ -43,6 +46,9 @@ CUT_RATE=${CUT_RATE:-200}
 CUT_BODY=${CUT_BODY:-16000}
 IDLE=${IDLE:-1000,10000}
 PHASES=" ${PHASES:-open sat stream cut idle} "
+if [ -n "${CANDIDATE_ENV:-}" ] && [ -z "${CANDIDATE:-}" ]; then
+	CANDIDATE=$ROOT
+fi
 MAX_SECONDS=${MAX_SECONDS:-900}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/byokbench.XXXXXX")
 OUT=${OUT:-$WORK}
@@ -216,7 +222,12 @@ for t in "${PROXY_TARGETS[@]}"; do
 		spare=$((spare + 2))
 	fi
 	write_config "$WORK/$t.yaml" "${P_TARGET[$t]}" "$admin_port" "$metrics_port" "http://127.0.0.1:$P_UP"
-	start "$t" "$(binary_of "$t")" serve --config "$WORK/$t.yaml"
+	envs=()
+	if [[ $t == *-candidate ]]; then
+		read -ra envs <<<"${CANDIDATE_ENV:-}"
+	fi
+	# env(1) replaces itself with the proxy, so the PID is the proxy's.
+	start "$t" env "${envs[@]}" "$(binary_of "$t")" serve --config "$WORK/$t.yaml"
 	TARGET_PID[$t]=$STARTED
 	wait_http "http://127.0.0.1:${P_TARGET[$t]}/healthz"
 done
@@ -276,7 +287,7 @@ jq -cn --arg date "$(date -u +%Y-%m-%dT%H:%MZ)" \
 	--arg load_start "$(cut -d' ' -f1-3 /proc/loadavg)" \
 	--arg rounds "$ROUNDS" --arg window "$WINDOW" --arg rate "$RATE" --arg sat_conns "$SAT_CONNS" \
 	--arg stream_rate "$STREAM_RATE" --arg stream_body_bytes "$STREAM_BODY" --arg stream_events 20 \
-	--arg cut_rate "$CUT_RATE" --arg cut_body_bytes "$CUT_BODY" --arg candidate "${CANDIDATE:-}" \
+	--arg cut_rate "$CUT_RATE" --arg cut_body_bytes "$CUT_BODY" --arg candidate "${CANDIDATE:-}" --arg candidate_env "${CANDIDATE_ENV:-}" \
 	'{phase: "meta", meta: $ARGS.named}' >>"$RESULTS"
 
 # phase NAME succeeds when PHASES includes NAME.
