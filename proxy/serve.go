@@ -40,6 +40,10 @@ type exchange struct {
 	stream      bool
 	body        []byte // the request body read before forwarding, or nil
 	injectUsage bool   // the proxy added stream_options.include_usage
+	// info holds the fields read from body, and bodyErr why they could not
+	// be read. The shared key's rules need both, the own key's neither.
+	info    requestInfo
+	bodyErr error
 	// previousResponse is the Responses API previous_response_id, if any.
 	previousResponse string
 	// namedIDs are the ids of existing code execution containers and of
@@ -212,6 +216,14 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slo
 	}
 	log = x.reqLog.withMailbox(log, string(x.mailbox))
 
+	// The body comes before the record, so the record is read when the
+	// request is about to be forwarded. A client that sends its body slowly
+	// would otherwise keep a revoked token, a removed key or an allowance
+	// it has since used up for as long as the body takes.
+	if !h.readBody(w, r, x, s, log) {
+		return nil, nil
+	}
+
 	// Read before the record: usage that leaves this list only once Redis
 	// has counted it is then either in the list or in the record's total.
 	x.pending = h.pending.get(x.mailbox)
@@ -236,9 +248,6 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slo
 	}
 	x.source = rec.Source
 
-	if !h.readBody(w, r, x, s, log) {
-		return nil, nil
-	}
 	if x.source == keystore.SourceBYOK {
 		if !h.openKey(w, x, rec, log) {
 			return nil, nil
@@ -278,6 +287,9 @@ func (h *Handler) openKey(w http.ResponseWriter, x *exchange, rec *keystore.Reco
 // admitShared applies the shared key's rules: configured key, endpoint and
 // model allowlists, response ownership and the monthly allowance.
 func (h *Handler) admitShared(w http.ResponseWriter, r *http.Request, x *exchange, rec *keystore.Record, s *settings, log *slog.Logger) bool {
+	if !h.checkSharedBody(w, x, log) {
+		return false
+	}
 	up := x.up
 	if up.sharedKey == "" {
 		h.rejectAudited(w, x, log, provider.Forbidden, "no shared key is configured for "+up.spec.Title+"; store your own key", 0)
@@ -417,17 +429,15 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 	info, err := readRequestInfo(body)
 	if err != nil {
 		// The provider explains a malformed body better than the proxy can,
-		// except where the proxy needs the body's content.
-		if x.source == keystore.SourceShared {
-			msg := err.Error()
-			if coding := r.Header.Get("Content-Encoding"); err == errBodyNotJSON && coding != "" && !strings.EqualFold(coding, "identity") {
-				msg = fmt.Sprintf("the shared key needs the request body as plain JSON, and this one is sent with Content-Encoding %q: send it uncompressed", coding)
-			}
-			h.rejectAudited(w, x, log, provider.BadRequest, msg, 0)
-			return false
+		// except where the proxy needs the body's content: the shared key
+		// rejects it in checkSharedBody.
+		x.bodyErr = err
+		if coding := r.Header.Get("Content-Encoding"); err == errBodyNotJSON && coding != "" && !strings.EqualFold(coding, "identity") {
+			x.bodyErr = fmt.Errorf("the shared key needs the request body as plain JSON, and this one is sent with Content-Encoding %q: send it uncompressed", coding)
 		}
 		return true
 	}
+	x.info = info
 	x.model = info.Model
 	x.stream = info.Stream
 	// Chat completions and legacy completions report a stream's usage only
@@ -439,18 +449,32 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 		}
 	}
 	x.previousResponse = info.PreviousResponseID
-	responses := isResponsesAPI(spec.Name, x.rest)
-	x.background = info.Background && responses
-	if x.source != keystore.SourceShared {
+	x.background = info.Background && isResponsesAPI(spec.Name, x.rest)
+	return true
+}
+
+// checkSharedBody applies the shared key's rules to a request body the
+// proxy read: it must be JSON the proxy can read, and it may name only
+// containers and items that the mailbox's shared requests created.
+func (h *Handler) checkSharedBody(w http.ResponseWriter, x *exchange, log *slog.Logger) bool {
+	if x.bodyErr != nil {
+		h.rejectAudited(w, x, log, provider.BadRequest, x.bodyErr.Error(), 0)
+		return false
+	}
+	if x.body == nil {
+		// Forwarded unread, on a route whose body names nothing to check.
 		return true
 	}
-	x.namedIDs, err = requestedContainers(spec.Name, x.rest, &info)
+	spec := x.up.spec
+	responses := isResponsesAPI(spec.Name, x.rest)
+	var err error
+	x.namedIDs, err = requestedContainers(spec.Name, x.rest, &x.info)
 	if err != nil {
 		h.rejectAudited(w, x, log, provider.BadRequest, err.Error(), 0)
 		return false
 	}
 	if responses {
-		reference, owned, err := inspectInput(&info)
+		reference, owned, err := inspectInput(&x.info)
 		if err != nil {
 			h.rejectAudited(w, x, log, provider.BadRequest, err.Error(), 0)
 			return false
