@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"fmt"
 	"net/http"
 	"strings"
 
@@ -121,4 +122,28 @@ func googlePathModel(path string) string {
 		return ""
 	}
 	return model
+}
+
+// googleResponseFilter returns the system parameter or header of a Google
+// request that changes what the response contains, or "". Google's APIs
+// take fields, $fields and X-Goog-FieldMask to leave fields out, alt=proto
+// or media for another encoding and callback for JSONP (listed at
+// cloud.google.com/apis/docs/system-parameters), and a shared request whose
+// response lost its usageMetadata would be charged nothing. Names are
+// matched as Google reads them: with or without "$", in any letter case.
+func googleResponseFilter(r *http.Request) string {
+	if len(r.Header.Values("X-Goog-FieldMask")) > 0 {
+		return "the X-Goog-FieldMask header"
+	}
+	for name, value := range queryParams(r.URL.RawQuery) {
+		switch strings.ToLower(strings.TrimPrefix(name, "$")) {
+		case "fields", "callback":
+			return fmt.Sprintf("the query parameter %q", name)
+		case "alt":
+			if v := strings.ToLower(strings.TrimSpace(value)); v != "json" && v != "sse" {
+				return fmt.Sprintf("the query parameter %q with the value %q", name, value)
+			}
+		}
+	}
+	return ""
 }

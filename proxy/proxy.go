@@ -13,6 +13,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"iter"
 	"log/slog"
 	"net"
 	"net/http"
@@ -364,17 +365,41 @@ func overridesMethod(r *http.Request) bool {
 	if !strings.Contains(strings.ToLower(r.URL.RawQuery), "httpmethod") && !strings.Contains(r.URL.RawQuery, "%") {
 		return false
 	}
-	// Some servers also split parameters at ';' and trim spaces from names.
-	for pair := range strings.FieldsFuncSeq(r.URL.RawQuery, func(c rune) bool { return c == '&' || c == ';' }) {
-		name, _, _ := strings.Cut(pair, "=")
-		if unescaped, err := url.QueryUnescape(name); err == nil {
-			name = unescaped
-		}
-		if strings.EqualFold(strings.TrimPrefix(strings.TrimSpace(name), "$"), "httpMethod") {
+	for name := range queryParams(r.URL.RawQuery) {
+		if strings.EqualFold(strings.TrimPrefix(name, "$"), "httpMethod") {
 			return true
 		}
 	}
 	return false
+}
+
+// queryParams yields each parameter of a raw query as a lenient server may
+// read it. Some servers split parameters at ';' as well as '&' and trim
+// spaces from names, so this does too. Names and values are percent-decoded
+// where they decode.
+func queryParams(rawQuery string) iter.Seq2[string, string] {
+	return func(yield func(name, value string) bool) {
+		for pair := range strings.FieldsFuncSeq(rawQuery, func(c rune) bool { return c == '&' || c == ';' }) {
+			name, value, _ := strings.Cut(pair, "=")
+			if unescaped, err := url.QueryUnescape(name); err == nil {
+				name = unescaped
+			}
+			if unescaped, err := url.QueryUnescape(value); err == nil {
+				value = unescaped
+			}
+			if !yield(strings.TrimSpace(name), value) {
+				return
+			}
+		}
+	}
+}
+
+// forwardedMethods are the methods the provider APIs use. TRACE in
+// particular is not forwarded: a server responds to it by echoing the
+// request, which would carry the injected key back to the client.
+var forwardedMethods = map[string]bool{
+	http.MethodGet: true, http.MethodHead: true, http.MethodPost: true, http.MethodPut: true,
+	http.MethodPatch: true, http.MethodDelete: true, http.MethodOptions: true,
 }
 
 // headerBytes estimates the size of the request's header section.

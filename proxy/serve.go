@@ -176,6 +176,10 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slo
 		h.reject(w, x, log, provider.BadRequest, "invalid request path: empty or dot segments, backslashes and encoded slashes or dots are not allowed", 0)
 		return nil, nil
 	}
+	if !forwardedMethods[r.Method] {
+		h.reject(w, x, log, provider.BadRequest, fmt.Sprintf("method %s is not forwarded to providers: use GET, HEAD, POST, PUT, PATCH, DELETE or OPTIONS", r.Method), 0)
+		return nil, nil
+	}
 	if overridesMethod(r) {
 		h.reject(w, x, log, provider.BadRequest, "method override headers and parameters are not allowed: send the request with the method it means", 0)
 		return nil, nil
@@ -307,6 +311,12 @@ func (h *Handler) admitShared(w http.ResponseWriter, r *http.Request, x *exchang
 	}
 	if pathModel != "" {
 		x.model = pathModel
+	}
+	if up.spec.Name == provider.Google {
+		if filter := googleResponseFilter(r); filter != "" {
+			h.rejectAudited(w, x, log, provider.Forbidden, filter+" is not available on the shared key, because a response it changes may lose its token usage; use your own key for it", 0)
+			return false
+		}
 	}
 	if up.models != nil && r.Method == http.MethodPost && !up.models[x.model] {
 		msg := fmt.Sprintf("model %q is not available on the shared key", x.model)

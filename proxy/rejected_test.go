@@ -1,0 +1,78 @@
+package proxy_test
+
+import (
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/byokproxy/byokproxy/internal/teststack"
+	"github.com/byokproxy/byokproxy/provider"
+)
+
+// A server responds to TRACE by echoing the request with the injected key,
+// so the proxy forwards neither it nor methods the provider APIs do not use.
+func TestUnusedMethodsNotForwarded(t *testing.T) {
+	s := teststack.Start(t)
+	s.UseBYOK(t, "methods", provider.OpenAI)
+	token := s.Token(t, "methods")
+	up := s.Upstreams[provider.OpenAI]
+	up.Reset()
+	for _, method := range []string{http.MethodTrace, "BREW", "PROPFIND"} {
+		resp, body := s.Do(t, method, "/openai/v1/models", token, "")
+		if resp.StatusCode != http.StatusBadRequest {
+			t.Errorf("%s: status %d, want 400", method, resp.StatusCode)
+		}
+		if !strings.Contains(string(body), "is not forwarded") {
+			t.Errorf("%s: body %s does not say the method is not forwarded", method, body)
+		}
+	}
+	if n := len(up.Requests()); n != 0 {
+		t.Errorf("%d requests reached the upstream, want 0", n)
+	}
+	if resp, body := s.Do(t, http.MethodGet, "/openai/v1/models", token, ""); resp.StatusCode != http.StatusOK {
+		t.Errorf("GET: status %d %s, want 200", resp.StatusCode, body)
+	}
+}
+
+// Google's response filters could strip usageMetadata from a shared
+// response, which would then be charged nothing, so the shared key rejects
+// them. The mailbox's own key passes them on.
+func TestSharedGoogleRejectsResponseFilters(t *testing.T) {
+	s := teststack.Start(t)
+	up := s.Upstreams[provider.Google]
+	const generate = "/google/v1beta/models/gemini-2.5-flash:generateContent"
+	body := `{"contents":[{"parts":[{"text":"hello"}]}]}`
+
+	shared := s.Token(t, "filters-shared")
+	up.Reset()
+	for _, c := range []struct{ query, header string }{
+		{"?fields=candidates", ""},
+		{"?%24fields=candidates", ""},
+		{"?alt=proto", ""},
+		{"", "X-Goog-FieldMask"},
+	} {
+		var header []string
+		if c.header != "" {
+			header = []string{c.header, "candidates"}
+		}
+		resp, out := s.Do(t, http.MethodPost, generate+c.query, shared, body, header...)
+		if resp.StatusCode != http.StatusForbidden {
+			t.Errorf("shared %q %q: status %d, want 403", c.query, c.header, resp.StatusCode)
+		}
+		if !strings.Contains(string(out), "PERMISSION_DENIED") {
+			t.Errorf("shared %q %q: body %s is not Google's PERMISSION_DENIED", c.query, c.header, out)
+		}
+	}
+	if n := len(up.Requests()); n != 0 {
+		t.Errorf("%d shared requests with a filter reached the upstream, want 0", n)
+	}
+	if resp, out := s.Do(t, http.MethodPost, generate+"?$alt=json;enum-encoding=int", shared, body); resp.StatusCode != http.StatusOK {
+		t.Errorf("shared with $alt=json: status %d %s, want 200", resp.StatusCode, out)
+	}
+
+	s.UseBYOK(t, "filters-own", provider.Google)
+	own := s.Token(t, "filters-own")
+	if resp, out := s.Do(t, http.MethodPost, generate+"?fields=candidates", own, body); resp.StatusCode != http.StatusOK {
+		t.Errorf("own key with fields: status %d %s, want 200", resp.StatusCode, out)
+	}
+}
