@@ -137,7 +137,27 @@ func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		a.log.Warn("admin request rejected: bad token", "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr)
 		return
 	}
+	if uncleanPath(r.URL.EscapedPath()) {
+		// ServeMux would redirect to the cleaned path, and a client that
+		// follows it acts on another mailbox: ".../victim/providers/openai/../../../other"
+		// cleans to ".../other".
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("invalid admin path %q: empty, \".\" and \"..\" segments are not allowed; write each dot of a mailbox id of . or .. as %%2E", r.URL.EscapedPath()))
+		return
+	}
 	a.mux.ServeHTTP(w, r)
+}
+
+// uncleanPath reports whether the escaped path p has an empty, "." or ".."
+// segment before its last, the segments ServeMux cleans away. A dot written
+// as %2E is left alone, as ServeMux leaves it.
+func uncleanPath(p string) bool {
+	segments := strings.Split(strings.TrimPrefix(p, "/"), "/")
+	for i, segment := range segments {
+		if segment == "." || segment == ".." || (segment == "" && i < len(segments)-1) {
+			return true
+		}
+	}
+	return false
 }
 
 func (a *API) authorized(r *http.Request) bool {

@@ -873,6 +873,37 @@ func TestAdminUsageAndLimit(t *testing.T) {
 	}
 }
 
+// ServeMux would redirect a path with dot or empty segments to its cleaned
+// form, and a client that follows the redirect would act on another mailbox.
+func TestAdminUncleanPathRejected(t *testing.T) {
+	f := newFixture(t)
+	if status, body := f.call(t, http.MethodPut, "/admin/v1/mailboxes/other/limit", `{"monthly_token_limit":5}`); status != http.StatusOK {
+		t.Fatalf("setting a limit: status %d %s", status, body)
+	}
+	for _, tt := range []struct{ method, path string }{
+		{http.MethodGet, "/admin/v1/mailboxes/./usage"},
+		{http.MethodGet, "/admin/v1/mailboxes//token"},
+		{http.MethodGet, "/admin/v1/mailboxes/victim/.."},
+		{http.MethodDelete, "/admin/v1/mailboxes/victim/providers/openai/../../../other"},
+		{http.MethodGet, "/admin//v1/recipient"},
+	} {
+		status, body := f.call(t, tt.method, tt.path, "")
+		if status != http.StatusBadRequest {
+			t.Errorf("%s %s: status %d, want 400; body %s", tt.method, tt.path, status, body)
+		}
+		if !strings.Contains(string(body), "invalid admin path") {
+			t.Errorf("%s %s: body %s does not name the invalid path", tt.method, tt.path, body)
+		}
+	}
+	// Deleting the mailbox would have removed its limit.
+	if status, body := f.call(t, http.MethodGet, "/admin/v1/mailboxes/other/usage", ""); status != http.StatusOK || !strings.Contains(string(body), `"limit":5`) {
+		t.Errorf("the other mailbox's usage after the attempts: status %d %s, want its limit of 5", status, body)
+	}
+	if status, body := f.call(t, http.MethodGet, "/admin/v1/mailboxes/%2E", ""); status != http.StatusOK {
+		t.Errorf("mailbox . written as %%2E: status %d, want 200; body %s", status, body)
+	}
+}
+
 func TestAdminUnknownRoute(t *testing.T) {
 	f := newFixture(t)
 	for _, path := range []string{"/admin/v1/nothing", "/admin/v2/recipient", "/admin/v1/mailboxes/a/providers/openai/other"} {
