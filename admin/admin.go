@@ -147,9 +147,9 @@ func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	a.mux.ServeHTTP(w, r)
 }
 
-// uncleanPath reports whether the escaped path p has an empty, "." or ".."
-// segment before its last, the segments ServeMux cleans away. A dot written
-// as %2E is left alone, as ServeMux leaves it.
+// uncleanPath reports whether the escaped path p has a "." or ".." segment,
+// or an empty one before its last: the segments ServeMux cleans away. A dot
+// written as %2E is left alone, as ServeMux leaves it.
 func uncleanPath(p string) bool {
 	segments := strings.Split(strings.TrimPrefix(p, "/"), "/")
 	for i, segment := range segments {

@@ -251,6 +251,9 @@ func bind(key []byte, id mailbox.ID, prov string) []byte {
 
 // unbind checks the payload's owner and returns its key, which shares plain's
 // memory.
+// TODO: the binding stops copies between mailboxes, not forgeries: anyone
+// who can write Redis can encrypt a payload of their own to the public
+// recipient. A MAC keyed from the identity would stop that too.
 func unbind(plain []byte, id mailbox.ID, prov string) (*Secret, error) {
 	rest, ok := bytes.CutPrefix(plain, []byte(payloadHeader))
 	if !ok {

@@ -25,9 +25,10 @@ type UsageRecord struct {
 
 // seenTTL is how long a request's usage is remembered as counted, so a batch
 // retried after a lost reply does not count it twice. The audit writer
-// retries a batch within seconds of its failure (backoff of at most 5 s), so
-// an hour covers a retry with a wide margin while each marker (about 160
-// bytes) leaves Redis soon.
+// retries a batch every few seconds (backoff of at most 5 s) until Redis
+// answers, and each marker takes about 160 bytes of Redis.
+// TODO: an outage of more than an hour that starts right after Redis applied
+// a batch, before its reply arrived, makes the retry count that usage again.
 const seenTTL = time.Hour
 
 // recordUsageScript adds one request's usage unless that request was counted
