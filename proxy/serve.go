@@ -259,6 +259,9 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slo
 	} else if !h.admitShared(w, r, x, rec, s, log) {
 		return nil, nil
 	}
+	// The fields point into the body, which a stream lets go of once its
+	// response begins.
+	x.info = requestInfo{}
 	return x, log
 }
 
