@@ -191,6 +191,21 @@ func TestShutdownStopsForwardListener(t *testing.T) {
 		t.Fatalf("dial the forward listener: %v", err)
 	}
 	defer early.Close()
+	// A connection still in the listen backlog is reset when the listener
+	// closes. A first request, which the forward proxy rejects, proves the
+	// server accepted this one.
+	early.SetDeadline(time.Now().Add(5 * time.Second))
+	earlyReader := bufio.NewReader(early)
+	fmt.Fprintf(early, "GET http://api.openai.com/ HTTP/1.1\r\nHost: api.openai.com\r\n\r\n")
+	first, err := http.ReadResponse(earlyReader, nil)
+	if err != nil {
+		t.Fatalf("plain request before the signal: %v", err)
+	}
+	io.Copy(io.Discard, first.Body)
+	first.Body.Close()
+	if first.StatusCode != http.StatusForbidden {
+		t.Fatalf("plain request before the signal: status %d, want 403", first.StatusCode)
+	}
 
 	d.signal(t, syscall.SIGTERM)
 	closed := false
@@ -208,7 +223,7 @@ func TestShutdownStopsForwardListener(t *testing.T) {
 
 	early.SetDeadline(time.Now().Add(5 * time.Second))
 	fmt.Fprintf(early, "CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\nProxy-Authorization: Bearer %s\r\n\r\n", d.token)
-	resp, err := http.ReadResponse(bufio.NewReader(early), nil)
+	resp, err := http.ReadResponse(earlyReader, nil)
 	if err != nil {
 		t.Errorf("CONNECT on a connection opened before the signal: %v", err)
 	} else {
