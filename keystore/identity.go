@@ -17,6 +17,8 @@ type Identities struct {
 	ids       []age.Identity
 	x25519    []*age.X25519Identity
 	recipient *age.X25519Recipient
+	// bindingKeys tag stored payloads, one derived from each identity.
+	bindingKeys [][]byte
 }
 
 // ParseIdentities reads AGE-SECRET-KEY-1 lines (comments and blank lines are
@@ -32,7 +34,9 @@ func ParseIdentities(r io.Reader) (*Identities, error) {
 		if !ok {
 			return nil, errors.New("parse age identities: only X25519 identities (AGE-SECRET-KEY-1...) are supported")
 		}
-		ids.add(x)
+		if err := ids.add(x); err != nil {
+			return nil, err
+		}
 	}
 	return ids, nil
 }
@@ -54,11 +58,22 @@ func GenerateIdentities() (*Identities, error) {
 		return nil, err
 	}
 	ids := &Identities{}
-	ids.add(x)
+	if err := ids.add(x); err != nil {
+		return nil, err
+	}
 	return ids, nil
 }
 
-func (ids *Identities) add(x *age.X25519Identity) {
+func (ids *Identities) add(x *age.X25519Identity) error {
+	scalar, err := decodeSecretKey(x.String())
+	if err != nil {
+		return err
+	}
+	bindingKey, err := bindingKey(scalar)
+	clear(scalar)
+	if err != nil {
+		return err
+	}
 	if ids.recipient == nil {
 		ids.recipient = x.Recipient()
 	}
@@ -68,6 +83,8 @@ func (ids *Identities) add(x *age.X25519Identity) {
 	}
 	ids.ids = append(ids.ids, id)
 	ids.x25519 = append(ids.x25519, x)
+	ids.bindingKeys = append(ids.bindingKeys, bindingKey)
+	return nil
 }
 
 // Recipient returns the recipient that new ciphertexts are encrypted to.

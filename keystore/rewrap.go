@@ -355,8 +355,9 @@ func (rw *rewrapper) rewrapKey(ctx context.Context, id mailbox.ID, prov string, 
 	defer clear(plain)
 
 	var key []byte
-	if bytes.HasPrefix(plain, []byte(payloadHeader)) {
-		secret, err := unbind(plain, id, prov)
+	switch {
+	case bytes.HasPrefix(plain, []byte(payloadHeader)):
+		secret, err := rw.ids.unbind(plain, id, prov)
 		if err != nil {
 			return outcomeFailed, err
 		}
@@ -364,7 +365,13 @@ func (rw *rewrapper) rewrapKey(ctx context.Context, id mailbox.ID, prov string, 
 			return outcomeCurrent, nil
 		}
 		key = secret.Bytes()
-	} else {
+	case bytes.HasPrefix(plain, []byte(payloadHeaderV1)):
+		// Bound before payloads carried a tag: the owner is checked, and the
+		// key is bound again with one.
+		if key, err = unbindV1(plain, id, prov); err != nil {
+			return outcomeFailed, err
+		}
+	default:
 		// A legacy payload is the bare key, possibly with a line break.
 		key = bytes.TrimSpace(plain)
 		if !spec.ValidKey(key) {
@@ -375,7 +382,7 @@ func (rw *rewrapper) rewrapKey(ctx context.Context, id mailbox.ID, prov string, 
 		return outcomeFailed, fmt.Errorf("%w: stored key is shorter than 4 characters", ErrBadKey)
 	}
 
-	payload := bind(key, id, prov)
+	payload := rw.ids.bind(key, id, prov)
 	fresh, err := rw.ids.encrypt(payload)
 	clear(payload)
 	if err != nil {

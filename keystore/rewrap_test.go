@@ -86,8 +86,10 @@ func (r rotation) openWithNewOnly(ct string) (string, error) {
 	return string(payload), err
 }
 
-func boundPayload(m, prov, key string) string {
-	return "byokproxy-key/v1\n" + m + "\n" + prov + "\n" + key
+// boundPayload returns the payload of key bound to mailbox m and provider
+// prov by the new identity.
+func (r rotation) boundPayload(m, prov, key string) string {
+	return string(r.newIDs.Bind([]byte(key), mailbox.ID(m), prov))
 }
 
 // encryptBare returns the age ciphertext of a bare key, the payload format
@@ -310,7 +312,7 @@ func TestRewrapWhileServing(t *testing.T) {
 		payload, err := rot.openWithNewOnly(ciphertext(t, rdb, oldStore, m))
 		if err != nil {
 			t.Errorf("%s does not decrypt with the new identity alone: %v", m, err)
-		} else if payload != boundPayload(m, provider.OpenAI, key) {
+		} else if payload != rot.boundPayload(m, provider.OpenAI, key) {
 			t.Errorf("%s payload is not the key bound to its mailbox and provider", m)
 		}
 	}
@@ -320,7 +322,7 @@ func TestRewrapWhileServing(t *testing.T) {
 			t.Errorf("legacy %s does not decrypt with the new identity alone: %v", m, err)
 			continue
 		}
-		if payload != boundPayload(m, provider.OpenAI, key) {
+		if payload != rot.boundPayload(m, provider.OpenAI, key) {
 			t.Errorf("legacy %s was not rewritten with the binding", m)
 		}
 		if last4 := rdb.HGet(ctx, oldStore.Layout().Mailbox(m), "last4:openai").Val(); last4 != key[len(key)-4:] {
@@ -402,7 +404,7 @@ func TestRewrapResumesAfterInterruption(t *testing.T) {
 	}
 	for m, key := range keys {
 		payload, err := rot.openWithNewOnly(ciphertext(t, rdb, store, m))
-		if err != nil || payload != boundPayload(m, provider.OpenAI, key) {
+		if err != nil || payload != rot.boundPayload(m, provider.OpenAI, key) {
 			t.Errorf("%s after the resumed rewrap: %v", m, err)
 		}
 	}
@@ -547,7 +549,7 @@ func TestRewrapDuringKeyRotation(t *testing.T) {
 		payload, err := rot.openWithNewOnly(ciphertext(t, rdb, admin, m))
 		if err != nil {
 			t.Errorf("%s does not decrypt with the new identity alone: %v", m, err)
-		} else if payload != boundPayload(m, provider.OpenAI, key) {
+		} else if payload != rot.boundPayload(m, provider.OpenAI, key) {
 			t.Errorf("%s holds an older key than the last one stored: the rewrap overwrote a rotation", m)
 		}
 	}
@@ -608,7 +610,7 @@ func TestRewrapOnCluster(t *testing.T) {
 	}
 	for m, key := range keys {
 		payload, err := rot.openWithNewOnly(ciphertext(t, rdb, store, m))
-		if err != nil || payload != boundPayload(m, provider.OpenAI, key) {
+		if err != nil || payload != rot.boundPayload(m, provider.OpenAI, key) {
 			t.Errorf("%s after the rewrap on a cluster: %v", m, err)
 		}
 	}
@@ -632,5 +634,62 @@ func TestRewrapEscapesPrefixPattern(t *testing.T) {
 	}
 	if stats.Rewrapped != 3 || stats.Mailboxes != 3 {
 		t.Errorf("stats %+v, want only the 3 mailboxes under the prefix", stats)
+	}
+}
+
+// Payloads bound before they carried a tag open nowhere, since anyone who can
+// write Redis could have written one, and a rewrap binds them again with a
+// tag once their owner checks out.
+func TestRewrapTagsV1Payloads(t *testing.T) {
+	rs := redistest.Start(t)
+	prefix := rs.Prefix(t)
+	rdb := rs.Client(t)
+	ctx := context.Background()
+	ids, err := keystore.GenerateIdentities()
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := keystore.New(rdb, prefix, ids)
+	key := openaiKey(t)
+	var ct bytes.Buffer
+	w, err := age.Encrypt(&ct, ids.Recipient())
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(w, "byokproxy-key/v1\nowner\nopenai\n"+key)
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range []string{"owner", "thief"} {
+		if err := rdb.HSet(ctx, store.Layout().Mailbox(m), "ct:openai", ct.String(), "src:openai", "byok").Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	rec, err := store.Read(ctx, "owner", provider.OpenAI)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := store.Open(rec, "owner", provider.OpenAI); !errors.Is(err, keystore.ErrWrongBinding) {
+		t.Errorf("v1 payload before the rewrap: err = %v, want ErrWrongBinding", err)
+	}
+
+	stats, err := store.Rewrap(ctx, keystore.RewrapOptions{})
+	if err != nil {
+		t.Fatalf("Rewrap: %v", err)
+	}
+	if want := (keystore.RewrapStats{Mailboxes: 2, Rewrapped: 1, Failed: 1}); stats != want {
+		t.Errorf("stats = %+v, want %+v", stats, want)
+	}
+	rec, err = store.Read(ctx, "owner", provider.OpenAI)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opened, err := store.Open(rec, "owner", provider.OpenAI)
+	if err != nil || string(opened.Bytes()) != key {
+		t.Errorf("owner's key after the rewrap: err = %v", err)
+	}
+	if got := ciphertext(t, rdb, store, "thief"); got != ct.String() {
+		t.Errorf("the copy under another mailbox was rewritten")
 	}
 }

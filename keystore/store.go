@@ -209,12 +209,13 @@ func (s *Store) Open(rec *Record, id mailbox.ID, prov string) (*Secret, error) {
 	if len(rec.Ciphertext) == 0 {
 		return nil, ErrNoKey
 	}
-	plain, err := s.ids.Load().decrypt(rec.Ciphertext)
+	ids := s.ids.Load()
+	plain, err := ids.decrypt(rec.Ciphertext)
 	if err != nil {
 		s.forget(id, prov)
 		return nil, ErrDecrypt
 	}
-	key, err := unbind(plain, id, prov)
+	key, err := ids.unbind(plain, id, prov)
 	if err != nil {
 		clear(plain)
 		s.forget(id, prov)
@@ -230,41 +231,6 @@ func (s *Store) forget(id mailbox.ID, prov string) {
 	if s.cache != nil {
 		s.cache.entries.Invalidate(cacheKey(id, prov))
 	}
-}
-
-// The payload of a stored ciphertext binds the key to its owner:
-//
-//	byokproxy-key/v1\n<mailbox>\n<provider>\n<key>
-//
-// Mailbox ids and provider names never contain a newline.
-const payloadHeader = "byokproxy-key/v1\n"
-
-func bind(key []byte, id mailbox.ID, prov string) []byte {
-	b := make([]byte, 0, len(payloadHeader)+len(id)+len(prov)+len(key)+2)
-	b = append(b, payloadHeader...)
-	b = append(b, id...)
-	b = append(b, '\n')
-	b = append(b, prov...)
-	b = append(b, '\n')
-	return append(b, key...)
-}
-
-// unbind checks the payload's owner and returns its key, which shares plain's
-// memory.
-// TODO: the binding stops copies between mailboxes, not forgeries: anyone
-// who can write Redis can encrypt a payload of their own to the public
-// recipient. A MAC keyed from the identity would stop that too.
-func unbind(plain []byte, id mailbox.ID, prov string) (*Secret, error) {
-	rest, ok := bytes.CutPrefix(plain, []byte(payloadHeader))
-	if !ok {
-		return nil, ErrWrongBinding
-	}
-	owner, rest, ok1 := bytes.Cut(rest, []byte{'\n'})
-	gotProv, key, ok2 := bytes.Cut(rest, []byte{'\n'})
-	if !ok1 || !ok2 || string(owner) != string(id) || string(gotProv) != prov {
-		return nil, ErrWrongBinding
-	}
-	return NewSecret(key), nil
 }
 
 // Month returns the calendar month of t in UTC as YYYY-MM, the unit of
@@ -330,8 +296,9 @@ func (s *Store) PutKey(ctx context.Context, id mailbox.ID, prov string, key []by
 	if !spec.ValidKey(key) {
 		return Status{}, fmt.Errorf("%w: %s", ErrBadKey, spec.KeyRule)
 	}
-	payload := bind(key, id, prov)
-	ct, err := s.ids.Load().encrypt(payload)
+	ids := s.ids.Load()
+	payload := ids.bind(key, id, prov)
+	ct, err := ids.encrypt(payload)
 	clear(payload)
 	if err != nil {
 		return Status{}, err

@@ -94,7 +94,7 @@ func TestPutReadOpenRoundTrip(t *testing.T) {
 	}
 	var plain bytes.Buffer
 	plain.ReadFrom(r)
-	if !strings.HasSuffix(plain.String(), "\nalice@example.com\nopenai\n"+openaiKey) {
+	if !strings.HasPrefix(plain.String(), "byokproxy-key/v2\nalice@example.com\nopenai\n") || !strings.HasSuffix(plain.String(), "\n"+openaiKey) {
 		t.Errorf("payload does not bind mailbox and provider: %q", strings.ReplaceAll(plain.String(), openaiKey, "KEY"))
 	}
 
@@ -187,6 +187,51 @@ func TestWrongBindingDetected(t *testing.T) {
 	foreign := New(st.Client(), st.Layout().Prefix, other)
 	if _, err := foreign.Open(rec, "victim", "openai"); !errors.Is(err, ErrDecrypt) {
 		t.Errorf("other identity: err = %v, want ErrDecrypt", err)
+	}
+}
+
+// Anyone who can write Redis can encrypt to the public recipient, so a
+// payload the proxy did not write must not open, however well it names its
+// owner.
+func TestForgedBindingRejected(t *testing.T) {
+	st, _, _ := newStore(t)
+	ids := st.Identities()
+	const forgedKey = "sk-proj-FORGEDforgedFORGEDforged0123456789EVIL"
+	genuine := ids.bind([]byte(forgedKey), "victim", "openai")
+	tagged := func(tag string) []byte {
+		return []byte(payloadHeader + "victim\nopenai\n" + tag + "\n" + forgedKey)
+	}
+	other, err := GenerateIdentities()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	cases := map[string][]byte{
+		"v1 payload":              []byte(payloadHeaderV1 + "victim\nopenai\n" + forgedKey),
+		"no tag line":             []byte(payloadHeader + "victim\nopenai\n" + forgedKey),
+		"empty tag":               tagged(""),
+		"tag of zeros":            tagged(tagEncoding.EncodeToString(make([]byte, 32))),
+		"tag of another identity": other.bind([]byte(forgedKey), "victim", "openai"),
+		"tag with a changed key":  bytes.Replace(bytes.Clone(genuine), []byte("EVIL"), []byte("EVIM"), 1),
+		"short tag":               tagged(tagEncoding.EncodeToString(make([]byte, 31))),
+	}
+	for name, payload := range cases {
+		ct, err := ids.encrypt(payload)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := st.Open(&Record{Ciphertext: ct}, "victim", "openai"); !errors.Is(err, ErrWrongBinding) {
+			t.Errorf("%s: err = %v, want ErrWrongBinding", name, err)
+		}
+	}
+
+	ct, err := ids.encrypt(genuine)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := st.Open(&Record{Ciphertext: ct}, "victim", "openai")
+	if err != nil || string(key.Bytes()) != forgedKey {
+		t.Errorf("a payload bound by the proxy's identity: err = %v", err)
 	}
 }
 

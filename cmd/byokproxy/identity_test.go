@@ -148,7 +148,7 @@ func (s *rewrapSetup) checkNewOnly(t *testing.T) {
 			continue
 		}
 		payload, _ := io.ReadAll(r)
-		if string(payload) != "byokproxy-key/v1\n"+m+"\ngoogle\n"+key {
+		if !strings.HasPrefix(string(payload), "byokproxy-key/v2\n"+m+"\ngoogle\n") || !strings.HasSuffix(string(payload), "\n"+key) {
 			t.Errorf("%s payload is not its bound key", m)
 		}
 	}
