@@ -39,6 +39,12 @@ type RewrapOptions struct {
 	// Logger receives one line per key that could not be rewrapped. Nil
 	// discards them.
 	Logger *slog.Logger
+	// TagUntagged binds again, with a tag, the payloads written without
+	// one: byokproxy-key/v1 payloads and bare keys from older versions.
+	// Anyone who can write Redis could have written such a payload, so a
+	// rewrap leaves them alone, counted as failed, unless this is set for
+	// the one run right after an upgrade.
+	TagUntagged bool
 }
 
 // RewrapStats counts the outcome of a rewrap, one unit per stored key (one
@@ -341,6 +347,10 @@ const (
 	outcomeSkipped
 )
 
+// errUntagged is the failure of a payload without a tag in a run without
+// RewrapOptions.TagUntagged.
+var errUntagged = errors.New("payload without a tag, written before v2 or straight to Redis; rewrap --tag-untagged binds it again, once, right after the upgrade")
+
 // rewrapKey handles one stored ciphertext. Its errors never contain key
 // material.
 func (rw *rewrapper) rewrapKey(ctx context.Context, id mailbox.ID, prov string, ct []byte) (outcome, error) {
@@ -365,11 +375,16 @@ func (rw *rewrapper) rewrapKey(ctx context.Context, id mailbox.ID, prov string, 
 			return outcomeCurrent, nil
 		}
 		key = secret.Bytes()
+	case !rw.opts.TagUntagged:
+		return outcomeFailed, errUntagged
 	case bytes.HasPrefix(plain, []byte(payloadHeaderV1)):
 		// Bound before payloads carried a tag: the owner is checked, and the
 		// key is bound again with one.
 		if key, err = unbindV1(plain, id, prov); err != nil {
 			return outcomeFailed, err
+		}
+		if !spec.ValidKey(key) {
+			return outcomeFailed, fmt.Errorf("%w: the v1 payload contains an invalid key: %s", ErrBadKey, spec.KeyRule)
 		}
 	default:
 		// A legacy payload is the bare key, possibly with a line break.

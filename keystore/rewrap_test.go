@@ -282,7 +282,7 @@ func TestRewrapWhileServing(t *testing.T) {
 	rewrapper := keystore.New(rdb, prefix, rot.both)
 	var progressCalls atomic.Int64
 	stats, err := rewrapper.Rewrap(ctx, keystore.RewrapOptions{
-		Count: 10, ProgressEvery: 10,
+		Count: 10, ProgressEvery: 10, TagUntagged: true,
 		Progress: func(keystore.RewrapStats) { progressCalls.Add(1) },
 	})
 	during := sent.Load() - before
@@ -638,8 +638,8 @@ func TestRewrapEscapesPrefixPattern(t *testing.T) {
 }
 
 // Payloads bound before they carried a tag open nowhere, since anyone who can
-// write Redis could have written one, and a rewrap binds them again with a
-// tag once their owner checks out.
+// write Redis could have written one. Only a rewrap with TagUntagged binds
+// them again with a tag, once their owner checks out.
 func TestRewrapTagsV1Payloads(t *testing.T) {
 	rs := redistest.Start(t)
 	prefix := rs.Prefix(t)
@@ -674,7 +674,20 @@ func TestRewrapTagsV1Payloads(t *testing.T) {
 		t.Errorf("v1 payload before the rewrap: err = %v, want ErrWrongBinding", err)
 	}
 
+	// A rewrap without TagUntagged, such as one for an identity rotation,
+	// leaves untagged payloads alone.
 	stats, err := store.Rewrap(ctx, keystore.RewrapOptions{})
+	if err != nil {
+		t.Fatalf("Rewrap: %v", err)
+	}
+	if want := (keystore.RewrapStats{Mailboxes: 2, Failed: 2}); stats != want {
+		t.Errorf("stats without TagUntagged = %+v, want %+v", stats, want)
+	}
+	if got := ciphertext(t, rdb, store, "owner"); got != ct.String() {
+		t.Errorf("a rewrap without TagUntagged rewrote the v1 payload")
+	}
+
+	stats, err = store.Rewrap(ctx, keystore.RewrapOptions{TagUntagged: true})
 	if err != nil {
 		t.Fatalf("Rewrap: %v", err)
 	}

@@ -152,6 +152,7 @@ func identityRewrap(ctx context.Context, args []string, cio cliIO, progress func
 	restart := fs.Bool("restart", false, "ignore the checkpoint of an interrupted run and scan from the start")
 	batch := fs.Int64("batch", 100, "COUNT hint of each Redis SCAN call")
 	every := fs.Int64("progress-every", 1000, "log progress after this many keys (and at least every 5 seconds)")
+	tagUntagged := fs.Bool("tag-untagged", false, "also bind again, with a tag, the key payloads that older versions wrote without one; use once, right after upgrading, since anyone who can write Redis could have written such a payload")
 	if err := parseIdentityFlags(fs, args); err != nil {
 		return err
 	}
@@ -196,7 +197,8 @@ func identityRewrap(ctx context.Context, args []string, cio cliIO, progress func
 				progress(st)
 			}
 		},
-		Logger: log,
+		Logger:      log,
+		TagUntagged: *tagUntagged,
 	})
 	logRewrapStats(log, "rewrap stopped", stats, start)
 	fmt.Fprintf(cio.stdout, "rewrapped %d, already current %d, skipped because changed concurrently %d, failed %d (mailboxes scanned %d)\n",
