@@ -25,7 +25,8 @@ import (
 const payloadHeader = "byokproxy-key/v2\n"
 
 // payloadHeaderV1 starts payloads written before the tag. They are rejected,
-// because anyone could have written them, and identity rewrap converts them.
+// because anyone could have written them, and identity rewrap with
+// --tag-untagged converts them.
 const payloadHeaderV1 = "byokproxy-key/v1\n"
 
 // bindingInfo is the HKDF info string of the tag key.
@@ -70,7 +71,7 @@ func (ids *Identities) bind(key []byte, id mailbox.ID, prov string) []byte {
 // payloads written before an identity rotation still open until a rewrap.
 func (ids *Identities) unbind(plain []byte, id mailbox.ID, prov string) (*Secret, error) {
 	if bytes.HasPrefix(plain, []byte(payloadHeaderV1)) {
-		return nil, fmt.Errorf("%w: written before bindings carried a tag; run byokproxy identity rewrap", ErrWrongBinding)
+		return nil, fmt.Errorf("%w: the payload has no tag, as older versions wrote it; run byokproxy identity rewrap --tag-untagged once after the upgrade", ErrWrongBinding)
 	}
 	owner, gotProv, tagText, key, ok := splitPayload(plain)
 	if !ok || string(owner) != string(id) || string(gotProv) != prov {

@@ -349,7 +349,7 @@ const (
 
 // errUntagged is the failure of a payload without a tag in a run without
 // RewrapOptions.TagUntagged.
-var errUntagged = errors.New("payload without a tag, written before v2 or straight to Redis; rewrap --tag-untagged binds it again, once, right after the upgrade")
+var errUntagged = errors.New("the payload has no tag: an older version or a direct Redis write stored it; run rewrap with --tag-untagged once, right after the upgrade, to bind it again")
 
 // rewrapKey handles one stored ciphertext. Its errors never contain key
 // material.

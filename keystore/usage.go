@@ -26,7 +26,7 @@ type UsageRecord struct {
 // seenTTL is how long a request's usage is remembered as counted, so a batch
 // retried after a lost reply does not count it twice. The audit writer
 // retries a batch every few seconds (backoff of at most 5 s) until Redis
-// answers, and each marker takes about 160 bytes of Redis.
+// responds, and each marker takes about 160 bytes of Redis.
 // TODO: an outage of more than an hour that starts right after Redis applied
 // a batch, before its reply arrived, makes the retry count that usage again.
 const seenTTL = time.Hour
