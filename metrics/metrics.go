@@ -4,11 +4,13 @@
 package metrics
 
 import (
+	"net/http"
 	"strconv"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
 // Key error reasons, the values of the reason label of KeyErrors.
@@ -35,6 +37,15 @@ type Metrics struct {
 // milliseconds while a long generation can stream for minutes.
 var Buckets = []float64{
 	0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,
+}
+
+// Handler serves reg's metrics at GET and HEAD /metrics. Other methods get
+// 405 and other paths 404, because a 200 would hide a scraper or probe
+// configured with the wrong address.
+func Handler(reg *prometheus.Registry) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	return mux
 }
 
 // New creates the collectors and registers them, with the Go and process

@@ -1,6 +1,10 @@
 package metrics
 
 import (
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -85,4 +89,44 @@ func readHistogram(t *testing.T, h prometheus.Histogram) histogramReading {
 		t.Fatal(err)
 	}
 	return histogramReading{count: out.GetHistogram().GetSampleCount(), sum: out.GetHistogram().GetSampleSum()}
+}
+
+// TestHandlerServesOnlyGetMetrics checks that the metrics listener serves
+// a scrape and rejects other methods and paths.
+func TestHandlerServesOnlyGetMetrics(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := New(reg)
+	m.AuditDropped.Add(3)
+	srv := httptest.NewServer(Handler(reg))
+	defer srv.Close()
+
+	cases := []struct {
+		method, path string
+		want         int
+	}{
+		{http.MethodGet, "/metrics", http.StatusOK},
+		{http.MethodHead, "/metrics", http.StatusOK},
+		{http.MethodPost, "/metrics", http.StatusMethodNotAllowed},
+		{http.MethodDelete, "/metrics", http.StatusMethodNotAllowed},
+		{http.MethodGet, "/", http.StatusNotFound},
+		{http.MethodGet, "/healthz", http.StatusNotFound},
+	}
+	for _, c := range cases {
+		req, _ := http.NewRequest(c.method, srv.URL+c.path, nil)
+		resp, err := srv.Client().Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != c.want {
+			t.Errorf("%s %s: status %d, want %d", c.method, c.path, resp.StatusCode, c.want)
+		}
+		if c.method == http.MethodGet && c.want == http.StatusOK && !strings.Contains(string(body), "byokproxy_audit_events_dropped_total 3") {
+			t.Errorf("GET /metrics does not show the dropped counter:\n%s", body)
+		}
+		if c.want == http.StatusMethodNotAllowed && resp.Header.Get("Allow") == "" {
+			t.Errorf("%s %s: 405 without Allow", c.method, c.path)
+		}
+	}
 }

@@ -171,6 +171,13 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 	x.up.spec.SetAuth(out.Header, x.keyText)
 
 	if x.body != nil {
+		// The server sent the client its 100 Continue when the body was read.
+		// Passed on, the expectation would bring the upstream's 100 Continue
+		// to the client as a second one, and make the transport hold back a
+		// body that is already here until that came. A body that streams
+		// through keeps it, so that the client sends it only once the
+		// upstream has sent its 100 Continue.
+		out.Header.Del("Expect")
 		out.Body = io.NopCloser(bytes.NewReader(x.body))
 		if x.stream {
 			// A stream can stay open for minutes, so its request body is

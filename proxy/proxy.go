@@ -278,12 +278,21 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Connection", "close")
 	}
 	switch r.URL.Path {
-	case "/healthz":
+	case "/healthz", "/readyz":
 		w.Header().Set("Content-Type", "text/plain")
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			// A probe sent with another method is misconfigured, and a 200
+			// would hide that.
+			w.Header().Set("Allow", "GET, HEAD")
+			w.WriteHeader(http.StatusMethodNotAllowed)
+			w.Write([]byte("use GET\n"))
+			return
+		}
+		if r.URL.Path == "/readyz" {
+			h.ready(w, r)
+			return
+		}
 		w.Write([]byte("ok\n"))
-		return
-	case "/readyz":
-		h.ready(w, r)
 		return
 	}
 	h.running.Add(1)
@@ -295,7 +304,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 func (h *Handler) ready(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
-	w.Header().Set("Content-Type", "text/plain")
 	if h.store.Identities() == nil || h.store.Identities().Len() == 0 {
 		w.WriteHeader(http.StatusServiceUnavailable)
 		w.Write([]byte("no age identity loaded\n"))

@@ -76,3 +76,28 @@ func TestSharedGoogleRejectsResponseFilters(t *testing.T) {
 		t.Errorf("own key with fields: status %d %s, want 200", resp.StatusCode, out)
 	}
 }
+
+// The health routes serve GET and HEAD only, because a 200 would hide a
+// probe configured with another method.
+func TestHealthRoutesMethods(t *testing.T) {
+	s := teststack.Start(t)
+	for _, path := range []string{"/healthz", "/readyz"} {
+		for _, c := range []struct {
+			method string
+			want   int
+		}{
+			{http.MethodGet, http.StatusOK},
+			{http.MethodHead, http.StatusOK},
+			{http.MethodPost, http.StatusMethodNotAllowed},
+			{http.MethodDelete, http.StatusMethodNotAllowed},
+		} {
+			resp, _ := s.Do(t, c.method, path, "", "")
+			if resp.StatusCode != c.want {
+				t.Errorf("%s %s: status %d, want %d", c.method, path, resp.StatusCode, c.want)
+			}
+			if c.want == http.StatusMethodNotAllowed && resp.Header.Get("Allow") != "GET, HEAD" {
+				t.Errorf("%s %s: Allow %q, want \"GET, HEAD\"", c.method, path, resp.Header.Get("Allow"))
+			}
+		}
+	}
+}

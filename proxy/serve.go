@@ -220,6 +220,13 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slo
 	}
 	log = x.reqLog.withMailbox(log, string(x.mailbox))
 
+	// A client that waits for 100 Continue sends its body only on request.
+	// When the record already decides the status, RFC 9110 section 10.1.1
+	// has the proxy send it at once rather than request a body it rejects.
+	if expectsContinue(r) && needsBody(spec.Name, r.Method, rest) && !h.precheck(w, r, x, gen, s, log) {
+		return nil, nil
+	}
+
 	// The body comes before the record, so the record is read when the
 	// request is about to be forwarded. A client that sends its body slowly
 	// would otherwise keep a revoked token, a removed key or an allowance
@@ -232,22 +239,8 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slo
 	// has counted it is then either in the list or in the record's total.
 	x.pending = h.pending.get(x.mailbox)
 
-	// The mailbox's record: generation, source, ciphertext and limit, from
-	// the record cache or one round trip, with usage when it is limited.
-	rec, err := h.store.Lookup(r.Context(), x.mailbox, spec.Name, s.monthlyLimit)
-	if err == nil && gen > rec.Generation {
-		// A token newer than the record was issued after a revocation
-		// whose notice has not reached this replica yet.
-		rec, err = h.store.Refresh(r.Context(), x.mailbox, spec.Name, s.monthlyLimit)
-	}
-	if err != nil {
-		h.metrics.KeyErrors.WithLabelValues(spec.Name, metrics.ReasonStoreUnavailable).Inc()
-		log.Error("key store read failed", "error", err)
-		h.rejectAudited(w, x, log, provider.Unavailable, "the key store is unavailable; retry shortly", 0)
-		return nil, nil
-	}
-	if gen >= 0 && gen != rec.Generation {
-		h.reject(w, x, log, provider.Unauthenticated, "mailbox token revoked: request a new token from the byokproxy admin API", 0)
+	rec := h.record(w, r, x, gen, s, log)
+	if rec == nil {
 		return nil, nil
 	}
 	x.source = rec.Source
@@ -263,6 +256,86 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slo
 	// response begins.
 	x.info = requestInfo{}
 	return x, log
+}
+
+// record returns the mailbox's record (generation, source, ciphertext and
+// limit, with usage when it is limited) from the record cache or one round
+// trip. It returns nil after writing an error response when the store
+// cannot be read or the token's generation has been revoked.
+func (h *Handler) record(w http.ResponseWriter, r *http.Request, x *exchange, gen int64, s *settings, log *slog.Logger) *keystore.Record {
+	name := x.up.spec.Name
+	rec, err := h.store.Lookup(r.Context(), x.mailbox, name, s.monthlyLimit)
+	if err == nil && gen > rec.Generation {
+		// A token newer than the record was issued after a revocation
+		// whose notice has not reached this replica yet.
+		rec, err = h.store.Refresh(r.Context(), x.mailbox, name, s.monthlyLimit)
+	}
+	if err != nil {
+		h.metrics.KeyErrors.WithLabelValues(name, metrics.ReasonStoreUnavailable).Inc()
+		log.Error("key store read failed", "error", err)
+		h.rejectAudited(w, x, log, provider.Unavailable, "the key store is unavailable; retry shortly", 0)
+		return nil
+	}
+	if gen >= 0 && gen != rec.Generation {
+		h.reject(w, x, log, provider.Unauthenticated, "mailbox token revoked: request a new token from the byokproxy admin API", 0)
+		return nil
+	}
+	return rec
+}
+
+// precheck rejects, before the body is requested, a request that the
+// record rejects whatever its body: a revoked token, an unreadable store or
+// a shared allowance already used up. admit checks the record again once
+// the body has arrived.
+func (h *Handler) precheck(w http.ResponseWriter, r *http.Request, x *exchange, gen int64, s *settings, log *slog.Logger) bool {
+	rec := h.record(w, r, x, gen, s, log)
+	if rec == nil {
+		return false
+	}
+	if rec.Source != keystore.SourceShared {
+		return true
+	}
+	if limit := allowance(rec, s); limit > 0 && rec.UsedShared >= limit {
+		x.source = rec.Source
+		h.rejectAllowance(w, x, log, limit)
+		return false
+	}
+	return true
+}
+
+// expectsContinue reports whether the client waits for 100 Continue
+// before it sends the body, as Go's server decides it.
+func expectsContinue(r *http.Request) bool {
+	if !r.ProtoAtLeast(1, 1) || r.ContentLength == 0 {
+		return false
+	}
+	for _, v := range r.Header["Expect"] {
+		for part := range strings.SplitSeq(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(part), "100-continue") {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// allowance returns the mailbox's monthly token limit on the shared key,
+// 0 for none.
+func allowance(rec *keystore.Record, s *settings) int64 {
+	if rec.Limit != nil {
+		return *rec.Limit
+	}
+	return s.monthlyLimit
+}
+
+// rejectAllowance sends the 429 for a shared request from a mailbox whose
+// allowance is used up.
+func (h *Handler) rejectAllowance(w http.ResponseWriter, x *exchange, log *slog.Logger, limit int64) {
+	h.metrics.MeteredRejections.WithLabelValues(x.up.spec.Name).Inc()
+	reset := nextMonth(time.Now())
+	msg := fmt.Sprintf("the monthly allowance of %d tokens on the shared key is used up; it resets at %s, or store your own key",
+		limit, reset.Format(time.RFC3339))
+	h.rejectAudited(w, x, log, provider.QuotaExceeded, msg, time.Until(reset))
 }
 
 // openKey decrypts the mailbox's own key for this request.
@@ -339,10 +412,7 @@ func (h *Handler) admitShared(w http.ResponseWriter, r *http.Request, x *exchang
 	if !h.checkOwned(w, r, x, log) {
 		return false
 	}
-	limit := s.monthlyLimit
-	if rec.Limit != nil {
-		limit = *rec.Limit
-	}
+	limit := allowance(rec, s)
 	x.limited = limit > 0
 	used := rec.UsedShared
 	if x.limited && len(x.pending) > 0 {
@@ -357,11 +427,7 @@ func (h *Handler) admitShared(w http.ResponseWriter, r *http.Request, x *exchang
 		}
 	}
 	if x.limited && used >= limit {
-		h.metrics.MeteredRejections.WithLabelValues(up.spec.Name).Inc()
-		reset := nextMonth(time.Now())
-		msg := fmt.Sprintf("the monthly allowance of %d tokens on the shared key is used up; it resets at %s, or store your own key",
-			limit, reset.Format(time.RFC3339))
-		h.rejectAudited(w, x, log, provider.QuotaExceeded, msg, time.Until(reset))
+		h.rejectAllowance(w, x, log, limit)
 		return false
 	}
 	x.key = keystore.NewSecret([]byte(up.sharedKey))

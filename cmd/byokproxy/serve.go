@@ -18,7 +18,6 @@ import (
 
 	"github.com/alicebob/miniredis/v2"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/redis/go-redis/v9"
 	"github.com/spf13/pflag"
 
@@ -120,7 +119,7 @@ func serve(args []string) error {
 	servers := []*listener{
 		{name: "proxy", addr: cfg.Listen, tls: cfg.TLS, handler: handler, maxHeader: cfg.Limits.MaxHeaderBytes},
 		{name: "admin", addr: cfg.Admin.Listen, tls: cfg.Admin.TLS, handler: adminHandler},
-		{name: "metrics", addr: cfg.Metrics.Listen, handler: promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})},
+		{name: "metrics", addr: cfg.Metrics.Listen, handler: metrics.Handler(reg)},
 	}
 	var forward *proxy.Forward
 	var caFile string
