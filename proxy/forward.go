@@ -169,6 +169,9 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 		}
 	}
 	x.up.spec.SetAuth(out.Header, x.keyText)
+	if x.up.spec.Name == provider.Google && strings.HasPrefix(x.rest, "upload/") {
+		x.uploadBase = uploadBase(pr.In, x.up.spec.Name)
+	}
 
 	if x.body != nil {
 		// The server sent the client its 100 Continue when the body was read.
@@ -253,6 +256,9 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 	// The proxy's request id is its own. A 101 response's header reaches
 	// the client without passing clientWriter.
 	resp.Header.Del(requestIDHeader)
+	if x.uploadBase != "" {
+		rebaseUploadURLs(resp.Header, x.up.base, x.uploadBase)
+	}
 	scrubHeaders(resp.Header, x.keyText, resp.StatusCode < 200 || resp.StatusCode >= 300)
 	// The reverse proxy announces the names of declared trailers in the
 	// header; their values arrive with the end of the body (see tapBody).

@@ -52,6 +52,9 @@ type exchange struct {
 	namedIDs []string
 	// background is set for a Responses API request that runs later.
 	background bool
+	// uploadBase is the proxy URL that upload session URLs in the response
+	// are rewritten to, or "" to leave them unchanged.
+	uploadBase string
 
 	// requestBytes, received and decoded count the request body and the
 	// response bytes from the upstream as sent and as decoded, for

@@ -1,6 +1,6 @@
 // The official Google Gen AI Node SDK (@google/genai) against byokproxy:
 // generateContent and streamGenerateContent (which the SDK calls with
-// alt=sse), on the shared and the BYOK source.
+// alt=sse), on the shared and the BYOK source, and a file upload on BYOK.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { GoogleGenAI, ApiError } from '@google/genai';
@@ -71,6 +71,35 @@ test('shared generateContent', () => checkGenerate({ byok: false }));
 test('shared streamGenerateContent', () => checkStream({ byok: false }));
 test('byok generateContent', () => checkGenerate({ byok: true }));
 test('byok streamGenerateContent', () => checkStream({ byok: true }));
+
+// files.upload opens a resumable upload session and sends the bytes to the
+// session URL that the start request answers, which the proxy points back
+// at itself, so both requests carry the mailbox's key and not its token.
+test('byok files.upload through the proxy', async () => {
+  const mb = await h.newMailbox('gg-upload');
+  await h.useByok(mb.id, PROVIDER);
+  const marker = h.uniqueId('marker');
+  const content = `notes for ${marker}\n`.repeat(40);
+
+  const file = await client(mb.token).files.upload({
+    file: new Blob([content], { type: 'text/plain' }),
+    config: { mimeType: 'text/plain', displayName: `upload-${marker}` },
+  });
+  assert.equal(file.sizeBytes, String(content.length));
+  assert.equal(file.mimeType, 'text/plain');
+  assert.equal(file.state, 'ACTIVE');
+
+  const start = await h.upstreamFor(PROVIDER, `upload-${marker}`);
+  assert.equal(start.path, '/upload/v1beta/files');
+  const bytes = await h.upstreamFor(PROVIDER, `notes for ${marker}`);
+  assert.equal(bytes.path, '/upload/v1beta/files');
+  assert.ok(new URLSearchParams(bytes.query).get('upload_id'), 'the bytes did not go to the upload session');
+  assert.equal(bytes.body, content);
+  for (const rec of [start, bytes]) {
+    h.assertUpstreamKey(PROVIDER, rec, h.byokKey(PROVIDER), 'BYOK key');
+    h.assertNoToken(rec, mb.token);
+  }
+});
 
 test('countTokens on shared', async () => {
   const mb = await h.newMailbox('gg-count');

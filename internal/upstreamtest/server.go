@@ -84,6 +84,7 @@ type Server struct {
 	gzip        bool
 	errStatus   int
 	idCounter   int
+	uploads     map[string]*upload
 }
 
 // NewOpenAI starts an OpenAI emulator over plain HTTP that accepts keys.
