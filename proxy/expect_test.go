@@ -54,6 +54,23 @@ func TestExpectContinueRejectedEarly(t *testing.T) {
 		}
 	})
 
+	t.Run("endpoint not on the shared key", func(t *testing.T) {
+		token := s.Token(t, "expect-endpoint")
+		up.Reset()
+		_, rd := expectConn(t, s, "/openai/v2/chat/completions", token, len(slowChat))
+		resp, err := http.ReadResponse(rd, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusForbidden {
+			t.Errorf("first response %d, want 403 before any body is sent", resp.StatusCode)
+		}
+		if n := len(up.Requests()); n != 0 {
+			t.Errorf("%d requests reached the upstream, want 0", n)
+		}
+	})
+
 	t.Run("allowance used up", func(t *testing.T) {
 		token := s.Token(t, "expect-limit")
 		if resp, body := s.Do(t, http.MethodPost, "/openai/v1/chat/completions", token, slowChat); resp.StatusCode != http.StatusOK {

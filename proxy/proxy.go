@@ -341,13 +341,13 @@ func splitRoute(path string) (prov, rest string, ok bool) {
 // unsafePath reports a path that could address something other than what
 // it seems to once the upstream decodes it: dot segments, and encoded dots,
 // slashes or backslashes.
-func unsafePath(r *http.Request) bool {
-	raw := strings.ToLower(r.URL.EscapedPath())
+func unsafePath(u *url.URL) bool {
+	raw := strings.ToLower(u.EscapedPath())
 	if strings.Contains(raw, "%2e") || strings.Contains(raw, "%2f") || strings.Contains(raw, "%5c") ||
 		strings.Contains(raw, "\\") || strings.Contains(raw, "//") {
 		return true
 	}
-	for seg := range strings.SplitSeq(r.URL.Path, "/") {
+	for seg := range strings.SplitSeq(u.Path, "/") {
 		if seg == "." || seg == ".." {
 			return true
 		}

@@ -101,7 +101,7 @@ func FuzzRouteMapping(f *testing.F) {
 		// not, so none of them may panic.
 		token, tokenErr := mailboxToken(r)
 		name, rest, _ := splitRoute(r.URL.Path)
-		unsafe := unsafePath(r)
+		unsafe := unsafePath(r.URL)
 		_ = headerBytes(r)
 
 		if tokenErr == nil && token != "" && !tokenInRequest(r, token) {

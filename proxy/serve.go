@@ -175,7 +175,7 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slo
 		h.reject(w, x, log, provider.TooLarge, fmt.Sprintf("request body of %d bytes exceeds the limit of %d bytes", r.ContentLength, s.maxBodyBytes), 0)
 		return nil, nil
 	}
-	if unsafePath(r) {
+	if unsafePath(r.URL) {
 		h.reject(w, x, log, provider.BadRequest, "invalid request path: empty or dot segments, backslashes and encoded slashes or dots are not allowed", 0)
 		return nil, nil
 	}
@@ -286,20 +286,24 @@ func (h *Handler) record(w http.ResponseWriter, r *http.Request, x *exchange, ge
 	return rec
 }
 
-// precheck rejects, before the body is requested, a request that the
-// record rejects whatever its body: a revoked token, an unreadable store or
-// a shared allowance already used up. admit checks the record again once
+// precheck rejects a request before its body is requested when the record
+// and the request header reject it whatever the body. That covers a revoked
+// token, an unreadable store, and on the shared key an endpoint it does not
+// serve or an allowance already used up. admit checks the record again once
 // the body has arrived.
 func (h *Handler) precheck(w http.ResponseWriter, r *http.Request, x *exchange, gen int64, s *settings, log *slog.Logger) bool {
 	rec := h.record(w, r, x, gen, s, log)
 	if rec == nil {
 		return false
 	}
+	x.source = rec.Source
 	if rec.Source != keystore.SourceShared {
 		return true
 	}
+	if !h.checkSharedRoute(w, r, x, log) {
+		return false
+	}
 	if limit := allowance(rec, s); limit > 0 && rec.UsedShared >= limit {
-		x.source = rec.Source
 		h.rejectAllowance(w, x, log, limit)
 		return false
 	}
@@ -370,33 +374,10 @@ func (h *Handler) openKey(w http.ResponseWriter, x *exchange, rec *keystore.Reco
 // admitShared applies the shared key's rules: configured key, endpoint and
 // model allowlists, response ownership and the monthly allowance.
 func (h *Handler) admitShared(w http.ResponseWriter, r *http.Request, x *exchange, rec *keystore.Record, s *settings, log *slog.Logger) bool {
-	if !h.checkSharedBody(w, x, log) {
+	if !h.checkSharedBody(w, x, log) || !h.checkSharedRoute(w, r, x, log) {
 		return false
 	}
 	up := x.up
-	if up.sharedKey == "" {
-		h.rejectAudited(w, x, log, provider.Forbidden, "no shared key is configured for "+up.spec.Title+"; store your own key", 0)
-		return false
-	}
-	allowed, pathModel := sharedEndpoint(up.spec.Name, r.Method, x.rest)
-	if !allowed {
-		msg := fmt.Sprintf("%s /%s is not available on the shared key; use your own key for it", r.Method, x.rest)
-		if base := misplacedVersion(up.spec.Name, x.rest); base != "" {
-			// Storing a key would not help a client whose base URL is wrong.
-			msg = fmt.Sprintf("%s /%s is not a path of the %s API: set the SDK's base URL to this proxy's %s", r.Method, x.rest, up.spec.Title, base)
-		}
-		h.rejectAudited(w, x, log, provider.Forbidden, msg, 0)
-		return false
-	}
-	if pathModel != "" {
-		x.model = pathModel
-	}
-	if up.spec.Name == provider.Google {
-		if filter := googleResponseFilter(r); filter != "" {
-			h.rejectAudited(w, x, log, provider.Forbidden, filter+" is not available on the shared key, because a response it changes may lose its token usage; use your own key for it", 0)
-			return false
-		}
-	}
 	if up.models != nil && r.Method == http.MethodPost && !up.models[x.model] {
 		msg := fmt.Sprintf("model %q is not available on the shared key", x.model)
 		if x.model == "" {
@@ -435,6 +416,37 @@ func (h *Handler) admitShared(w http.ResponseWriter, r *http.Request, x *exchang
 	}
 	x.key = keystore.NewSecret([]byte(up.sharedKey))
 	x.keyText = up.sharedKey
+	return true
+}
+
+// checkSharedRoute applies the shared key's rules that the request header
+// decides: a configured key, the endpoint allowlist and Google's response
+// filters. It sets the model that a Google path names.
+func (h *Handler) checkSharedRoute(w http.ResponseWriter, r *http.Request, x *exchange, log *slog.Logger) bool {
+	up := x.up
+	if up.sharedKey == "" {
+		h.rejectAudited(w, x, log, provider.Forbidden, "no shared key is configured for "+up.spec.Title+"; store your own key", 0)
+		return false
+	}
+	allowed, pathModel := sharedEndpoint(up.spec.Name, r.Method, x.rest)
+	if !allowed {
+		msg := fmt.Sprintf("%s /%s is not available on the shared key; use your own key for it", r.Method, x.rest)
+		if base := misplacedVersion(up.spec.Name, x.rest); base != "" {
+			// Storing a key would not help a client whose base URL is wrong.
+			msg = fmt.Sprintf("%s /%s is not a path of the %s API: set the SDK's base URL to this proxy's %s", r.Method, x.rest, up.spec.Title, base)
+		}
+		h.rejectAudited(w, x, log, provider.Forbidden, msg, 0)
+		return false
+	}
+	if pathModel != "" {
+		x.model = pathModel
+	}
+	if up.spec.Name == provider.Google {
+		if filter := googleResponseFilter(r); filter != "" {
+			h.rejectAudited(w, x, log, provider.Forbidden, filter+" is not available on the shared key, because a response it changes may lose its token usage; use your own key for it", 0)
+			return false
+		}
+	}
 	return true
 }
 

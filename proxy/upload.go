@@ -18,7 +18,7 @@ var uploadURLHeaders = []string{"X-Goog-Upload-Url", "X-Goog-Upload-Control-Url"
 // the forward proxy reaches the upstream's own host through it again, and
 // one whose Host is unknown cannot be given a URL.
 func uploadBase(r *http.Request, route string) string {
-	if r.Host == "" || r.Context().Value(tunnelKey{}) != nil {
+	if !validHost(r.Host) || r.Context().Value(tunnelKey{}) != nil {
 		return ""
 	}
 	scheme := "http"
@@ -41,7 +41,9 @@ func rebaseUploadURLs(h http.Header, upstream *url.URL, base string) {
 			continue
 		}
 		u, err := url.Parse(v)
-		if err != nil || !sameOrigin(u, upstream) {
+		if err != nil || !sameOrigin(u, upstream) || u.Fragment != "" || unsafePath(u) {
+			// A path with dot segments could leave the route prefix once
+			// the client resolves them, and reach another provider's route.
 			continue
 		}
 		prefix := strings.TrimSuffix(upstream.Path, "/") + "/"
@@ -55,6 +57,17 @@ func rebaseUploadURLs(h http.Header, upstream *url.URL, base string) {
 		}
 		h.Set(name, rebased)
 	}
+}
+
+// validHost reports whether host is a host name or IP address with an
+// optional port and nothing else, so that a URL built on it keeps the path
+// it is given.
+func validHost(host string) bool {
+	if host == "" || strings.ContainsAny(host, "/?#@\\ %") {
+		return false
+	}
+	u, err := url.Parse("http://" + host)
+	return err == nil && u.Host == host && u.Hostname() != ""
 }
 
 // sameOrigin reports whether u and upstream have the same scheme, host and

@@ -24,8 +24,8 @@ func TestRebaseUploadURLs(t *testing.T) {
 			"http://gateway.internal:9000/gemini/upload/v1beta/files?upload_id=2",
 			base + "/upload/v1beta/files?upload_id=2"},
 		{"escaped path kept", "https://generativelanguage.googleapis.com",
-			"https://generativelanguage.googleapis.com/upload/v1beta/fileSearchStores/a%2Fb:uploadToFileSearchStore?upload_id=3",
-			base + "/upload/v1beta/fileSearchStores/a%2Fb:uploadToFileSearchStore?upload_id=3"},
+			"https://generativelanguage.googleapis.com/upload/v1beta/fileSearchStores/my%20store:uploadToFileSearchStore?upload_id=3",
+			base + "/upload/v1beta/fileSearchStores/my%20store:uploadToFileSearchStore?upload_id=3"},
 		{"another host", "https://generativelanguage.googleapis.com",
 			"https://uploads.example.com/upload/v1beta/files?upload_id=4",
 			"https://uploads.example.com/upload/v1beta/files?upload_id=4"},
@@ -35,6 +35,18 @@ func TestRebaseUploadURLs(t *testing.T) {
 		{"another port", "https://generativelanguage.googleapis.com",
 			"https://generativelanguage.googleapis.com:8443/upload/v1beta/files?upload_id=6",
 			"https://generativelanguage.googleapis.com:8443/upload/v1beta/files?upload_id=6"},
+		{"dot segments", "https://generativelanguage.googleapis.com",
+			"https://generativelanguage.googleapis.com/upload/../../anthropic/v1/messages?upload_id=8",
+			"https://generativelanguage.googleapis.com/upload/../../anthropic/v1/messages?upload_id=8"},
+		{"encoded dot segments", "https://generativelanguage.googleapis.com",
+			"https://generativelanguage.googleapis.com/upload/%2e%2e/../anthropic/v1/messages?upload_id=9",
+			"https://generativelanguage.googleapis.com/upload/%2e%2e/../anthropic/v1/messages?upload_id=9"},
+		{"encoded slash", "https://generativelanguage.googleapis.com",
+			"https://generativelanguage.googleapis.com/upload/v1beta%2F..%2Ffiles?upload_id=10",
+			"https://generativelanguage.googleapis.com/upload/v1beta%2F..%2Ffiles?upload_id=10"},
+		{"fragment", "https://generativelanguage.googleapis.com",
+			"https://generativelanguage.googleapis.com/upload/v1beta/files?upload_id=11#x",
+			"https://generativelanguage.googleapis.com/upload/v1beta/files?upload_id=11#x"},
 		{"outside the upstream's path", "http://gateway.internal:9000/gemini",
 			"http://gateway.internal:9000/other/upload/v1beta/files?upload_id=7",
 			"http://gateway.internal:9000/other/upload/v1beta/files?upload_id=7"},
@@ -83,9 +95,19 @@ func TestUploadBase(t *testing.T) {
 		t.Errorf("intercepted: %q, want none", got)
 	}
 
-	noHost := plain.Clone(plain.Context())
-	noHost.Host = ""
-	if got := uploadBase(noHost, "google"); got != "" {
-		t.Errorf("no Host: %q, want none", got)
+	ipv6 := plain.Clone(plain.Context())
+	ipv6.Host = "[::1]:8080"
+	if got, want := uploadBase(ipv6, "google"), "http://[::1]:8080/google"; got != want {
+		t.Errorf("IPv6 Host: %q, want %q", got, want)
+	}
+
+	// A Host that is not a plain host and port would change the URL's path,
+	// query or user.
+	for _, host := range []string{"", "proxy/x?", "proxy#", "user@proxy", "proxy:port", "proxy\\x", "pro%78y", "proxy x"} {
+		bad := plain.Clone(plain.Context())
+		bad.Host = host
+		if got := uploadBase(bad, "google"); got != "" {
+			t.Errorf("Host %q: %q, want none", host, got)
+		}
 	}
 }
