@@ -47,7 +47,9 @@ func sharedEndpoint(prov, method, path string) (allowed bool, pathModel string) 
 			return false, ""
 		}
 		if method == http.MethodGet {
-			return modelListing(rest), ""
+			// A colon after a Google model id names a method, such as
+			// models/{m}:generateContent, never another model.
+			return modelListing(rest) && !strings.Contains(rest, ":"), ""
 		}
 		if method != http.MethodPost {
 			return false, ""
@@ -70,12 +72,13 @@ func sharedEndpoint(prov, method, path string) (allowed bool, pathModel string) 
 }
 
 // modelListing matches "models" and "models/{id}" with a single-segment id.
+// An OpenAI fine-tuned model's id contains colons (ft:gpt-4o-mini:org::id).
 func modelListing(rest string) bool {
 	if rest == "models" {
 		return true
 	}
 	id, ok := strings.CutPrefix(rest, "models/")
-	return ok && id != "" && !strings.Contains(id, "/") && !strings.Contains(id, ":")
+	return ok && id != "" && !strings.Contains(id, "/")
 }
 
 // misplacedVersion returns the base URL, below the proxy's address, for a

@@ -28,11 +28,11 @@ const fuzzUpstreamBase = "https://upstream.invalid:8443/base"
 var sharedReference = map[string]map[string]*regexp.Regexp{
 	provider.OpenAI: {
 		http.MethodPost: regexp.MustCompile(`^v1/(chat/completions|completions|responses|embeddings|moderations)$`),
-		http.MethodGet:  regexp.MustCompile(`^v1/models(/[^/:]+)?$`),
+		http.MethodGet:  regexp.MustCompile(`^v1/models(/[^/]+)?$`),
 	},
 	provider.Anthropic: {
 		http.MethodPost: regexp.MustCompile(`^v1/(messages|messages/count_tokens)$`),
-		http.MethodGet:  regexp.MustCompile(`^v1/models(/[^/:]+)?$`),
+		http.MethodGet:  regexp.MustCompile(`^v1/models(/[^/]+)?$`),
 	},
 	provider.Google: {
 		http.MethodPost: regexp.MustCompile(`^v1(beta)?/models/([^/:]+):(generateContent|streamGenerateContent|countTokens|embedContent|batchEmbedContents)$`),
