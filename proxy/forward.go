@@ -169,8 +169,8 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 		}
 	}
 	x.up.spec.SetAuth(out.Header, x.keyText)
-	if x.up.spec.Name == provider.Google && strings.HasPrefix(x.rest, "upload/") {
-		x.uploadBase = uploadBase(pr.In, x.up.spec.Name)
+	if rebasesURLs(x.up.spec.Name, pr.In.Method, x.rest) {
+		x.rebaseBase = routeURL(pr.In, x.up.spec.Name)
 	}
 
 	if x.body != nil {
@@ -196,8 +196,9 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 	// transport requests gzip itself and decodes it transparently. With one,
 	// it passes the encoded body through, and the tap decodes a copy in
 	// another goroutine, which could see a created id only after the client
-	// does. So a response whose ids the proxy records always comes decoded.
-	if acceptsGzip(pr.In.Header) && !x.injectUsage && x.owner == nil {
+	// does. So a response whose ids the proxy records always comes decoded,
+	// as does one whose URLs it rewrites.
+	if acceptsGzip(pr.In.Header) && !x.injectUsage && x.owner == nil && x.rebaseBase == "" {
 		out.Header.Set("Accept-Encoding", "gzip")
 	} else {
 		out.Header.Del("Accept-Encoding")
@@ -256,8 +257,8 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 	// The proxy's request id is its own. A 101 response's header reaches
 	// the client without passing clientWriter.
 	resp.Header.Del(requestIDHeader)
-	if x.uploadBase != "" {
-		rebaseUploadURLs(resp.Header, x.up.base, x.uploadBase)
+	if x.rebaseBase != "" {
+		rebaseUploadURLs(resp.Header, x.up.base, x.rebaseBase)
 	}
 	scrubHeaders(resp.Header, x.keyText, resp.StatusCode < 200 || resp.StatusCode >= 300)
 	// The reverse proxy announces the names of declared trailers in the
@@ -268,6 +269,9 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 	}
 	if resp.StatusCode >= 300 && resp.StatusCode != http.StatusNotModified {
 		return scrubErrorBody(resp, x)
+	}
+	if x.rebaseBase != "" && x.up.spec.Name == provider.Anthropic && resp.StatusCode == http.StatusOK {
+		rebaseBatchURLs(resp, x)
 	}
 
 	encoding := strings.ToLower(resp.Header.Get("Content-Encoding"))

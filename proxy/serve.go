@@ -52,9 +52,9 @@ type exchange struct {
 	namedIDs []string
 	// background is set for a Responses API request that runs later.
 	background bool
-	// uploadBase is the proxy URL that upload session URLs in the response
-	// are rewritten to, or "" to leave them unchanged.
-	uploadBase string
+	// rebaseBase is the proxy URL of the route prefix that URLs on the
+	// upstream in the response are rewritten to, or "" to leave them.
+	rebaseBase string
 
 	// requestBytes, received and decoded count the request body and the
 	// response bytes from the upstream as sent and as decoded, for

@@ -1,6 +1,7 @@
 // The official Anthropic Node SDK against byokproxy: messages, streamed and
-// not, on the shared and the BYOK source. This SDK sends its API key as
-// "Authorization: Bearer", which the proxy must accept as the mailbox token.
+// not, on the shared and the BYOK source, and Message Batches on BYOK. This
+// SDK sends its API key as "Authorization: Bearer", which the proxy must
+// accept as the mailbox token.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import Anthropic from '@anthropic-ai/sdk';
@@ -151,3 +152,40 @@ test('rejected byok key scrubbed from 401', () => checkScrubbed({
 test('byok key scrubbed from 429', () => checkScrubbed({
   label: 'an-429', upstream: { echo: true, error: 429 }, errorClass: Anthropic.RateLimitError, status: 429,
 }));
+
+// messages.batches.results fetches the batch, then requests its absolute
+// results_url as it is. The proxy points that URL at itself, so the
+// results come through it with the mailbox's key rather than from the
+// provider with the mailbox token.
+test('byok messages.batches.results through the proxy', async () => {
+  const mb = await h.newMailbox('an-batch');
+  await h.useByok(mb.id, PROVIDER);
+  const marker = h.uniqueId('marker');
+  const c = client(mb.token);
+
+  const batch = await c.messages.batches.create({
+    requests: [
+      { custom_id: `first-${marker}`, params: params(`${marker} first`) },
+      { custom_id: `second-${marker}`, params: params(`${marker} second`) },
+    ],
+  });
+  assert.ok(batch.results_url.startsWith(`${h.PROXY_URL}/anthropic/v1/messages/batches/`),
+    `results_url ${batch.results_url} does not point at the proxy`);
+
+  const customIDs = [];
+  for await (const line of await c.messages.batches.results(batch.id)) {
+    assert.equal(line.result.type, 'succeeded');
+    assert.equal(line.result.message.content[0].text, reply.text);
+    customIDs.push(line.custom_id);
+  }
+  assert.deepEqual(customIDs, [`first-${marker}`, `second-${marker}`]);
+
+  const created = await h.upstreamFor(PROVIDER, marker);
+  assert.equal(created.path, '/v1/messages/batches');
+  const fetched = (await h.upstreamRequests(PROVIDER)).filter((r) => r.path === `/v1/messages/batches/${batch.id}/results`);
+  assert.equal(fetched.length, 1, `the upstream got ${fetched.length} requests for the results, want 1`);
+  for (const rec of [created, fetched[0]]) {
+    h.assertUpstreamKey(PROVIDER, rec, h.byokKey(PROVIDER), 'BYOK key');
+    h.assertNoToken(rec, mb.token);
+  }
+});

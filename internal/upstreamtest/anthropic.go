@@ -20,6 +20,10 @@ func (s *Server) serveAnthropic(c *call) {
 		s.writeError(c, http.StatusBadRequest, "anthropic-version: header is required")
 		return
 	}
+	if tail, ok := strings.CutPrefix(path, "/v1/messages/batches"); ok && (tail == "" || tail[0] == '/') {
+		s.serveAnthropicBatches(c, tail)
+		return
+	}
 	switch {
 	case c.r.Method == http.MethodPost && path == "/v1/messages":
 		if s.requireJSON(c) {

@@ -85,6 +85,7 @@ type Server struct {
 	errStatus   int
 	idCounter   int
 	uploads     map[string]*upload
+	batches     []*anthropicBatch
 }
 
 // NewOpenAI starts an OpenAI emulator over plain HTTP that accepts keys.

@@ -96,3 +96,77 @@ func TestGoogleResumableUpload(t *testing.T) {
 		t.Errorf("%d shared upload requests reached the upstream, want 0", n)
 	}
 }
+
+// A Message Batch names its results file by an absolute results_url, which
+// the SDK requests as it is. The proxy points it at its own /anthropic/
+// route, so the results come with the mailbox's key.
+func TestAnthropicBatchResultsURL(t *testing.T) {
+	s := teststack.Start(t)
+	up := s.Upstreams[provider.Anthropic]
+	version := []string{"Anthropic-Version", "2023-06-01"}
+	const create = `{"requests":[` +
+		`{"custom_id":"first","params":{"model":"claude-haiku-4-5","max_tokens":3,"messages":[{"role":"user","content":"hello"}]}},` +
+		`{"custom_id":"second","params":{"model":"claude-haiku-4-5","max_tokens":2,"messages":[{"role":"user","content":"again"}]}}]}`
+
+	s.UseBYOK(t, "batcher", provider.Anthropic)
+	token := s.Token(t, "batcher")
+	up.Reset()
+	resp, body := s.Do(t, http.MethodPost, "/anthropic/v1/messages/batches", token, create, version...)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("create: status %d %s", resp.StatusCode, body)
+	}
+	var batch struct {
+		ID         string `json:"id"`
+		ResultsURL string `json:"results_url"`
+	}
+	if err := json.Unmarshal(body, &batch); err != nil {
+		t.Fatalf("create: %v in %s", err, body)
+	}
+	want := s.ProxyURL + "/anthropic/v1/messages/batches/" + batch.ID + "/results"
+	if batch.ResultsURL != want {
+		t.Fatalf("created batch's results_url %q, want %q", batch.ResultsURL, want)
+	}
+	if got := resp.Header.Get("Content-Length"); got != strconv.Itoa(len(body)) {
+		t.Errorf("Content-Length %s for a body of %d bytes", got, len(body))
+	}
+
+	for _, c := range []struct{ method, path string }{
+		{http.MethodGet, "/anthropic/v1/messages/batches/" + batch.ID},
+		{http.MethodPost, "/anthropic/v1/messages/batches/" + batch.ID + "/cancel"},
+	} {
+		resp, body := s.Do(t, c.method, c.path, token, "", version...)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("%s %s: status %d %s", c.method, c.path, resp.StatusCode, body)
+		}
+		if !strings.Contains(string(body), `"results_url":"`+want+`"`) {
+			t.Errorf("%s %s: results_url not rebased in %s", c.method, c.path, body)
+		}
+	}
+	resp, body = s.Do(t, http.MethodGet, "/anthropic/v1/messages/batches", token, "", version...)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("list: status %d %s", resp.StatusCode, body)
+	}
+	if !strings.Contains(string(body), `"results_url":"`+want+`"`) || strings.Contains(string(body), up.URL) {
+		t.Errorf("list: results_url not rebased in %s", body)
+	}
+
+	resp, body = s.Do(t, http.MethodGet, strings.TrimPrefix(batch.ResultsURL, s.ProxyURL), token, "", version...)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("results: status %d %s", resp.StatusCode, body)
+	}
+	lines := strings.Split(strings.TrimSpace(string(body)), "\n")
+	if len(lines) != 2 || !strings.Contains(lines[0], `"custom_id":"first"`) || !strings.Contains(lines[1], `"custom_id":"second"`) {
+		t.Errorf("results: %d lines %q, want first and second", len(lines), lines)
+	}
+	for i, r := range up.Requests() {
+		if r.Key != teststack.BYOKKeys[provider.Anthropic] {
+			t.Errorf("upstream request %d (%s %s) carried key %q, want the mailbox's own", i, r.Method, r.Path, r.Key)
+		}
+	}
+
+	// Batches are not among the shared key's endpoints.
+	shared := s.Token(t, "batcher-shared")
+	if resp, body := s.Do(t, http.MethodPost, "/anthropic/v1/messages/batches", shared, create, version...); resp.StatusCode != http.StatusForbidden {
+		t.Errorf("shared create: status %d %s, want 403", resp.StatusCode, body)
+	}
+}
