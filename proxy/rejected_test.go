@@ -101,3 +101,45 @@ func TestHealthRoutesMethods(t *testing.T) {
 		}
 	}
 }
+
+// A mailbox cannot create files or vector stores on the shared key, so one
+// that a shared request names belongs to the platform's account and is
+// rejected. The mailbox's own key passes the same requests on.
+func TestSharedRejectsStoredObjects(t *testing.T) {
+	s := teststack.Start(t)
+	version := []string{"Anthropic-Version", "2023-06-01"}
+	cases := []struct {
+		name, prov, path, body string
+		header                 []string
+	}{
+		{"openai chat file", provider.OpenAI, "/openai/v1/chat/completions",
+			`{"model":"gpt-4o-mini","messages":[{"role":"user","content":[{"type":"text","text":"sum up"},{"type":"file","file":{"file_id":"file-abc"}}]}]}`, nil},
+		{"openai responses vector store", provider.OpenAI, "/openai/v1/responses",
+			`{"model":"gpt-4o-mini","input":"find it","tools":[{"type":"file_search","vector_store_ids":["vs_abc"]}]}`, nil},
+		{"anthropic document file", provider.Anthropic, "/anthropic/v1/messages",
+			`{"model":"claude-haiku-4-5","max_tokens":5,"messages":[{"role":"user","content":[{"type":"document","source":{"type":"file","file_id":"file_011"}}]}]}`, version},
+	}
+	shared := s.Token(t, "stored-shared")
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			up := s.Upstreams[c.prov]
+			up.Reset()
+			resp, body := s.Do(t, http.MethodPost, c.path, shared, c.body, c.header...)
+			if resp.StatusCode != http.StatusForbidden {
+				t.Errorf("shared: status %d %s, want 403", resp.StatusCode, body)
+			}
+			if !strings.Contains(string(body), "belong to the platform") {
+				t.Errorf("shared: body %s does not say why", body)
+			}
+			if n := len(up.Requests()); n != 0 {
+				t.Errorf("shared: %d requests reached the upstream, want 0", n)
+			}
+
+			own := "stored-own-" + c.prov
+			s.UseBYOK(t, own, c.prov)
+			if resp, body := s.Do(t, http.MethodPost, c.path, s.Token(t, own), c.body, c.header...); resp.StatusCode != http.StatusOK {
+				t.Errorf("own key: status %d %s, want 200", resp.StatusCode, body)
+			}
+		})
+	}
+}

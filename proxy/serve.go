@@ -548,8 +548,9 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 }
 
 // checkSharedBody applies the shared key's rules to a request body the
-// proxy read: it must be JSON the proxy can read, and it may name only
-// containers and items that the mailbox's shared requests created.
+// proxy read: it must be JSON the proxy can read, it may name no file,
+// vector store or stored prompt, and it may name only containers and items
+// that the mailbox's shared requests created.
 func (h *Handler) checkSharedBody(w http.ResponseWriter, x *exchange, log *slog.Logger) bool {
 	if x.bodyErr != nil {
 		h.rejectAudited(w, x, log, provider.BadRequest, x.bodyErr.Error(), 0)
@@ -561,6 +562,15 @@ func (h *Handler) checkSharedBody(w http.ResponseWriter, x *exchange, log *slog.
 	}
 	spec := x.up.spec
 	responses := isResponsesAPI(spec.Name, x.rest)
+	reference, tooDeep := storedReference(x.body, responses)
+	if tooDeep {
+		h.rejectAudited(w, x, log, provider.BadRequest, fmt.Sprintf("the request body nests deeper than %d levels, which the shared key does not read", maxStoredDepth), 0)
+		return false
+	}
+	if reference != "" {
+		h.rejectAudited(w, x, log, provider.Forbidden, "the request names "+reference+", which the shared key does not allow, because such objects belong to the platform's provider account; use your own key for it", 0)
+		return false
+	}
 	var err error
 	x.namedIDs, err = requestedContainers(spec.Name, x.rest, &x.info)
 	if err != nil {
