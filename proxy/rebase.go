@@ -147,6 +147,26 @@ func rebaseBatchURLs(resp *http.Response, x *exchange) {
 		return
 	}
 	resp.Body.Close()
+
+	edits := batchURLEdits(body, x.up.base, x.rebaseBase)
+	if len(edits) > 0 {
+		body = applyEdits(body, edits)
+	}
+
+	resp.Body = io.NopCloser(bytes.NewReader(body))
+	if len(resp.Trailer) > 0 {
+		// Trailers travel only with chunked framing, which a length rules out.
+		resp.Header.Del("Content-Length")
+		resp.ContentLength = -1
+		return
+	}
+	resp.Header.Set("Content-Length", strconv.Itoa(len(body)))
+	resp.ContentLength = int64(len(body))
+}
+
+// batchURLEdits returns the edits that rebase the results_url of a Message
+// Batch, or of each batch in a list, in a JSON body.
+func batchURLEdits(body []byte, upstream *url.URL, base string) []urlEdit {
 	var edits []urlEdit
 	for _, path := range []string{"results_url", "data.#.results_url"} {
 		result := gjson.GetBytes(body, path)
@@ -158,7 +178,7 @@ func rebaseBatchURLs(resp *http.Response, x *exchange) {
 			if v.Type != gjson.String || i >= len(indexes) || indexes[i] <= 0 {
 				continue
 			}
-			rebased, ok := rebaseURL(v.Str, x.up.base, x.rebaseBase)
+			rebased, ok := rebaseURL(v.Str, upstream, base)
 			if !ok {
 				continue
 			}
@@ -169,12 +189,7 @@ func rebaseBatchURLs(resp *http.Response, x *exchange) {
 			edits = append(edits, urlEdit{start: indexes[i], end: indexes[i] + len(v.Raw), text: quoted})
 		}
 	}
-	if len(edits) > 0 {
-		body = applyEdits(body, edits)
-		resp.Header.Set("Content-Length", strconv.Itoa(len(body)))
-	}
-	resp.Body = io.NopCloser(bytes.NewReader(body))
-	resp.ContentLength = int64(len(body))
+	return edits
 }
 
 // urlEdit is a replacement of body[start:end] by text.

@@ -228,3 +228,29 @@ func TestRebaseBatchURLs(t *testing.T) {
 		}
 	})
 }
+
+func TestRebaseBatchURLsKeepsTrailers(t *testing.T) {
+	up, err := url.Parse("https://api.anthropic.com")
+	if err != nil {
+		t.Fatal(err)
+	}
+	x := &exchange{up: &upstream{base: up}, rebaseBase: "http://proxy.internal:8080/anthropic", cancel: func(error) {}}
+	body := `{"results_url":"https://api.anthropic.com/v1/messages/batches/b/results"}`
+	resp := &http.Response{
+		Header:        http.Header{"Content-Type": {"application/json"}},
+		Trailer:       http.Header{"X-Check": nil},
+		Body:          io.NopCloser(strings.NewReader(body)),
+		ContentLength: -1,
+	}
+	rebaseBatchURLs(resp, x)
+	out, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(out), "http://proxy.internal:8080/anthropic/v1/messages/batches/b/results") {
+		t.Errorf("results_url not rebased: %s", out)
+	}
+	if resp.ContentLength != -1 || resp.Header.Get("Content-Length") != "" {
+		t.Errorf("a response with trailers got length %d, %q; want none, so that it is sent chunked", resp.ContentLength, resp.Header.Get("Content-Length"))
+	}
+}

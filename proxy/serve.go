@@ -548,9 +548,9 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 }
 
 // checkSharedBody applies the shared key's rules to a request body the
-// proxy read: it must be JSON the proxy can read, it may name no file,
-// vector store or stored prompt, and it may name only containers and items
-// that the mailbox's shared requests created.
+// proxy read: it must be JSON the proxy can read, it may name no object
+// stored with the provider account (see storedReference), and it may name
+// only containers and items that the mailbox's shared requests created.
 func (h *Handler) checkSharedBody(w http.ResponseWriter, x *exchange, log *slog.Logger) bool {
 	if x.bodyErr != nil {
 		h.rejectAudited(w, x, log, provider.BadRequest, x.bodyErr.Error(), 0)

@@ -2,74 +2,233 @@ package proxy
 
 import (
 	"bytes"
-
-	"github.com/tidwall/gjson"
+	"encoding/json"
 )
 
-// Files, vector stores and stored prompts live in the provider account
-// whose key created them. On the shared key that is the platform's account,
-// and a mailbox cannot create any there, because the shared key serves none
-// of the endpoints that do. A shared request that names one by id therefore
-// names the platform's own, or a file that code execution wrote for another
-// mailbox, and is rejected.
+// Files, vector stores, skills, stored prompts and stored audio live in the
+// provider account whose key created them. On the shared key that is the
+// platform's account, and a mailbox cannot create any there, because the
+// shared key serves none of the endpoints that do. A shared request that
+// names one by id therefore names the platform's own, or a file that code
+// execution wrote for another mailbox, and is rejected.
+//
+// The providers read those ids only in certain places: content parts and
+// blocks, tool definitions and code execution containers. The scan looks
+// only there, so that an application's own data that happens to use the
+// same names (a function's parameter schema, a tool call's input, metadata)
+// is not taken for a reference.
 
-// maxStoredDepth bounds how deep storedReference looks into a body. Request
-// bodies of the provider APIs nest about ten levels.
+// maxStoredDepth bounds the nesting of a shared request body. Request bodies
+// of the provider APIs nest about ten levels.
 const maxStoredDepth = 128
 
-// storedReference returns a description of the stored object that a JSON
-// request body names, such as "a file (file_id)", or "" when it names none.
-// It compares member names as the providers do, exactly and after JSON
-// unescaping, at any depth. prompt counts only at the top level of a
-// Responses API request, where it names a stored prompt. tooDeep is set when
-// the body nests beyond maxStoredDepth, where a name could hide unchecked.
-func storedReference(body []byte, responses bool) (reference string, tooDeep bool) {
-	// Any escape could spell a name, so only a body without one may skip the
-	// walk for lack of the names themselves.
-	if !bytes.Contains(body, []byte(`\u`)) && !bytes.Contains(body, []byte("file_id")) &&
-		!bytes.Contains(body, []byte("vector_store_ids")) && !(responses && bytes.Contains(body, []byte("prompt"))) {
-		return "", false
-	}
-	w := storedWalk{responses: responses}
-	w.value(gjson.ParseBytes(body), 0)
-	return w.reference, w.tooDeep
+// storedRoots are the top-level members under which the providers read
+// references to stored objects: chat and Anthropic messages, Responses
+// input items, tools, Anthropic's code execution container and system
+// blocks.
+var storedRoots = map[string]bool{"messages": true, "input": true, "tools": true, "container": true, "system": true}
+
+// storedBranches are the members, below a root, that hold content parts,
+// file sources, containers, tool environments, skills, function call output
+// and a chat message's audio. Every other member's value, such as a
+// function's parameters or a tool call's input, is the application's data
+// and is not looked into.
+var storedBranches = map[string]bool{
+	"content": true, "source": true, "file": true, "container": true,
+	"environment": true, "output": true, "skills": true, "audio": true,
 }
 
-type storedWalk struct {
+// storedReference returns a description of the stored object that a shared
+// request body names, such as "a file (file_id)", or "" when it names none.
+// Member names count after JSON unescaping, as the providers read them.
+// prompt counts only at the top level of a Responses API request, where it
+// names a stored prompt. tooDeep is set for a body that nests beyond
+// maxStoredDepth. The scan reads each byte once, and body must be valid
+// JSON, as readRequestInfo has checked.
+func storedReference(body []byte, responses bool) (reference string, tooDeep bool) {
+	// A \u escape could spell any name, so only a body without one may skip
+	// the scan for lack of the names themselves.
+	if !bytes.Contains(body, []byte(`\u`)) && !bytes.Contains(body, []byte("file_id")) &&
+		!bytes.Contains(body, []byte("vector_store_ids")) && !bytes.Contains(body, []byte("skill_id")) &&
+		!bytes.Contains(body, []byte(`"audio"`)) && !(responses && bytes.Contains(body, []byte(`"prompt"`))) {
+		return "", false
+	}
+	s := storedScan{body: body, responses: responses}
+	s.run()
+	return s.reference, s.tooDeep
+}
+
+// storedFrame is one open object or array of the scan.
+type storedFrame struct {
+	object bool
+	// checked is set when the container's members are checked and its
+	// branches followed.
+	checked bool
+	// name is the current member's unescaped name, in an object.
+	name string
+	// audio is set for the object under a member named audio.
+	audio bool
+	// typ is the object's type member, and skillID is set once it has a
+	// skill_id: whether that names a stored skill depends on the type,
+	// which may come later.
+	typ     string
+	skillID bool
+}
+
+type storedScan struct {
+	body      []byte
 	responses bool
+	stack     []storedFrame
 	reference string
 	tooDeep   bool
 }
 
-func (w *storedWalk) value(v gjson.Result, depth int) {
-	if !v.IsObject() && !v.IsArray() {
-		return
-	}
-	if depth >= maxStoredDepth {
-		w.tooDeep = true
-		return
-	}
-	v.ForEach(func(key, member gjson.Result) bool {
-		if v.IsObject() {
-			w.member(key.String(), member, depth)
+func (s *storedScan) run() {
+	b := s.body
+	for i := skipSpace(b, 0); i < len(b) && s.reference == "" && !s.tooDeep; i = skipSpace(b, i) {
+		switch b[i] {
+		case '{', '[':
+			s.open(b[i] == '{', i)
+			i++
+		case '}', ']':
+			s.close()
+			i++
+		case ',', ':':
+			i++
+		case '"':
+			end := stringEnd(b, i)
+			if s.expectsName(i) {
+				s.top().name = unquote(b[i:end])
+			} else {
+				s.value(b[i:end])
+			}
+			i = end
+		default:
+			end := valueEnd(b, i)
+			if end <= i {
+				return
+			}
+			s.value(b[i:end])
+			i = end
 		}
-		if w.reference == "" && !w.tooDeep {
-			w.value(member, depth+1)
-		}
-		return w.reference == "" && !w.tooDeep
-	})
+	}
 }
 
-func (w *storedWalk) member(name string, value gjson.Result, depth int) {
-	if value.Type == gjson.Null {
+func (s *storedScan) top() *storedFrame { return &s.stack[len(s.stack)-1] }
+
+// expectsName reports whether the string at b[i] is a member name: it
+// follows the object's opening brace or a comma.
+func (s *storedScan) expectsName(i int) bool {
+	if len(s.stack) == 0 || !s.top().object {
+		return false
+	}
+	j := i - 1
+	for j >= 0 && (s.body[j] == ' ' || s.body[j] == '\t' || s.body[j] == '\n' || s.body[j] == '\r') {
+		j--
+	}
+	return j >= 0 && (s.body[j] == '{' || s.body[j] == ',')
+}
+
+// open enters the object or array that starts at body[at].
+func (s *storedScan) open(object bool, at int) {
+	if len(s.stack) >= maxStoredDepth {
+		s.tooDeep = true
 		return
 	}
-	switch {
-	case name == "file_id":
-		w.reference = "a file (file_id)"
-	case name == "vector_store_ids" && !(value.IsArray() && len(value.Array()) == 0):
-		w.reference = "a vector store (vector_store_ids)"
-	case name == "prompt" && depth == 0 && w.responses:
-		w.reference = "a stored prompt (prompt)"
+	f := storedFrame{object: object}
+	if len(s.stack) == 0 {
+		f.checked = object
+	} else {
+		parent := s.top()
+		switch {
+		case !parent.checked:
+		case !parent.object:
+			f.checked = true
+		case len(s.stack) == 1:
+			f.checked = storedRoots[parent.name]
+			if parent.name == "prompt" && s.responses {
+				s.reference = "a stored prompt (prompt)"
+			}
+		default:
+			f.checked = storedBranches[parent.name]
+			f.audio = object && parent.name == "audio"
+			if !object && s.namesIDs(parent.name) && s.body[skipSpace(s.body, at+1)] != ']' {
+				s.reference = s.idsReference(parent.name)
+			}
+		}
 	}
+	s.stack = append(s.stack, f)
+}
+
+// close leaves the innermost object or array.
+func (s *storedScan) close() {
+	if len(s.stack) == 0 {
+		return
+	}
+	f := s.top()
+	if f.object && f.skillID && f.typ != "anthropic" {
+		// Anthropic's own skills are public; every other skill was uploaded
+		// to an account.
+		s.reference = "a skill (skill_id)"
+	}
+	s.stack = s.stack[:len(s.stack)-1]
+	if len(s.stack) > 0 && s.top().object {
+		s.top().name = ""
+	}
+}
+
+// value checks a scalar member value.
+func (s *storedScan) value(raw []byte) {
+	if len(s.stack) == 0 || !s.top().object || !s.top().checked {
+		return
+	}
+	f := s.top()
+	name := f.name
+	f.name = ""
+	null := string(raw) == "null"
+	switch {
+	case len(s.stack) == 1:
+		if name == "prompt" && s.responses && !null {
+			s.reference = "a stored prompt (prompt)"
+		}
+	case null:
+	case name == "file_id":
+		s.reference = "a file (file_id)"
+	case name == "skill_id":
+		f.skillID = true
+	case name == "type":
+		f.typ = unquote(raw)
+	case name == "id" && f.audio:
+		s.reference = "a stored audio response (audio.id)"
+	case s.namesIDs(name):
+		// A list of ids given as anything but an array still names them.
+		s.reference = s.idsReference(name)
+	}
+}
+
+// namesIDs reports whether a member of that name lists stored objects.
+func (s *storedScan) namesIDs(name string) bool {
+	return name == "file_ids" || name == "vector_store_ids"
+}
+
+func (s *storedScan) idsReference(name string) string {
+	if name == "file_ids" {
+		return "files (file_ids)"
+	}
+	return "a vector store (vector_store_ids)"
+}
+
+// unquote returns the text of a JSON string, or "" for any other value.
+func unquote(raw []byte) string {
+	if len(raw) < 2 || raw[0] != '"' {
+		return ""
+	}
+	if bytes.IndexByte(raw, '\\') < 0 {
+		return string(raw[1 : len(raw)-1])
+	}
+	var text string
+	if json.Unmarshal(raw, &text) != nil {
+		return ""
+	}
+	return text
 }
