@@ -27,22 +27,25 @@ build:
 	CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o bin/byokproxy ./cmd/byokproxy
 
 # Installs what the tests need and this machine lacks. Go, Node.js and npm
-# must already be installed. redis-server and chromium are installed with
-# apt-get on Debian when running as root. A policy-rc.d that forbids service
+# must already be installed. redis-server and chromium (unless CHROMIUM names
+# a Chromium binary) are installed with apt-get on Debian when running as root. A policy-rc.d that forbids service
 # starts keeps the package from starting a redis-server, since the tests start
 # their own.
 deps:
-	@command -v go >/dev/null || { echo "make deps: go not found; install Go 1.26 from https://go.dev/dl/" >&2; exit 1; }
+	@command -v go >/dev/null || { echo "make deps: go not found; install Go 1.26.8 or later from https://go.dev/dl/" >&2; exit 1; }
 	@command -v node >/dev/null || { echo "make deps: node not found; install Node.js (it includes npm)" >&2; exit 1; }
 	@command -v npm >/dev/null || { echo "make deps: npm not found; install npm (it comes with Node.js)" >&2; exit 1; }
 	@missing=""; \
 	for pkg in redis-server chromium; do \
+		if [ "$$pkg" = chromium ] && [ -n "$${CHROMIUM:-}" ] && [ -x "$${CHROMIUM:-}" ]; then continue; fi; \
 		command -v "$$pkg" >/dev/null || missing="$$missing $$pkg"; \
 	done; \
 	missing="$${missing# }"; \
 	if [ -n "$$missing" ]; then \
 		if [ ! -f /etc/debian_version ] || [ "$$(id -u)" -ne 0 ]; then \
-			echo "make deps: $$missing not found; install it with your package manager (Debian: apt-get install $$missing)" >&2; \
+			debian="$$missing"; hint=""; \
+			case " $$missing " in *" chromium "*) debian="$$debian fonts-liberation"; hint=", or set CHROMIUM to a Chromium binary";; esac; \
+			echo "make deps: $$missing not found; install it with your package manager (Debian: apt-get install $$debian)$$hint" >&2; \
 			exit 1; \
 		fi; \
 		echo "make deps: installing $$missing with apt-get"; \

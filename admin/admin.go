@@ -476,7 +476,11 @@ func (a *API) putLimit(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	effective := a.effectiveLimit(limit)
-	a.log.Info("monthly limit set", "mailbox", string(id), "limit", effective)
+	if limit == nil {
+		a.log.Info("monthly limit override removed", "mailbox", string(id), "limit", effective)
+	} else {
+		a.log.Info("monthly limit set", "mailbox", string(id), "limit", effective)
+	}
 	writeJSON(w, http.StatusOK, map[string]any{"mailbox": id, "monthly_token_limit": effective, "override": limit != nil})
 }
 

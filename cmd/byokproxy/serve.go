@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -117,9 +118,9 @@ func serve(args []string) error {
 	go reload.run(reloadCtx, hup, reloadPollInterval)
 
 	servers := []*listener{
-		{name: "proxy", addr: cfg.Listen, tls: cfg.TLS, handler: handler, maxHeader: cfg.Limits.MaxHeaderBytes},
-		{name: "admin", addr: cfg.Admin.Listen, tls: cfg.Admin.TLS, handler: adminHandler},
-		{name: "metrics", addr: cfg.Metrics.Listen, handler: metrics.Handler(reg)},
+		{name: "proxy", setting: "listen", addr: cfg.Listen, tls: cfg.TLS, handler: handler, maxHeader: cfg.Limits.MaxHeaderBytes},
+		{name: "admin", setting: "admin.listen", addr: cfg.Admin.Listen, tls: cfg.Admin.TLS, handler: adminHandler},
+		{name: "metrics", setting: "metrics.listen", addr: cfg.Metrics.Listen, handler: metrics.Handler(reg)},
 	}
 	var forward *proxy.Forward
 	var caFile string
@@ -137,7 +138,7 @@ func serve(args []string) error {
 		if err != nil {
 			return err
 		}
-		servers = append(servers, &listener{name: "forward", addr: cfg.Forward.Listen, handler: forward, maxHeader: cfg.Limits.MaxHeaderBytes})
+		servers = append(servers, &listener{name: "forward", setting: "forward.listen", addr: cfg.Forward.Listen, handler: forward, maxHeader: cfg.Limits.MaxHeaderBytes})
 		log.Info("forward proxy enabled", "forward_listen", cfg.Forward.Listen, "ca_cert_file", caFile)
 	}
 	errs := make(chan error, len(servers))
@@ -253,7 +254,9 @@ func serve(args []string) error {
 
 // listener is one HTTP server of the process.
 type listener struct {
-	name      string
+	name string
+	// setting is the configuration key of addr.
+	setting   string
 	addr      string
 	tls       config.TLS
 	handler   http.Handler
@@ -265,7 +268,8 @@ type listener struct {
 func (l *listener) listen(log *slog.Logger) error {
 	ln, err := net.Listen("tcp", l.addr)
 	if err != nil {
-		return fmt.Errorf("%s listener: %w", l.name, err)
+		env := "BYOKPROXY_" + strings.ToUpper(strings.ReplaceAll(l.setting, ".", "_"))
+		return fmt.Errorf("%s listener: %w; set %s (environment variable %s) to another address", l.name, err, l.setting, env)
 	}
 	l.ln = ln
 	l.srv = &http.Server{
@@ -382,7 +386,7 @@ byokproxy is running in dev mode (in-memory store; everything is lost on exit).
   admin token: %[4]s%[5]s
 
 Try it:
-  export ADMIN_TOKEN=%[4]s
+  export ADMIN_TOKEN=%[4]s BYOKPROXY_ADMIN_TOKEN=%[4]s
   curl -s -X POST -H "Authorization: Bearer $ADMIN_TOKEN" http://%[2]s/admin/v1/mailboxes/alice@example.com/token
   curl -s -H "Authorization: Bearer $ADMIN_TOKEN" http://%[2]s/admin/v1/mailboxes/alice@example.com
 
