@@ -91,7 +91,15 @@ func (c *clientWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
 // It also sets the proxy's request id again, because the reverse proxy
 // clears the header after a 1xx response and adds an upstream header of
 // the same name to it.
+//
+// The upstream's 100 Continue is not passed on. The transport starts to
+// read the request body when that response arrives, before it reports it,
+// and that first read makes the server send the client its own 100
+// Continue. Passing the upstream's on as well could give the client two.
 func (c *clientWriter) WriteHeader(code int) {
+	if code == http.StatusContinue {
+		return
+	}
 	h := c.ResponseWriter.Header()
 	if code >= 100 && code < 200 {
 		scrubHeaders(h, c.x.keyText, true)
