@@ -28,47 +28,44 @@ func expectConn(t *testing.T, s *teststack.Stack, path, token string, bodyLen in
 	return conn, bufio.NewReader(conn)
 }
 
+// checkRejectedEarly sends a request header with Expect: 100-continue and
+// checks that the first response is the final status want, before any
+// body is sent, and that nothing reached the upstream.
+func checkRejectedEarly(t *testing.T, s *teststack.Stack, path, token string, want int) *http.Response {
+	t.Helper()
+	up := s.Upstreams[provider.OpenAI]
+	up.Reset()
+	_, rd := expectConn(t, s, path, token, len(slowChat))
+	resp, err := http.ReadResponse(rd, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != want {
+		t.Errorf("first response %d, want %d before any body is sent", resp.StatusCode, want)
+	}
+	if n := len(up.Requests()); n != 0 {
+		t.Errorf("%d requests reached the upstream, want 0", n)
+	}
+	return resp
+}
+
 // A request that waits for 100 Continue gets its final status at once when
 // the record rejects it, so the client never sends the body.
 func TestExpectContinueRejectedEarly(t *testing.T) {
 	s := teststack.Start(t)
-	up := s.Upstreams[provider.OpenAI]
 
 	t.Run("revoked token", func(t *testing.T) {
 		token := s.Token(t, "expect-revoked")
 		if code, body := s.AdminDo(t, http.MethodPost, "/admin/v1/mailboxes/expect-revoked/token/revoke", nil); code != http.StatusOK {
 			t.Fatalf("revoking: %d %s", code, body)
 		}
-		up.Reset()
-		_, rd := expectConn(t, s, chatPath, token, len(slowChat))
-		resp, err := http.ReadResponse(rd, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusUnauthorized {
-			t.Errorf("first response %d, want 401 before any body is sent", resp.StatusCode)
-		}
-		if n := len(up.Requests()); n != 0 {
-			t.Errorf("%d requests reached the upstream, want 0", n)
-		}
+		checkRejectedEarly(t, s, chatPath, token, http.StatusUnauthorized)
 	})
 
 	t.Run("endpoint not on the shared key", func(t *testing.T) {
 		token := s.Token(t, "expect-endpoint")
-		up.Reset()
-		_, rd := expectConn(t, s, "/openai/v2/chat/completions", token, len(slowChat))
-		resp, err := http.ReadResponse(rd, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusForbidden {
-			t.Errorf("first response %d, want 403 before any body is sent", resp.StatusCode)
-		}
-		if n := len(up.Requests()); n != 0 {
-			t.Errorf("%d requests reached the upstream, want 0", n)
-		}
+		checkRejectedEarly(t, s, "/openai/v2/chat/completions", token, http.StatusForbidden)
 	})
 
 	t.Run("allowance used up", func(t *testing.T) {
@@ -94,21 +91,9 @@ func TestExpectContinueRejectedEarly(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 		}
 
-		up.Reset()
-		_, rd := expectConn(t, s, chatPath, token, len(slowChat))
-		resp, err := http.ReadResponse(rd, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusTooManyRequests {
-			t.Errorf("first response %d, want 429 before any body is sent", resp.StatusCode)
-		}
+		resp := checkRejectedEarly(t, s, chatPath, token, http.StatusTooManyRequests)
 		if resp.Header.Get("Retry-After") == "" {
 			t.Error("the 429 has no Retry-After")
-		}
-		if n := len(up.Requests()); n != 0 {
-			t.Errorf("%d requests reached the upstream, want 0", n)
 		}
 	})
 }

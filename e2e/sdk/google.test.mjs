@@ -73,7 +73,7 @@ test('byok generateContent', () => checkGenerate({ byok: true }));
 test('byok streamGenerateContent', () => checkStream({ byok: true }));
 
 // files.upload opens a resumable upload session and sends the bytes to the
-// session URL that the start request answers, which the proxy points back
+// session URL in the start response, which the proxy points back
 // at itself, so both requests carry the mailbox's key and not its token.
 test('byok files.upload through the proxy', async () => {
   const mb = await h.newMailbox('gg-upload');
