@@ -137,15 +137,28 @@ func TestIsBatchObject(t *testing.T) {
 	}
 }
 
-// batchResponse runs rebaseBatchURLs on a response with body and returns
-// the body the client would get.
-func batchResponse(t *testing.T, contentType, encoding, body string) string {
+// rebaseBatchBody runs rebaseBatchURLs on resp, as for a request to the
+// proxy's /anthropic/ route at proxy.internal:8080, and returns the body
+// the client would get.
+func rebaseBatchBody(t *testing.T, resp *http.Response) string {
 	t.Helper()
 	up, err := url.Parse("https://api.anthropic.com")
 	if err != nil {
 		t.Fatal(err)
 	}
 	x := &exchange{up: &upstream{base: up}, rebaseBase: "http://proxy.internal:8080/anthropic", cancel: func(error) {}}
+	rebaseBatchURLs(resp, x)
+	out, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(out)
+}
+
+// batchResponse runs rebaseBatchURLs on a response of known length with
+// body and returns the body the client would get.
+func batchResponse(t *testing.T, contentType, encoding, body string) string {
+	t.Helper()
 	resp := &http.Response{
 		Header:        http.Header{"Content-Type": {contentType}, "Content-Length": {strconv.Itoa(len(body))}},
 		Body:          io.NopCloser(strings.NewReader(body)),
@@ -154,15 +167,11 @@ func batchResponse(t *testing.T, contentType, encoding, body string) string {
 	if encoding != "" {
 		resp.Header.Set("Content-Encoding", encoding)
 	}
-	rebaseBatchURLs(resp, x)
-	out, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
+	out := rebaseBatchBody(t, resp)
 	if resp.ContentLength != int64(len(out)) || resp.Header.Get("Content-Length") != strconv.Itoa(len(out)) {
 		t.Errorf("Content-Length %d and %q for a body of %d bytes", resp.ContentLength, resp.Header.Get("Content-Length"), len(out))
 	}
-	return string(out)
+	return out
 }
 
 func TestRebaseBatchURLs(t *testing.T) {
@@ -208,19 +217,13 @@ func TestRebaseBatchURLs(t *testing.T) {
 
 	t.Run("over the limit, length unknown", func(t *testing.T) {
 		body := `{"results_url":"` + results + `","pad":"` + strings.Repeat("x", maxBatchBody) + `"}`
-		up, _ := url.Parse("https://api.anthropic.com")
-		x := &exchange{up: &upstream{base: up}, rebaseBase: "http://proxy.internal:8080/anthropic", cancel: func(error) {}}
 		resp := &http.Response{
 			Header:        http.Header{"Content-Type": {"application/json"}},
 			Body:          io.NopCloser(strings.NewReader(body)),
 			ContentLength: -1,
 		}
-		rebaseBatchURLs(resp, x)
-		out, err := io.ReadAll(resp.Body)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if string(out) != body {
+		out := rebaseBatchBody(t, resp)
+		if out != body {
 			t.Errorf("a body over %d bytes changed: %d bytes came out of %d", maxBatchBody, len(out), len(body))
 		}
 		if resp.ContentLength != -1 || resp.Header.Get("Content-Length") != "" {
@@ -230,11 +233,6 @@ func TestRebaseBatchURLs(t *testing.T) {
 }
 
 func TestRebaseBatchURLsKeepsTrailers(t *testing.T) {
-	up, err := url.Parse("https://api.anthropic.com")
-	if err != nil {
-		t.Fatal(err)
-	}
-	x := &exchange{up: &upstream{base: up}, rebaseBase: "http://proxy.internal:8080/anthropic", cancel: func(error) {}}
 	body := `{"results_url":"https://api.anthropic.com/v1/messages/batches/b/results"}`
 	resp := &http.Response{
 		Header:        http.Header{"Content-Type": {"application/json"}},
@@ -242,12 +240,8 @@ func TestRebaseBatchURLsKeepsTrailers(t *testing.T) {
 		Body:          io.NopCloser(strings.NewReader(body)),
 		ContentLength: -1,
 	}
-	rebaseBatchURLs(resp, x)
-	out, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !strings.Contains(string(out), "http://proxy.internal:8080/anthropic/v1/messages/batches/b/results") {
+	out := rebaseBatchBody(t, resp)
+	if !strings.Contains(out, "http://proxy.internal:8080/anthropic/v1/messages/batches/b/results") {
 		t.Errorf("results_url not rebased: %s", out)
 	}
 	if resp.ContentLength != -1 || resp.Header.Get("Content-Length") != "" {

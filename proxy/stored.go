@@ -116,8 +116,8 @@ func (s *storedScan) run() {
 
 func (s *storedScan) top() *storedFrame { return &s.stack[len(s.stack)-1] }
 
-// expectsName reports whether the string at b[i] is a member name: it
-// follows the object's opening brace or a comma.
+// expectsName reports whether the string at b[i] is a member name, which
+// follows an object's opening brace or a comma.
 func (s *storedScan) expectsName(i int) bool {
 	if len(s.stack) == 0 || !s.top().object {
 		return false
@@ -152,8 +152,8 @@ func (s *storedScan) open(object bool, at int) {
 		default:
 			f.checked = storedBranches[parent.name]
 			f.audio = object && parent.name == "audio"
-			if !object && s.namesIDs(parent.name) && s.body[skipSpace(s.body, at+1)] != ']' {
-				s.reference = s.idsReference(parent.name)
+			if !object && namesIDs(parent.name) && s.body[skipSpace(s.body, at+1)] != ']' {
+				s.reference = idsReference(parent.name)
 			}
 		}
 	}
@@ -200,18 +200,20 @@ func (s *storedScan) value(raw []byte) {
 		f.typ = unquote(raw)
 	case name == "id" && f.audio:
 		s.reference = "a stored audio response (audio.id)"
-	case s.namesIDs(name):
+	case namesIDs(name):
 		// A list of ids given as anything but an array still names them.
-		s.reference = s.idsReference(name)
+		s.reference = idsReference(name)
 	}
 }
 
 // namesIDs reports whether a member of that name lists stored objects.
-func (s *storedScan) namesIDs(name string) bool {
+func namesIDs(name string) bool {
 	return name == "file_ids" || name == "vector_store_ids"
 }
 
-func (s *storedScan) idsReference(name string) string {
+// idsReference returns the description of the objects that a list member
+// of that name refers to.
+func idsReference(name string) string {
 	if name == "file_ids" {
 		return "files (file_ids)"
 	}
