@@ -137,9 +137,10 @@ BYOK_KEY=sk-bench-byok-9e2c7b1d4f6a8c0e3b5d7f9a
 FLOOR_KEY=sk-bench-floor-1a2b3c4d5e6f7a8b9c0d1e2f
 DIRECT_KEY=sk-bench-direct-0f1e2d3c4b5a69788796a5b4
 GOOGLE_KEY=AIzaBenchSharedKey0123456789abcdefghijk
+BYOK_GOOGLE_KEY=AIzaBenchByokKey0123456789abcdefghijklm
 start upstream "$BIN/upstream" -listen "127.0.0.1:$P_UP" -tls-listen "127.0.0.1:$P_UPTLS" \
 	-cert-out "$WORK/upstream.pem" -gap 1ms \
-	-keys "$SHARED_KEY,$BYOK_KEY,$FLOOR_KEY,$DIRECT_KEY,$GOOGLE_KEY"
+	-keys "$SHARED_KEY,$BYOK_KEY,$FLOOR_KEY,$DIRECT_KEY,$GOOGLE_KEY,$BYOK_GOOGLE_KEY"
 start floor "$BIN/floor" -listen "127.0.0.1:$P_FLOOR" -upstream "http://127.0.0.1:$P_UP" -key "$FLOOR_KEY"
 FLOOR_PID=$STARTED
 start floor-no-duplex "$BIN/floor" -listen "127.0.0.1:$P_FLOOR_ND" -upstream "http://127.0.0.1:$P_UP" \
@@ -239,6 +240,8 @@ admin() {
 }
 admin PUT /mailboxes/bench-byok/providers/openai/key "{\"key\":\"$BYOK_KEY\"}" >/dev/null
 admin PUT /mailboxes/bench-byok/providers/openai/source '{"source":"byok"}' >/dev/null
+admin PUT /mailboxes/bench-byok/providers/google/key "{\"key\":\"$BYOK_GOOGLE_KEY\"}" >/dev/null
+admin PUT /mailboxes/bench-byok/providers/google/source '{"source":"byok"}' >/dev/null
 TOKEN_BYOK=$(admin POST /mailboxes/bench-byok/token | jq -r .token)
 TOKEN_SHARED=$(admin POST /mailboxes/bench-shared/token | jq -r .token)
 
@@ -256,7 +259,7 @@ measure() {
 	floor-no-duplex) args=(-url "http://127.0.0.1:$P_FLOOR_ND/v1/chat/completions" -token client-token -pid "proxy=$FLOOR_ND_PID") ;;
 	shared | shared-candidate) args=(-url "http://127.0.0.1:${P_TARGET[$name]}/$chat" -token "$TOKEN_SHARED") ;;
 	byok | byok-candidate) args=(-url "http://127.0.0.1:${P_TARGET[$name]}/$chat" -token "$TOKEN_BYOK") ;;
-	shared-google) args=(-url "http://127.0.0.1:${P_TARGET[shared]}/$gemini" -token "$TOKEN_SHARED" -pid "proxy=${TARGET_PID[shared]}") ;;
+	byok-google) args=(-url "http://127.0.0.1:${P_TARGET[byok]}/$gemini" -token "$TOKEN_BYOK" -pid "proxy=${TARGET_PID[byok]}") ;;
 	*)
 		echo "bench: unknown target $name" >&2
 		return 1
@@ -324,9 +327,9 @@ if phase cut; then
 		measure "$t" -phase cut -mode stream -kind chat-stream-usage -body-bytes "$CUT_BODY" -events 20 \
 			-rate "$CUT_RATE" -duration "$WINDOW"
 	done
-	# byokproxy forwards a Gemini body as it arrives, without reading it
-	# first, which is the case full duplex protects.
-	measure shared-google -phase cut -mode stream -kind gemini-stream -body-bytes "$CUT_BODY" -events 20 \
+	# On the own key byokproxy forwards a Gemini body as it arrives, without
+	# reading it first, which is the case full duplex protects.
+	measure byok-google -phase cut -mode stream -kind gemini-stream -body-bytes "$CUT_BODY" -events 20 \
 		-rate "$CUT_RATE" -duration "$WINDOW"
 fi
 

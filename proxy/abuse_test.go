@@ -609,21 +609,28 @@ func TestBodyLimitInProviderShape(t *testing.T) {
 func TestCompressedBodyOnSharedKey(t *testing.T) {
 	st := teststack.Start(t)
 	token := st.Token(t, "gzip@example.com")
-	c := nonStream[provider.OpenAI]
-	var packed bytes.Buffer
-	zw := gzip.NewWriter(&packed)
-	zw.Write([]byte(c.body))
-	zw.Close()
-	resetUpstreams(st)
-	resp, body := st.Do(t, http.MethodPost, c.path, token, packed.String(), "Content-Encoding", "gzip")
-	if resp.StatusCode != http.StatusBadRequest {
-		t.Errorf("status %d, want 400: %s", resp.StatusCode, body)
-	}
-	if !strings.Contains(string(body), `Content-Encoding \"gzip\"`) || !strings.Contains(string(body), "send it uncompressed") {
-		t.Errorf("message does not name the encoding: %s", body)
-	}
-	if n := upstreamRequests(st); n != 0 {
-		t.Errorf("upstreams received %d requests", n)
+	for _, p := range []string{provider.OpenAI, provider.Google} {
+		t.Run(p, func(t *testing.T) {
+			c := nonStream[p]
+			var packed bytes.Buffer
+			zw := gzip.NewWriter(&packed)
+			zw.Write([]byte(c.body))
+			zw.Close()
+			resetUpstreams(st)
+			resp, body := st.Do(t, http.MethodPost, c.path, token, packed.String(), "Content-Encoding", "gzip")
+			if resp.StatusCode != http.StatusBadRequest {
+				t.Errorf("status %d, want 400: %s", resp.StatusCode, body)
+			}
+			if !strings.Contains(string(body), `Content-Encoding \"gzip\"`) || !strings.Contains(string(body), "send it uncompressed") {
+				t.Errorf("message does not name the encoding: %s", body)
+			}
+			if !inShape(p, body, "invalid_request_error", "invalid_request", "INVALID_ARGUMENT") {
+				t.Errorf("400 not in the provider's shape: %s", body)
+			}
+			if n := upstreamRequests(st); n != 0 {
+				t.Errorf("upstreams received %d requests", n)
+			}
+		})
 	}
 }
 

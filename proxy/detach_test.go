@@ -327,10 +327,10 @@ func TestDetachedStreamIdleConnection(t *testing.T) {
 const geminiEvent = `data: {"candidates":[{"content":{"parts":[{"text":"hi"}],"role":"model"}}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1}}` + "\r\n\r\n"
 
 // TestStreamBeforeBodySentNotDetached has a provider respond to a Gemini
-// stream, whose body the proxy forwards unread, before the client has sent
-// all of the body. The response must then stay with the reverse proxy,
-// because the rest of the body is still to be read from the client's
-// connection and sent upstream.
+// stream on the own key, whose body the proxy forwards unread, before the
+// client has sent all of the body. The response must then stay with the
+// reverse proxy, because the rest of the body is still to be read from the
+// client's connection and sent upstream.
 func TestStreamBeforeBodySentNotDetached(t *testing.T) {
 	received := make(chan int, 1)
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -345,6 +345,8 @@ func TestStreamBeforeBodySentNotDetached(t *testing.T) {
 	}))
 	t.Cleanup(up.Close)
 	st := teststack.Start(t, func(c *config.Config) { c.Provider(provider.Google).Upstream = up.URL })
+	// Only on the own key does a Gemini body go upstream before it is all in.
+	st.UseBYOK(t, "early-answer@example.com", provider.Google)
 	token := st.Token(t, "early-answer@example.com")
 
 	call := streaming[provider.Google]
@@ -504,6 +506,8 @@ func TestDetachedStreamUnreadExpectBody(t *testing.T) {
 	}))
 	t.Cleanup(up.Close)
 	st := teststack.Start(t, func(c *config.Config) { c.Provider(provider.Google).Upstream = up.URL })
+	// On the own key a Gemini body streams through unread.
+	st.UseBYOK(t, "expect-body@example.com", provider.Google)
 	token := st.Token(t, "expect-body@example.com")
 
 	// The body is a whole request to /healthz, padded to 300 KiB.

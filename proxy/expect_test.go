@@ -33,7 +33,8 @@ func expectConn(t *testing.T, s *teststack.Stack, path, token string, bodyLen in
 // body is sent, and that nothing reached the upstream.
 func checkRejectedEarly(t *testing.T, s *teststack.Stack, path, token string, want int) *http.Response {
 	t.Helper()
-	up := s.Upstreams[provider.OpenAI]
+	prov, _, _ := strings.Cut(strings.TrimPrefix(path, "/"), "/")
+	up := s.Upstreams[prov]
 	up.Reset()
 	_, rd := expectConn(t, s, path, token, len(slowChat))
 	resp, err := http.ReadResponse(rd, nil)
@@ -95,15 +96,19 @@ func TestExpectContinueRejectedEarly(t *testing.T) {
 		if resp.Header.Get("Retry-After") == "" {
 			t.Error("the 429 has no Retry-After")
 		}
+		// The shared key reads a Google body too, but only after these
+		// checks.
+		checkRejectedEarly(t, s, "/google/v1beta/models/gemini-2.5-flash:generateContent", token, http.StatusTooManyRequests)
 	})
 }
 
 const chatPath = "/openai/v1/chat/completions"
 
 // An accepted request that waits for 100 Continue gets exactly one. The
-// upstream gets no Expect header when the proxy has read the body, and gets
-// it when the body streams through, so that there the client sends its body
-// only after the upstream's 100 Continue.
+// upstream gets no Expect header when the proxy has read the body, as it
+// does on the shared key, and gets it when the body streams through, so
+// that there the client sends its body only after the upstream's 100
+// Continue.
 func TestExpectContinueAnsweredOnce(t *testing.T) {
 	s := teststack.Start(t)
 	const geminiBody = `{"contents":[{"parts":[{"text":"hello"}]}]}`
@@ -113,6 +118,7 @@ func TestExpectContinueAnsweredOnce(t *testing.T) {
 	}{
 		{"openai shared", provider.OpenAI, "shared", chatPath, slowChat, false},
 		{"openai byok", provider.OpenAI, "byok", chatPath, slowChat, false},
+		{"google shared", provider.Google, "shared", "/google/v1beta/models/gemini-2.5-flash:generateContent", geminiBody, false},
 		{"google byok", provider.Google, "byok", "/google/v1beta/models/gemini-2.5-flash:generateContent", geminiBody, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {

@@ -286,11 +286,21 @@ func needsBody(prov, method, path string) bool {
 	case provider.Anthropic:
 		return strings.HasSuffix(path, "/messages") || strings.HasSuffix(path, "/messages/count_tokens")
 	}
-	// Google names the model in the path and the stream in the method.
-	// TODO: so a shared Google request's body goes unread, and a file
-	// (fileData.fileUri) or cached content (cachedContent) of the platform's
-	// account that it names is not rejected, as it is on OpenAI and Anthropic.
+	// Google names the model in the path and the stream in the method, so
+	// only the shared key needs its body (see readsSharedBody).
 	return false
+}
+
+// readsSharedBody reports whether the body of a request that needsBody lets
+// stream through is read all the same once the record sends it to the
+// shared key. That is the case for a Google generation request, which may
+// name a file, a context cache or file search stores of the platform.
+func readsSharedBody(prov, method, path string) bool {
+	if prov != provider.Google || method != http.MethodPost {
+		return false
+	}
+	allowed, _ := sharedEndpoint(prov, method, path)
+	return allowed
 }
 
 // includeUsage reports whether stream_options requests usage. Options that

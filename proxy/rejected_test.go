@@ -118,6 +118,16 @@ func TestSharedRejectsStoredObjects(t *testing.T) {
 			`{"model":"gpt-4o-mini","input":"find it","tools":[{"type":"file_search","vector_store_ids":["vs_abc"]}]}`, nil},
 		{"anthropic document file", provider.Anthropic, "/anthropic/v1/messages",
 			`{"model":"claude-haiku-4-5","max_tokens":5,"messages":[{"role":"user","content":[{"type":"document","source":{"type":"file","file_id":"file_011"}}]}]}`, version},
+		{"google file", provider.Google, "/google/v1beta/models/gemini-2.5-flash:generateContent",
+			`{"contents":[{"role":"user","parts":[{"text":"sum up"},{"fileData":{"mimeType":"application/pdf","fileUri":"https://generativelanguage.googleapis.com/v1beta/files/abc"}}]}]}`, nil},
+		{"google cached content stream", provider.Google, "/google/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+			`{"cachedContent":"cachedContents/xyz","contents":[{"role":"user","parts":[{"text":"go on"}]}]}`, nil},
+		{"google file search", provider.Google, "/google/v1beta/models/gemini-2.5-flash:generateContent",
+			`{"contents":[{"parts":[{"text":"find it"}]}],"tools":[{"file_search":{"file_search_store_names":["fileSearchStores/s1"]}}]}`, nil},
+		{"google count tokens", provider.Google, "/google/v1/models/gemini-2.5-flash:countTokens",
+			`{"generateContentRequest":{"model":"models/gemini-2.5-flash","cachedContent":"cachedContents/xyz","contents":[{"parts":[{"text":"hi"}]}]}}`, nil},
+		{"google embedding of a bucket object", provider.Google, "/google/v1beta/models/gemini-embedding-001:embedContent",
+			`{"content":{"parts":[{"file_data":{"file_uri":"gs://platform-bucket/a.pdf","mime_type":"application/pdf"}}]}}`, nil},
 	}
 	shared := s.Token(t, "stored-shared")
 	for _, c := range cases {
@@ -141,5 +151,34 @@ func TestSharedRejectsStoredObjects(t *testing.T) {
 				t.Errorf("own key: status %d %s, want 200", resp.StatusCode, body)
 			}
 		})
+	}
+}
+
+// A shared Google request may name a web resource, which Google fetches as
+// anyone would, and its body reaches the upstream byte for byte after the
+// proxy read it.
+func TestSharedGoogleForwardsWebFiles(t *testing.T) {
+	s := teststack.Start(t)
+	token := s.Token(t, "google-web-file")
+	up := s.Upstreams[provider.Google]
+	const body = `{"contents":[{"role":"user","parts":[{"text":"sum up"},` +
+		`{"fileData":{"mimeType":"video/mp4","fileUri":"https://www.youtube.com/watch?v=9hE5-98ZeCg"}}]}],` +
+		` "tools":[{"functionDeclarations":[{"name":"open","parameters":{"type":"OBJECT","properties":{"fileUri":{"type":"STRING"}}}}]}]}`
+	for _, path := range []string{
+		"/google/v1beta/models/gemini-2.5-flash:generateContent",
+		"/google/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+	} {
+		up.Reset()
+		resp, got := s.Do(t, http.MethodPost, path, token, body)
+		if resp.StatusCode != http.StatusOK {
+			t.Errorf("%s: status %d %s, want 200", path, resp.StatusCode, got)
+		}
+		sent := up.Requests()
+		if len(sent) != 1 {
+			t.Fatalf("%s: %d upstream requests, want 1", path, len(sent))
+		}
+		if string(sent[0].Body) != body {
+			t.Errorf("%s: the upstream got body %q, want the request's", path, sent[0].Body)
+		}
 	}
 }

@@ -246,6 +246,20 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (*exchange, *slo
 	if rec == nil {
 		return nil, nil
 	}
+	if rec.Source == keystore.SourceShared && x.streamedBody != nil && readsSharedBody(spec.Name, r.Method, rest) {
+		// The checks that need no body come first, so a client that waits
+		// for 100 Continue uploads nothing that they reject. As with the
+		// other providers, the record is read again once the body is in,
+		// so a slow body keeps no record it started with.
+		x.source = rec.Source
+		if !h.checkSharedEarly(w, r, x, rec, s, log) || !h.readSharedGoogleBody(w, r, x, s, log) {
+			return nil, nil
+		}
+		x.pending = h.pending.get(x.mailbox)
+		if rec = h.record(w, r, x, gen, s, log); rec == nil {
+			return nil, nil
+		}
+	}
 	x.source = rec.Source
 
 	if x.source == keystore.SourceBYOK {
@@ -297,9 +311,12 @@ func (h *Handler) precheck(w http.ResponseWriter, r *http.Request, x *exchange, 
 		return false
 	}
 	x.source = rec.Source
-	if rec.Source != keystore.SourceShared {
-		return true
-	}
+	return rec.Source != keystore.SourceShared || h.checkSharedEarly(w, r, x, rec, s, log)
+}
+
+// checkSharedEarly applies the shared key's checks that need no request
+// body: the endpoint and an allowance already used up.
+func (h *Handler) checkSharedEarly(w http.ResponseWriter, r *http.Request, x *exchange, rec *keystore.Record, s *settings, log *slog.Logger) bool {
 	if !h.checkSharedRoute(w, r, x, log) {
 		return false
 	}
@@ -507,28 +524,16 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 		x.streamedBody = newCountingBody(limited)
 		return true
 	}
-	body, err := readAll(limited, r.ContentLength, s.maxBodyBytes)
-	if err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			h.rejectAudited(w, x, log, provider.TooLarge, fmt.Sprintf("request body exceeds the limit of %d bytes", s.maxBodyBytes), 0)
-			return false
-		}
-		log.Warn("reading request body failed", "error", err)
-		h.rejectAudited(w, x, log, provider.BadRequest, "the request body could not be read", 0)
+	body, ok := h.readWhole(w, r, x, limited, s, log)
+	if !ok {
 		return false
 	}
-	x.body = body
-	x.requestBytes = int64(len(body))
 	info, err := readRequestInfo(body)
 	if err != nil {
 		// The provider explains a malformed body better than the proxy can,
 		// except where the proxy needs the body's content: the shared key
 		// rejects it in checkSharedBody.
-		x.bodyErr = err
-		if coding := r.Header.Get("Content-Encoding"); err == errBodyNotJSON && coding != "" && !strings.EqualFold(coding, "identity") {
-			x.bodyErr = fmt.Errorf("the shared key needs the request body as plain JSON, and this one is sent with Content-Encoding %q: send it uncompressed", coding)
-		}
+		x.bodyErr = plainJSONError(r, err)
 		return true
 	}
 	x.info = info
@@ -547,6 +552,50 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange, 
 	return true
 }
 
+// readWhole reads the request body from body into x.body, or writes an
+// error response and returns false.
+func (h *Handler) readWhole(w http.ResponseWriter, r *http.Request, x *exchange, body io.Reader, s *settings, log *slog.Logger) ([]byte, bool) {
+	b, err := readAll(body, r.ContentLength, s.maxBodyBytes)
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			h.rejectAudited(w, x, log, provider.TooLarge, fmt.Sprintf("request body exceeds the limit of %d bytes", s.maxBodyBytes), 0)
+			return nil, false
+		}
+		log.Warn("reading request body failed", "error", err)
+		h.rejectAudited(w, x, log, provider.BadRequest, "the request body could not be read", 0)
+		return nil, false
+	}
+	x.body = b
+	x.requestBytes = int64(len(b))
+	return b, true
+}
+
+// plainJSONError returns the error for a shared request body that is not
+// JSON because it was sent compressed, and err for any other body.
+func plainJSONError(r *http.Request, err error) error {
+	if coding := r.Header.Get("Content-Encoding"); err == errBodyNotJSON && coding != "" && !strings.EqualFold(coding, "identity") {
+		return fmt.Errorf("the shared key needs the request body as plain JSON, and this one is sent with Content-Encoding %q: send it uncompressed", coding)
+	}
+	return err
+}
+
+// readSharedGoogleBody reads the body of a Google generation request that
+// goes to the shared key, which readBody let stream through, so that
+// checkSharedBody can look into it. It returns false after writing an error
+// response. On the own key the body still streams through unread.
+func (h *Handler) readSharedGoogleBody(w http.ResponseWriter, r *http.Request, x *exchange, s *settings, log *slog.Logger) bool {
+	body, ok := h.readWhole(w, r, x, x.streamedBody, s, log)
+	if !ok {
+		return false
+	}
+	x.streamedBody = nil
+	if !validJSON(body) {
+		x.bodyErr = plainJSONError(r, errBodyNotJSON)
+	}
+	return true
+}
+
 // checkSharedBody applies the shared key's rules to a request body the
 // proxy read: it must be JSON the proxy can read, it may name no object
 // stored with the provider account (see storedReference), and it may name
@@ -561,14 +610,12 @@ func (h *Handler) checkSharedBody(w http.ResponseWriter, x *exchange, log *slog.
 		return true
 	}
 	spec := x.up.spec
-	responses := isResponsesAPI(spec.Name, x.rest)
-	reference, tooDeep := storedReference(x.body, responses)
-	if tooDeep {
-		h.rejectAudited(w, x, log, provider.BadRequest, fmt.Sprintf("the request body nests deeper than %d levels, which the shared key does not read", maxStoredDepth), 0)
-		return false
+	if spec.Name == provider.Google {
+		reference, tooDeep := googleStoredReference(x.body)
+		return h.checkStoredReference(w, x, log, reference, tooDeep)
 	}
-	if reference != "" {
-		h.rejectAudited(w, x, log, provider.Forbidden, "the request names "+reference+", which the shared key does not allow, because such objects belong to the platform's provider account; use your own key for it", 0)
+	responses := isResponsesAPI(spec.Name, x.rest)
+	if reference, tooDeep := storedReference(x.body, responses); !h.checkStoredReference(w, x, log, reference, tooDeep) {
 		return false
 	}
 	var err error
@@ -595,6 +642,21 @@ func (h *Handler) checkSharedBody(w http.ResponseWriter, x *exchange, log *slog.
 	x.namedIDs = slices.Compact(x.namedIDs)
 	if len(x.namedIDs) > maxNamedIDs {
 		h.rejectAudited(w, x, log, provider.BadRequest, fmt.Sprintf("the request names %d code execution containers and reasoning items; name at most %d", len(x.namedIDs), maxNamedIDs), 0)
+		return false
+	}
+	return true
+}
+
+// checkStoredReference rejects a shared request whose body names a stored
+// object, as storedReference or googleStoredReference found it, or nests
+// too deep to be read.
+func (h *Handler) checkStoredReference(w http.ResponseWriter, x *exchange, log *slog.Logger, reference string, tooDeep bool) bool {
+	if tooDeep {
+		h.rejectAudited(w, x, log, provider.BadRequest, fmt.Sprintf("the request body nests deeper than %d levels, which the shared key does not read", maxStoredDepth), 0)
+		return false
+	}
+	if reference != "" {
+		h.rejectAudited(w, x, log, provider.Forbidden, "the request names "+reference+", which the shared key does not allow, because such objects belong to the platform's provider account; use your own key for it", 0)
 		return false
 	}
 	return true

@@ -16,7 +16,7 @@ import (
 // sendSlowly sends the request headers and half the body, calls change
 // while the proxy waits for the rest, waits until visible reports true,
 // then sends the rest and returns the response's status.
-func sendSlowly(t *testing.T, s *teststack.Stack, token, body string, change func(), visible func() bool) int {
+func sendSlowly(t *testing.T, s *teststack.Stack, path, token, body string, change func(), visible func() bool) int {
 	t.Helper()
 	conn, err := net.DialTimeout("tcp", strings.TrimPrefix(s.ProxyURL, "http://"), 2*time.Second)
 	if err != nil {
@@ -26,8 +26,8 @@ func sendSlowly(t *testing.T, s *teststack.Stack, token, body string, change fun
 
 	conn.SetDeadline(time.Now().Add(15 * time.Second))
 	half := len(body) / 2
-	fmt.Fprintf(conn, "POST /openai/v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
-		token, len(body), body[:half])
+	fmt.Fprintf(conn, "POST %s HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+		path, token, len(body), body[:half])
 	// Give the handler time to start reading the body.
 	time.Sleep(200 * time.Millisecond)
 
@@ -63,7 +63,7 @@ func TestSlowBodySeesLaterChanges(t *testing.T) {
 		s.UseBYOK(t, "slow-key", provider.OpenAI)
 		token := s.Token(t, "slow-key")
 		up.Reset()
-		status := sendSlowly(t, s, token, slowChat, func() {
+		status := sendSlowly(t, s, chatPath, token, slowChat, func() {
 			if code, body := s.AdminDo(t, http.MethodDelete, "/admin/v1/mailboxes/slow-key/providers/openai/key", nil); code != http.StatusNoContent {
 				t.Fatalf("removing the key: %d %s", code, body)
 			}
@@ -85,7 +85,7 @@ func TestSlowBodySeesLaterChanges(t *testing.T) {
 	t.Run("token revoked", func(t *testing.T) {
 		token := s.Token(t, "slow-revoke")
 		up.Reset()
-		status := sendSlowly(t, s, token, slowChat, func() {
+		status := sendSlowly(t, s, chatPath, token, slowChat, func() {
 			if code, body := s.AdminDo(t, http.MethodPost, "/admin/v1/mailboxes/slow-revoke/token/revoke", nil); code != http.StatusOK {
 				t.Fatalf("revoking: %d %s", code, body)
 			}
@@ -101,12 +101,36 @@ func TestSlowBodySeesLaterChanges(t *testing.T) {
 		}
 	})
 
+	t.Run("token revoked on a shared google request", func(t *testing.T) {
+		// The shared key reads a Google body too, and reads the record
+		// again once it is in.
+		const gemini = "/google/v1beta/models/gemini-2.5-flash:generateContent"
+		const body = `{"contents":[{"parts":[{"text":"a request whose body arrives slowly"}]}]}`
+		token := s.Token(t, "slow-revoke-google")
+		google := s.Upstreams[provider.Google]
+		google.Reset()
+		status := sendSlowly(t, s, gemini, token, body, func() {
+			if code, body := s.AdminDo(t, http.MethodPost, "/admin/v1/mailboxes/slow-revoke-google/token/revoke", nil); code != http.StatusOK {
+				t.Fatalf("revoking: %d %s", code, body)
+			}
+		}, func() bool {
+			resp, _ := s.Do(t, http.MethodGet, "/google/v1beta/models", token, "")
+			return resp.StatusCode == http.StatusUnauthorized
+		})
+		if status != http.StatusUnauthorized {
+			t.Errorf("status %d, want 401 for the revoked token", status)
+		}
+		if n := len(google.Requests()); n != 0 {
+			t.Errorf("%d requests reached the upstream, want 0", n)
+		}
+	})
+
 	t.Run("allowance used up", func(t *testing.T) {
 		token := s.Token(t, "slow-limit")
 		if resp, body := s.Do(t, http.MethodPost, "/openai/v1/chat/completions", token, slowChat); resp.StatusCode != http.StatusOK {
 			t.Fatalf("first request: %d %s", resp.StatusCode, body)
 		}
-		status := sendSlowly(t, s, token, slowChat, func() {
+		status := sendSlowly(t, s, chatPath, token, slowChat, func() {
 			if code, body := s.AdminDo(t, http.MethodPut, "/admin/v1/mailboxes/slow-limit/limit", map[string]any{"monthly_token_limit": 1}); code != http.StatusOK {
 				t.Fatalf("setting the limit: %d %s", code, body)
 			}

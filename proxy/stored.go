@@ -53,9 +53,9 @@ func storedReference(body []byte, responses bool) (reference string, tooDeep boo
 		!bytes.Contains(body, []byte(`"audio"`)) && !(responses && bytes.Contains(body, []byte(`"prompt"`))) {
 		return "", false
 	}
-	s := storedScan{body: body, responses: responses}
-	s.run()
-	return s.reference, s.tooDeep
+	s := storedScan{responses: responses}
+	tooDeep = walkJSON(body, &s)
+	return s.reference, tooDeep
 }
 
 // storedFrame is one open object or array of the scan.
@@ -76,65 +76,14 @@ type storedFrame struct {
 }
 
 type storedScan struct {
-	body      []byte
 	responses bool
 	stack     []storedFrame
 	reference string
-	tooDeep   bool
-}
-
-func (s *storedScan) run() {
-	b := s.body
-	for i := skipSpace(b, 0); i < len(b) && s.reference == "" && !s.tooDeep; i = skipSpace(b, i) {
-		switch b[i] {
-		case '{', '[':
-			s.open(b[i] == '{', i)
-			i++
-		case '}', ']':
-			s.close()
-			i++
-		case ',', ':':
-			i++
-		case '"':
-			end := stringEnd(b, i)
-			if s.expectsName(i) {
-				s.top().name = unquote(b[i:end])
-			} else {
-				s.value(b[i:end])
-			}
-			i = end
-		default:
-			end := valueEnd(b, i)
-			if end <= i {
-				return
-			}
-			s.value(b[i:end])
-			i = end
-		}
-	}
 }
 
 func (s *storedScan) top() *storedFrame { return &s.stack[len(s.stack)-1] }
 
-// expectsName reports whether the string at b[i] is a member name, which
-// follows an object's opening brace or a comma.
-func (s *storedScan) expectsName(i int) bool {
-	if len(s.stack) == 0 || !s.top().object {
-		return false
-	}
-	j := i - 1
-	for j >= 0 && (s.body[j] == ' ' || s.body[j] == '\t' || s.body[j] == '\n' || s.body[j] == '\r') {
-		j--
-	}
-	return j >= 0 && (s.body[j] == '{' || s.body[j] == ',')
-}
-
-// open enters the object or array that starts at body[at].
-func (s *storedScan) open(object bool, at int) {
-	if len(s.stack) >= maxStoredDepth {
-		s.tooDeep = true
-		return
-	}
+func (s *storedScan) open(object bool, at int, body []byte) bool {
 	f := storedFrame{object: object}
 	if len(s.stack) == 0 {
 		f.checked = object
@@ -152,19 +101,16 @@ func (s *storedScan) open(object bool, at int) {
 		default:
 			f.checked = storedBranches[parent.name]
 			f.audio = object && parent.name == "audio"
-			if !object && namesIDs(parent.name) && s.body[skipSpace(s.body, at+1)] != ']' {
+			if !object && namesIDs(parent.name) && body[skipSpace(body, at+1)] != ']' {
 				s.reference = idsReference(parent.name)
 			}
 		}
 	}
 	s.stack = append(s.stack, f)
+	return s.reference == ""
 }
 
-// close leaves the innermost object or array.
-func (s *storedScan) close() {
-	if len(s.stack) == 0 {
-		return
-	}
+func (s *storedScan) close() bool {
 	f := s.top()
 	if f.object && f.skillID && f.typ != "anthropic" {
 		// Anthropic's own skills are public; every other skill was uploaded
@@ -175,12 +121,14 @@ func (s *storedScan) close() {
 	if len(s.stack) > 0 && s.top().object {
 		s.top().name = ""
 	}
+	return s.reference == ""
 }
 
-// value checks a scalar member value.
-func (s *storedScan) value(raw []byte) {
+func (s *storedScan) name(name string) { s.top().name = name }
+
+func (s *storedScan) value(raw []byte) bool {
 	if len(s.stack) == 0 || !s.top().object || !s.top().checked {
-		return
+		return true
 	}
 	f := s.top()
 	name := f.name
@@ -204,6 +152,79 @@ func (s *storedScan) value(raw []byte) {
 		// A list of ids given as anything but an array still names them.
 		s.reference = idsReference(name)
 	}
+	return s.reference == ""
+}
+
+// jsonScan receives the tokens of a JSON body from walkJSON. open, close
+// and value return false to end the walk.
+type jsonScan interface {
+	// open enters the object or array that starts at body[at].
+	open(object bool, at int, body []byte) bool
+	// close leaves the innermost object or array.
+	close() bool
+	// name sets the unescaped name of the member whose value comes next.
+	name(name string)
+	// value takes a scalar: a member's value or an array element.
+	value(raw []byte) bool
+}
+
+// walkJSON reads body, which must be valid JSON, once from start to end
+// and reports its tokens to s. It stops where s returns false, and at a
+// container nested deeper than maxStoredDepth, for which it returns true.
+// Containers are kept in a slice rather than by recursion, so a deep body
+// costs no stack.
+func walkJSON(body []byte, s jsonScan) (tooDeep bool) {
+	var objectsBuf [32]bool
+	objects := objectsBuf[:0] // for each open container, whether it is an object
+	for i := skipSpace(body, 0); i < len(body); i = skipSpace(body, i) {
+		switch c := body[i]; c {
+		case '{', '[':
+			if len(objects) >= maxStoredDepth {
+				return true
+			}
+			objects = append(objects, c == '{')
+			if !s.open(c == '{', i, body) {
+				return false
+			}
+			i++
+		case '}', ']':
+			if len(objects) == 0 {
+				return false
+			}
+			objects = objects[:len(objects)-1]
+			if !s.close() {
+				return false
+			}
+			i++
+		case ',', ':':
+			i++
+		case '"':
+			end := stringEnd(body, i)
+			if len(objects) > 0 && objects[len(objects)-1] && startsMember(body, i) {
+				s.name(unquote(body[i:end]))
+			} else if !s.value(body[i:end]) {
+				return false
+			}
+			i = end
+		default:
+			end := valueEnd(body, i)
+			if end <= i || !s.value(body[i:end]) {
+				return false
+			}
+			i = end
+		}
+	}
+	return false
+}
+
+// startsMember reports whether the string at body[i], inside an object, is
+// a member name, which follows the object's opening brace or a comma.
+func startsMember(body []byte, i int) bool {
+	j := i - 1
+	for j >= 0 && (body[j] == ' ' || body[j] == '\t' || body[j] == '\n' || body[j] == '\r') {
+		j--
+	}
+	return j >= 0 && (body[j] == '{' || body[j] == ',')
 }
 
 // namesIDs reports whether a member of that name lists stored objects.

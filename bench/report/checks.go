@@ -66,7 +66,7 @@ func (r *run) checks() []check {
 }
 
 // isByokproxy reports whether a target name is a byokproxy configuration,
-// such as shared, byok or shared-google.
+// such as shared, byok or byok-google.
 func isByokproxy(target string) bool {
 	return strings.HasPrefix(target, "shared") || strings.HasPrefix(target, "byok")
 }

@@ -1,0 +1,111 @@
+package proxy
+
+import (
+	"bytes"
+	"encoding/json"
+	"strings"
+	"testing"
+)
+
+func TestGoogleStoredReference(t *testing.T) {
+	const file = "a file (fileData.fileUri)"
+	part := func(uri string) string {
+		return `{"contents":[{"role":"user","parts":[{"text":"look"},{"fileData":{"mimeType":"video/mp4","fileUri":"` + uri + `"}}]}]}`
+	}
+	cases := []struct{ name, body, want string }{
+		{"text only", `{"contents":[{"parts":[{"text":"what is a fileUri or cachedContent?"}]}]}`, ""},
+		{"youtube video", part("https://www.youtube.com/watch?v=9hE5-98ZeCg"), ""},
+		{"web page", part("http://example.com/report.pdf"), ""},
+		{"files api", part("https://generativelanguage.googleapis.com/v1beta/files/abc"), file},
+		{"files api in upper case", part("HTTPS://GenerativeLanguage.GoogleAPIs.com./v1beta/files/abc"), file},
+		{"file name", part("files/abc"), file},
+		{"bucket", part("gs://platform/a.pdf"), file},
+		{"storage host", part("https://storage.googleapis.com/platform/a.pdf"), file},
+		{"cloud console host", part("https://storage.cloud.google.com/platform/a.pdf"), file},
+		{"user info", part("https://youtube.com@generativelanguage.googleapis.com/v1beta/files/abc"), file},
+		{"backslash", part(`https://example.com\\@generativelanguage.googleapis.com/v1beta/files/abc`), file},
+		{"empty", part(""), file},
+		{"proto names", `{"contents":[{"parts":[{"file_data":{"file_uri":"files/abc"}}]}]}`, file},
+		{"escaped name", `{"contents":[{"parts":[{"fileData":{"file\u0055ri":"files/abc"}}]}]}`, file},
+		{"escaped text only", `{"contents":[{"parts":[{"text":"caf\u00e9"}]}]}`, ""},
+		{"function response part", `{"contents":[{"role":"user","parts":[{"functionResponse":{"name":"f","response":{},"parts":[{"fileData":{"fileUri":"files/abc"}}]}}]}]}`, file},
+		{"system instruction", `{"systemInstruction":{"parts":[{"fileData":{"fileUri":"files/abc"}}]},"contents":[]}`, file},
+		{"embedding batch", `{"requests":[{"model":"models/e","content":{"parts":[{"fileData":{"fileUri":"files/abc"}}]}}]}`, file},
+		{"cached content", `{"cachedContent":"cachedContents/xyz","contents":[]}`, "cached content (cachedContent)"},
+		{"cached content proto name", `{"cached_content":"cachedContents/xyz","contents":[]}`, "cached content (cachedContent)"},
+		{"cached content in count tokens", `{"generateContentRequest":{"cachedContent":"cachedContents/xyz"}}`, "cached content (cachedContent)"},
+		{"no cached content", `{"cachedContent":"","contents":[]}`, ""},
+		{"null cached content", `{"cachedContent":null,"contents":[]}`, ""},
+		{"file search", `{"contents":[],"tools":[{"fileSearch":{"fileSearchStoreNames":["fileSearchStores/s"]}}]}`, "file search stores (fileSearch)"},
+		{"file search proto name", `{"contents":[],"tools":[{"file_search":{}}]}`, "file search stores (fileSearch)"},
+		{"other tools", `{"contents":[],"tools":[{"googleSearch":{}},{"codeExecution":{}},{"urlContext":{}}]}`, ""},
+		{"function call arguments", `{"contents":[{"role":"model","parts":[{"functionCall":{"name":"open","args":{"fileUri":"files/mine","cachedContent":"x","fileSearch":{}}}}]}]}`, ""},
+		{"function response", `{"contents":[{"role":"user","parts":[{"functionResponse":{"name":"open","response":{"fileData":{"fileUri":"files/mine"}}}}]}]}`, ""},
+		{"function parameters", `{"contents":[],"tools":[{"functionDeclarations":[{"name":"open","parameters":{"type":"OBJECT","properties":{"fileUri":{"type":"STRING"},"fileSearch":{"type":"OBJECT"}}}}]}]}`, ""},
+		{"function json schema", `{"contents":[],"tools":[{"functionDeclarations":[{"name":"open","parametersJsonSchema":{"properties":{"cachedContent":{"type":"string"}}}}]}]}`, ""},
+		{"response schema", `{"contents":[],"generationConfig":{"responseMimeType":"application/json","responseSchema":{"type":"OBJECT","properties":{"fileUri":{"type":"STRING"}}}}}`, ""},
+		{"case differs", `{"contents":[{"parts":[{"fileData":{"FileUri":"files/abc"}}]}]}`, ""},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			if !json.Valid([]byte(c.body)) {
+				t.Fatalf("invalid test body %s", c.body)
+			}
+			got, tooDeep := googleStoredReference([]byte(c.body))
+			if got != c.want || tooDeep {
+				t.Errorf("googleStoredReference = %q, too deep %v; want %q", got, tooDeep, c.want)
+			}
+		})
+	}
+
+	t.Run("too deep", func(t *testing.T) {
+		body := `{"contents":` + strings.Repeat("[", maxStoredDepth+1) + strings.Repeat("]", maxStoredDepth+1) + `,"cachedContent":null}`
+		if _, tooDeep := googleStoredReference([]byte(body)); !tooDeep {
+			t.Errorf("a body nested %d levels was read to its end", maxStoredDepth+2)
+		}
+	})
+}
+
+// FuzzGoogleStoredReference runs the scan on any valid JSON body: it must
+// end without a panic, and a body whose first member names cached content
+// is always caught, whatever follows.
+func FuzzGoogleStoredReference(f *testing.F) {
+	f.Add([]byte(`{"contents":[{"parts":[{"fileData":{"fileUri":"files/a"}}]}]}`))
+	f.Add([]byte(`{"tools":[{"functionDeclarations":[{"parameters":{"properties":{"fileUri":{}}}}]}]}`))
+	f.Add([]byte(`[[[[{"a\u0062":null}]]]]`))
+	f.Add([]byte(`{"contents":[{"parts":[{"functionCall":{"args":{"x":[{}]}}}]}]}`))
+	f.Fuzz(func(t *testing.T, body []byte) {
+		if !json.Valid(body) {
+			return
+		}
+		googleStoredReference(body)
+		trimmed := bytes.TrimSpace(body)
+		if len(trimmed) < 2 || trimmed[0] != '{' {
+			return
+		}
+		const first = `{"cachedContent":"cachedContents/x"`
+		withCache := []byte(first + "}")
+		if rest := bytes.TrimSpace(trimmed[1:]); !bytes.Equal(rest, []byte("}")) {
+			withCache = append([]byte(first+","), trimmed[1:]...)
+		}
+		if !json.Valid(withCache) {
+			t.Fatalf("built invalid JSON %s", withCache)
+		}
+		if got, tooDeep := googleStoredReference(withCache); got != "cached content (cachedContent)" && !tooDeep {
+			t.Errorf("googleStoredReference(%s) = %q, want the cached content", withCache, got)
+		}
+	})
+}
+
+// BenchmarkGoogleStoredReference measures the scan of a request with one
+// long text part that holds a \u escape, so that the prefilter lets it
+// through.
+func BenchmarkGoogleStoredReference(b *testing.B) {
+	body := []byte(`{"contents":[{"role":"user","parts":[{"text":"` + strings.Repeat(`caf\u00e9 `, 100_000) + `"}]}]}`)
+	b.SetBytes(int64(len(body)))
+	for b.Loop() {
+		if ref, tooDeep := googleStoredReference(body); ref != "" || tooDeep {
+			b.Fatalf("googleStoredReference = %q, %v", ref, tooDeep)
+		}
+	}
+}
