@@ -118,8 +118,12 @@ func externalFileURI(uri string) bool {
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.User != nil || u.Opaque != "" {
 		return false
 	}
-	host := strings.TrimSuffix(strings.ToLower(u.Hostname()), ".")
-	if host == "" {
+	// A resolver may map other dots or letters onto ASCII (IDNA), so only
+	// an ASCII name or address is compared.
+	host := strings.TrimRight(strings.ToLower(u.Hostname()), ".")
+	if host == "" || strings.IndexFunc(host, func(r rune) bool {
+		return !('a' <= r && r <= 'z' || '0' <= r && r <= '9' || r == '.' || r == '-' || r == ':')
+	}) >= 0 {
 		return false
 	}
 	for _, google := range []string{"googleapis.com", "google.com"} {
