@@ -1,6 +1,7 @@
 // The official Google Gen AI Node SDK (@google/genai) against byokproxy:
 // generateContent and streamGenerateContent (which the SDK calls with
-// alt=sse), on the shared and the BYOK source, and a file upload on BYOK.
+// alt=sse), on the shared and the BYOK source, a file upload on BYOK, and
+// the shared key's check of file URIs.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { GoogleGenAI, ApiError } from '@google/genai';
@@ -109,6 +110,31 @@ test('countTokens on shared', async () => {
   assert.equal(rec.path, `/v1beta/models/${MODEL}:countTokens`);
   h.assertUpstreamKey(PROVIDER, rec, h.sharedKey(PROVIDER), 'shared key');
   assert.ok(res.totalTokens > 0, `totalTokens = ${res.totalTokens}`);
+});
+
+// On the shared key a part may name a web resource, but not a file of the
+// platform's Files API, which the proxy rejects before any request leaves.
+test('shared fileData: web URI passes, Files API URI raises 403', async () => {
+  const mb = await h.newMailbox('gg-file-uri');
+  const ask = (marker, fileUri) => client(mb.token).models.generateContent({
+    model: MODEL,
+    contents: [{ role: 'user', parts: [{ text: `Sum up ${marker}` }, { fileData: { fileUri, mimeType: 'video/mp4' } }] }],
+  });
+
+  const web = h.uniqueId('marker');
+  const res = await ask(web, 'https://www.youtube.com/watch?v=9hE5-98ZeCg');
+  assert.equal(res.text, reply.text);
+  const rec = await h.upstreamFor(PROVIDER, web);
+  h.assertUpstreamKey(PROVIDER, rec, h.sharedKey(PROVIDER), 'shared key');
+
+  const stored = h.uniqueId('marker');
+  await assert.rejects(ask(stored, 'https://generativelanguage.googleapis.com/v1beta/files/abc123'), (err) => {
+    assert.ok(err instanceof ApiError, `got ${err?.constructor?.name}: ${err?.message}`);
+    assert.equal(err.status, 403);
+    assert.match(err.message, /fileData\.fileUri/);
+    return true;
+  });
+  assert.equal(await h.upstreamCount(PROVIDER, stored), 0, 'a request naming a stored file reached the upstream');
 });
 
 test('bad token raises ApiError 401', async () => {
