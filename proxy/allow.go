@@ -2,7 +2,9 @@ package proxy
 
 import (
 	"fmt"
+	"mime"
 	"net/http"
+	"net/url"
 	"strings"
 
 	"github.com/byokproxy/byokproxy/provider"
@@ -110,6 +112,43 @@ func misplacedVersion(prov, path string) string {
 		}
 	}
 	return base
+}
+
+// googleQueryParams are the query parameters, besides the credentials that
+// the proxy strips, that a shared Gemini generation request may carry: the
+// response format (which googleResponseFilter checks), pretty printing and
+// the error format. Names compare in lower case and without the "$" prefix.
+var googleQueryParams = map[string]bool{"alt": true, "prettyprint": true, ".xgafv": true}
+
+// googleRequestFormat returns why the proxy cannot read a shared Gemini
+// generation request as Google would, or "" when it can. Google's front end
+// also decodes compressed bodies, reads protobuf and form bodies by their
+// Content-Type, and can take request fields from the query. The body scan
+// reads JSON only, so on the shared key the fields must come as plain JSON
+// in the body.
+func googleRequestFormat(r *http.Request) string {
+	for _, coding := range r.Header.Values("Content-Encoding") {
+		if !strings.EqualFold(strings.TrimSpace(coding), "identity") {
+			return fmt.Sprintf("the shared key needs the request body as plain JSON, and this one is sent with Content-Encoding %q: send it uncompressed", coding)
+		}
+	}
+	if types := r.Header.Values("Content-Type"); len(types) > 1 {
+		return "the request has more than one Content-Type header; send one, application/json"
+	} else if len(types) == 1 {
+		if media, _, err := mime.ParseMediaType(types[0]); err != nil || media != "application/json" {
+			return fmt.Sprintf("the shared key reads Gemini request bodies as JSON only, and this one is sent as %q: send Content-Type: application/json", types[0])
+		}
+	}
+	// httputil.ReverseProxy forwards what url.ParseQuery reads and drops
+	// the parts it cannot read, such as one holding a semicolon.
+	params, _ := url.ParseQuery(r.URL.RawQuery)
+	for name := range params {
+		normal := strings.TrimPrefix(strings.ToLower(strings.TrimSpace(name)), "$")
+		if !googleQueryParams[normal] && !credentialParams[normal] && normal != "userproject" {
+			return fmt.Sprintf("the query parameter %q is not allowed on the shared key: send request fields in the JSON body", name)
+		}
+	}
+	return ""
 }
 
 // googlePathModel returns the model named in a Google path such as

@@ -641,7 +641,7 @@ func TestQueryCredentialsNeverForwarded(t *testing.T) {
 	base, _, _ := strings.Cut(c.path, "?")
 	queries := []string{
 		"KEY=" + token,
-		"Key=" + token + "&b=2",
+		"Key=" + token + "&alt=json",
 		"access_token=ya29.client-oauth-token",
 		"%6Bey=" + token,
 		"alt=json;key=" + token,
@@ -653,7 +653,7 @@ func TestQueryCredentialsNeverForwarded(t *testing.T) {
 	}
 	for _, q := range queries {
 		up.Reset()
-		resp, body := st.Do(t, "POST", base+"?z=1&"+q+"&a=%2F", token, c.body, "X-Goog-User-Project", "client-project")
+		resp, body := st.Do(t, "POST", base+"?prettyPrint=1&"+q+"&$.xgafv=%2F", token, c.body, "X-Goog-User-Project", "client-project")
 		if resp.StatusCode != 200 {
 			t.Errorf("%s: status %d: %s", q, resp.StatusCode, body)
 			continue
@@ -667,7 +667,7 @@ func TestQueryCredentialsNeverForwarded(t *testing.T) {
 		}
 		// httputil.ReverseProxy re-encodes, and so sorts, a query in which
 		// it drops a part with a semicolon.
-		if !strings.Contains(q, ";") && (!strings.HasPrefix(got.RawQuery, "z=1&") || !strings.HasSuffix(got.RawQuery, "&a=%2F")) {
+		if !strings.Contains(q, ";") && (!strings.HasPrefix(got.RawQuery, "prettyPrint=1&") || !strings.HasSuffix(got.RawQuery, "&$.xgafv=%2F")) {
 			t.Errorf("%s: other parameters changed or reordered: %q", q, got.RawQuery)
 		}
 		if v := got.Header.Get("X-Goog-User-Project"); v != "" {

@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/byokproxy/byokproxy/config"
 	"github.com/byokproxy/byokproxy/internal/teststack"
 	"github.com/byokproxy/byokproxy/provider"
 )
@@ -181,4 +182,91 @@ func TestSharedGoogleForwardsWebFiles(t *testing.T) {
 			t.Errorf("%s: the upstream got body %q, want the request's", path, sent[0].Body)
 		}
 	}
+}
+
+// A shared Gemini request must carry its fields as plain JSON in the body,
+// the one form the body scan reads. Google's front end would also decode a
+// compressed body, read protobuf or form bodies by their Content-Type, and
+// may take fields from the query, where the scan would not see them.
+func TestSharedGoogleRequestFormat(t *testing.T) {
+	s := teststack.Start(t, func(c *config.Config) {
+		c.Provider(provider.Google).SharedModels = []string{"gemini-2.5-flash"}
+	})
+	token := s.Token(t, "google-format")
+	up := s.Upstreams[provider.Google]
+	const generate = "/google/v1beta/models/gemini-2.5-flash:generateContent"
+	const body = `{"contents":[{"parts":[{"text":"hi"}]}]}`
+	rejected := []struct {
+		name, path, body string
+		header           []string
+		status           int
+	}{
+		{"cached content in the query", generate + "?cachedContent=cachedContents/xyz", body, nil, http.StatusBadRequest},
+		{"proto name in the query", generate + "?cached_content=cachedContents/xyz", body, nil, http.StatusBadRequest},
+		{"encoded name in the query", generate + "?alt=sse&%63achedContent=cachedContents/xyz", body, nil, http.StatusBadRequest},
+		{"count tokens query", "/google/v1beta/models/gemini-2.5-flash:countTokens?generateContentRequest.cachedContent=c", body, nil, http.StatusBadRequest},
+		{"protobuf", generate, body, []string{"Content-Type", "application/x-protobuf"}, http.StatusBadRequest},
+		{"json+protobuf", generate, `["models/gemini-2.5-flash",[[[[null,"hi"]],"user"]],null,null,null,null,null,null,"cachedContents/xyz"]`,
+			[]string{"Content-Type", "application/json+protobuf"}, http.StatusBadRequest},
+		{"form", generate, `{"contents":[{"parts":[{"text":"&cachedContent=cachedContents/xyz&"}]}]}`,
+			[]string{"Content-Type", "application/x-www-form-urlencoded"}, http.StatusBadRequest},
+		{"array body", generate, `[{"contents":[]}]`, nil, http.StatusBadRequest},
+		{"invalid UTF-8", generate, "{\"cachedContent\xff\":\"cachedContents/xyz\",\"contents\":[]}", nil, http.StatusBadRequest},
+		{"brotli", generate, body, []string{"Content-Encoding", "br"}, http.StatusBadRequest},
+		{"deflate", generate, body, []string{"Content-Encoding", "deflate"}, http.StatusBadRequest},
+		{"count tokens of another model", "/google/v1beta/models/gemini-2.5-flash:countTokens",
+			`{"generateContentRequest":{"model":"models/gemini-2.5-pro","contents":[{"parts":[{"text":"hi"}]}]}}`, nil, http.StatusForbidden},
+		{"embeddings of a tuned model", "/google/v1beta/models/gemini-2.5-flash:batchEmbedContents",
+			`{"requests":[{"model":"tunedModels/platform-tuned","content":{"parts":[{"text":"hi"}]}}]}`, nil, http.StatusForbidden},
+	}
+	for _, c := range rejected {
+		t.Run(c.name, func(t *testing.T) {
+			up.Reset()
+			resp, got := s.Do(t, http.MethodPost, c.path, token, c.body, c.header...)
+			if resp.StatusCode != c.status {
+				t.Errorf("status %d %s, want %d", resp.StatusCode, got, c.status)
+			}
+			if !inShape(provider.Google, got, "", "", googleStatus(c.status)) {
+				t.Errorf("error not in Google's shape: %s", got)
+			}
+			if n := len(up.Requests()); n != 0 {
+				t.Errorf("%d requests reached the upstream, want 0", n)
+			}
+		})
+	}
+
+	accepted := []struct {
+		name, path, body string
+		header           []string
+	}{
+		{"stream", "/google/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", body, nil},
+		{"system parameters", generate + "?$alt=json&prettyPrint=false&$.xgafv=2", body, nil},
+		{"key in the query", generate + "?key=" + token, body, nil},
+		{"charset", generate, body, []string{"Content-Type", "application/json; charset=utf-8"}},
+		{"identity coding", generate, body, []string{"Content-Encoding", "identity"}},
+		{"count tokens of the path model", "/google/v1beta/models/gemini-2.5-flash:countTokens",
+			`{"generateContentRequest":{"model":"models/gemini-2.5-flash","contents":[{"parts":[{"text":"hi"}]}]}}`, nil},
+		{"part metadata", generate, `{"contents":[{"role":"user","parts":[{"text":"hi","partMetadata":{"fileUri":"files/mine"}}]}]}`, nil},
+	}
+	for _, c := range accepted {
+		t.Run(c.name, func(t *testing.T) {
+			up.Reset()
+			resp, got := s.Do(t, http.MethodPost, c.path, token, c.body, c.header...)
+			if resp.StatusCode != http.StatusOK {
+				t.Errorf("status %d %s, want 200", resp.StatusCode, got)
+			}
+			if sent := up.Requests(); len(sent) != 1 || string(sent[0].Body) != c.body {
+				t.Errorf("upstream requests %d, want 1 with the request's body", len(sent))
+			}
+		})
+	}
+}
+
+// googleStatus returns the status name of Google's error shape for an
+// HTTP status.
+func googleStatus(code int) string {
+	if code == http.StatusForbidden {
+		return "PERMISSION_DENIED"
+	}
+	return "INVALID_ARGUMENT"
 }

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/byokproxy/byokproxy/audit"
 	"github.com/byokproxy/byokproxy/keystore"
@@ -463,6 +464,12 @@ func (h *Handler) checkSharedRoute(w http.ResponseWriter, r *http.Request, x *ex
 			h.rejectAudited(w, x, log, provider.Forbidden, filter+" is not available on the shared key, because a response it changes may lose its token usage; use your own key for it", 0)
 			return false
 		}
+		if readsSharedBody(up.spec.Name, r.Method, x.rest) {
+			if msg := googleRequestFormat(r); msg != "" {
+				h.rejectAudited(w, x, log, provider.BadRequest, msg, 0)
+				return false
+			}
+		}
 	}
 	return true
 }
@@ -590,8 +597,15 @@ func (h *Handler) readSharedGoogleBody(w http.ResponseWriter, r *http.Request, x
 		return false
 	}
 	x.streamedBody = nil
-	if !validJSON(body) {
+	switch {
+	case !validJSON(body):
 		x.bodyErr = plainJSONError(r, errBodyNotJSON)
+	case body[skipSpace(body, 0)] != '{':
+		x.bodyErr = errors.New("the request body must be a JSON object")
+	case !utf8.Valid(body):
+		// Names that differ only in invalid bytes could be read by Google
+		// as the names the scan looks for.
+		x.bodyErr = errors.New("the request body is not valid UTF-8")
 	}
 	return true
 }
@@ -611,7 +625,11 @@ func (h *Handler) checkSharedBody(w http.ResponseWriter, x *exchange, log *slog.
 	}
 	spec := x.up.spec
 	if spec.Name == provider.Google {
-		reference, tooDeep := googleStoredReference(x.body)
+		reference, otherModel, tooDeep := googleStoredReference(x.body, x.model)
+		if otherModel != "" && !tooDeep {
+			h.rejectAudited(w, x, log, provider.Forbidden, fmt.Sprintf("the request body names the model %q, and on the shared key it may name only the model of the path, %q", otherModel, x.model), 0)
+			return false
+		}
 		return h.checkStoredReference(w, x, log, reference, tooDeep)
 	}
 	responses := isResponsesAPI(spec.Name, x.rest)

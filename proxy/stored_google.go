@@ -23,25 +23,29 @@ import (
 // fields, and the Schema objects of function declarations and structured
 // output, whose properties the application names.
 var googleDataMembers = map[string]bool{
-	"args": true, "response": true,
+	"args": true, "response": true, "partMetadata": true, "part_metadata": true,
 	"parameters": true, "parametersJsonSchema": true, "parameters_json_schema": true,
 	"responseSchema": true, "response_schema": true,
 	"responseJsonSchema": true, "response_json_schema": true, "_responseJsonSchema": true,
 }
 
 // googleStoredReference returns a description of the stored object that a
-// shared Google request body names, or "" when it names none. tooDeep is
-// set for a body that nests beyond maxStoredDepth. body must be valid JSON.
-func googleStoredReference(body []byte) (reference string, tooDeep bool) {
+// shared Google request body names, or "" when it names none. otherModel is
+// set to a model named in the body, as countTokens and batchEmbedContents
+// requests do, that is not pathModel, the model of the request's path.
+// tooDeep is set for a body that nests beyond maxStoredDepth. body must be
+// valid JSON.
+func googleStoredReference(body []byte, pathModel string) (reference, otherModel string, tooDeep bool) {
 	if !bytes.Contains(body, []byte(`\u`)) &&
 		!bytes.Contains(body, []byte("ileUri")) && !bytes.Contains(body, []byte("ile_uri")) &&
 		!bytes.Contains(body, []byte("achedContent")) && !bytes.Contains(body, []byte("ached_content")) &&
-		!bytes.Contains(body, []byte("ileSearch")) && !bytes.Contains(body, []byte("ile_search")) {
-		return "", false
+		!bytes.Contains(body, []byte("ileSearch")) && !bytes.Contains(body, []byte("ile_search")) &&
+		!bytes.Contains(body, []byte(`"model"`)) {
+		return "", "", false
 	}
-	var s googleScan
+	s := googleScan{pathModel: pathModel}
 	tooDeep = walkJSON(body, &s)
-	return s.reference, tooDeep
+	return s.reference, s.otherModel, tooDeep
 }
 
 type googleFrame struct {
@@ -52,8 +56,10 @@ type googleFrame struct {
 }
 
 type googleScan struct {
-	stack     []googleFrame
-	reference string
+	pathModel  string
+	stack      []googleFrame
+	reference  string
+	otherModel string
 }
 
 func (s *googleScan) top() *googleFrame { return &s.stack[len(s.stack)-1] }
@@ -68,8 +74,11 @@ func (s *googleScan) open(object bool, _ int, _ []byte) bool {
 		}
 	}
 	s.stack = append(s.stack, f)
-	return s.reference == ""
+	return s.clean()
 }
+
+// clean reports whether the scan has found nothing yet, so that it goes on.
+func (s *googleScan) clean() bool { return s.reference == "" && s.otherModel == "" }
 
 func (s *googleScan) close() bool {
 	s.stack = s.stack[:len(s.stack)-1]
@@ -101,8 +110,12 @@ func (s *googleScan) value(raw []byte) bool {
 		if unquote(raw) != "" {
 			s.reference = "cached content (cachedContent)"
 		}
+	case "model":
+		if m := unquote(raw); m != "" && m != s.pathModel && m != "models/"+s.pathModel {
+			s.otherModel = m
+		}
 	}
-	return s.reference == ""
+	return s.clean()
 }
 
 // externalFileURI reports whether a fileData URI names a web resource that

@@ -33,7 +33,7 @@ func TestGoogleStoredReference(t *testing.T) {
 		{"escaped text only", `{"contents":[{"parts":[{"text":"caf\u00e9"}]}]}`, ""},
 		{"function response part", `{"contents":[{"role":"user","parts":[{"functionResponse":{"name":"f","response":{},"parts":[{"fileData":{"fileUri":"files/abc"}}]}}]}]}`, file},
 		{"system instruction", `{"systemInstruction":{"parts":[{"fileData":{"fileUri":"files/abc"}}]},"contents":[]}`, file},
-		{"embedding batch", `{"requests":[{"model":"models/e","content":{"parts":[{"fileData":{"fileUri":"files/abc"}}]}}]}`, file},
+		{"embedding batch", `{"requests":[{"model":"models/gemini-2.5-flash","content":{"parts":[{"fileData":{"fileUri":"files/abc"}}]}}]}`, file},
 		{"cached content", `{"cachedContent":"cachedContents/xyz","contents":[]}`, "cached content (cachedContent)"},
 		{"cached content proto name", `{"cached_content":"cachedContents/xyz","contents":[]}`, "cached content (cachedContent)"},
 		{"cached content in count tokens", `{"generateContentRequest":{"cachedContent":"cachedContents/xyz"}}`, "cached content (cachedContent)"},
@@ -48,22 +48,40 @@ func TestGoogleStoredReference(t *testing.T) {
 		{"function json schema", `{"contents":[],"tools":[{"functionDeclarations":[{"name":"open","parametersJsonSchema":{"properties":{"cachedContent":{"type":"string"}}}}]}]}`, ""},
 		{"response schema", `{"contents":[],"generationConfig":{"responseMimeType":"application/json","responseSchema":{"type":"OBJECT","properties":{"fileUri":{"type":"STRING"}}}}}`, ""},
 		{"case differs", `{"contents":[{"parts":[{"fileData":{"FileUri":"files/abc"}}]}]}`, ""},
+		{"part metadata", `{"contents":[{"parts":[{"text":"hi","partMetadata":{"fileUri":"files/mine","cachedContent":"c","fileSearch":{}}}]}]}`, ""},
+		{"path model named", `{"generateContentRequest":{"model":"models/gemini-2.5-flash","contents":[]}}`, ""},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			if !json.Valid([]byte(c.body)) {
 				t.Fatalf("invalid test body %s", c.body)
 			}
-			got, tooDeep := googleStoredReference([]byte(c.body))
-			if got != c.want || tooDeep {
-				t.Errorf("googleStoredReference = %q, too deep %v; want %q", got, tooDeep, c.want)
+			got, model, tooDeep := googleStoredReference([]byte(c.body), "gemini-2.5-flash")
+			if got != c.want || model != "" || tooDeep {
+				t.Errorf("googleStoredReference = %q, other model %q, too deep %v; want %q", got, model, tooDeep, c.want)
+			}
+		})
+	}
+
+	// countTokens and batchEmbedContents name a model in the body, which
+	// must be the path's, as the model allowlist checks only the path.
+	for _, c := range []struct{ name, body, want string }{
+		{"count tokens", `{"generateContentRequest":{"model":"models/gemini-2.5-pro","contents":[]}}`, "models/gemini-2.5-pro"},
+		{"tuned model", `{"generateContentRequest":{"model":"tunedModels/platform-tuned"}}`, "tunedModels/platform-tuned"},
+		{"embedding batch", `{"requests":[{"model":"models/gemini-2.5-flash"},{"model":"models/other"}]}`, "models/other"},
+		{"escaped name", `{"requests":[{"mod\u0065l":"models/other"}]}`, "models/other"},
+	} {
+		t.Run("other model/"+c.name, func(t *testing.T) {
+			ref, model, tooDeep := googleStoredReference([]byte(c.body), "gemini-2.5-flash")
+			if model != c.want || ref != "" || tooDeep {
+				t.Errorf("googleStoredReference = %q, other model %q, too deep %v; want other model %q", ref, model, tooDeep, c.want)
 			}
 		})
 	}
 
 	t.Run("too deep", func(t *testing.T) {
 		body := `{"contents":` + strings.Repeat("[", maxStoredDepth+1) + strings.Repeat("]", maxStoredDepth+1) + `,"cachedContent":null}`
-		if _, tooDeep := googleStoredReference([]byte(body)); !tooDeep {
+		if _, _, tooDeep := googleStoredReference([]byte(body), "m"); !tooDeep {
 			t.Errorf("a body nested %d levels was read to its end", maxStoredDepth+2)
 		}
 	})
@@ -81,7 +99,7 @@ func FuzzGoogleStoredReference(f *testing.F) {
 		if !json.Valid(body) {
 			return
 		}
-		googleStoredReference(body)
+		googleStoredReference(body, "m")
 		trimmed := bytes.TrimSpace(body)
 		if len(trimmed) < 2 || trimmed[0] != '{' {
 			return
@@ -94,7 +112,7 @@ func FuzzGoogleStoredReference(f *testing.F) {
 		if !json.Valid(withCache) {
 			t.Fatalf("built invalid JSON %s", withCache)
 		}
-		if got, tooDeep := googleStoredReference(withCache); got != "cached content (cachedContent)" && !tooDeep {
+		if got, _, tooDeep := googleStoredReference(withCache, "m"); got != "cached content (cachedContent)" && !tooDeep {
 			t.Errorf("googleStoredReference(%s) = %q, want the cached content", withCache, got)
 		}
 	})
@@ -107,8 +125,8 @@ func BenchmarkGoogleStoredReference(b *testing.B) {
 	body := []byte(`{"contents":[{"role":"user","parts":[{"text":"` + strings.Repeat(`caf\u00e9 `, 100_000) + `"}]}]}`)
 	b.SetBytes(int64(len(body)))
 	for b.Loop() {
-		if ref, tooDeep := googleStoredReference(body); ref != "" || tooDeep {
-			b.Fatalf("googleStoredReference = %q, %v", ref, tooDeep)
+		if ref, model, tooDeep := googleStoredReference(body, "m"); ref != "" || model != "" || tooDeep {
+			b.Fatalf("googleStoredReference = %q, %q, %v", ref, model, tooDeep)
 		}
 	}
 }
