@@ -135,8 +135,12 @@ func googleRequestFormat(r *http.Request) string {
 	if types := r.Header.Values("Content-Type"); len(types) > 1 {
 		return "the request has more than one Content-Type header; send one, application/json"
 	} else if len(types) == 1 {
-		if media, _, err := mime.ParseMediaType(types[0]); err != nil || media != "application/json" {
-			return fmt.Sprintf("the shared key reads Gemini request bodies as JSON only, and this one is sent as %q: send Content-Type: application/json", types[0])
+		media, params, err := mime.ParseMediaType(types[0])
+		// The scan reads UTF-8. In another charset the same bytes could
+		// spell other members.
+		charset, hasCharset := params["charset"]
+		if err != nil || media != "application/json" || len(params) > 1 || len(params) == 1 && (!hasCharset || !strings.EqualFold(charset, "utf-8")) {
+			return fmt.Sprintf("the shared key reads Gemini request bodies as UTF-8 JSON only, and this one is sent as %q: send Content-Type: application/json", types[0])
 		}
 	}
 	// httputil.ReverseProxy forwards what url.ParseQuery reads and drops
@@ -182,7 +186,10 @@ func googleResponseFilter(r *http.Request) string {
 		case "fields", "callback":
 			return fmt.Sprintf("the query parameter %q", name)
 		case "alt":
-			if v := strings.ToLower(strings.TrimSpace(value)); v != "json" && v != "sse" {
+			// Google's REST clients ask for json;enum-encoding=int, which
+			// writes enum values as numbers and leaves the usage as it is.
+			format, options, _ := strings.Cut(strings.ToLower(strings.TrimSpace(value)), ";")
+			if format != "json" && format != "sse" || options != "" && strings.TrimSpace(options) != "enum-encoding=int" {
 				return fmt.Sprintf("the query parameter %q with the value %q", name, value)
 			}
 		}

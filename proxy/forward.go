@@ -133,6 +133,10 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 	for _, name := range credentialHeaders {
 		out.Header.Del(name)
 	}
+	// The credential, billing and format checks read the header section.
+	// Trailers sent after a chunked body would reach the upstream unchecked,
+	// and no provider API reads any.
+	out.Trailer = nil
 	// The reverse proxy drops the client's forwarding headers before
 	// Rewrite. The upstream gets them as the client sent them, like the
 	// client's other headers: the proxy itself routes by none of them.
@@ -176,6 +180,7 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 			out.Body = &sentBody{rest: x.body}
 		}
 		out.ContentLength = int64(len(x.body))
+		out.TransferEncoding = nil
 		out.Header.Set("Content-Length", strconv.Itoa(len(x.body)))
 		out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(x.body)), nil }
 	}

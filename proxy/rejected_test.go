@@ -1,8 +1,11 @@
 package proxy_test
 
 import (
+	"io"
 	"net/http"
+	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/byokproxy/byokproxy/config"
@@ -212,6 +215,9 @@ func TestSharedGoogleRequestFormat(t *testing.T) {
 			[]string{"Content-Type", "application/x-www-form-urlencoded"}, http.StatusBadRequest},
 		{"array body", generate, `[{"contents":[]}]`, nil, http.StatusBadRequest},
 		{"invalid UTF-8", generate, "{\"cachedContent\xff\":\"cachedContents/xyz\",\"contents\":[]}", nil, http.StatusBadRequest},
+		{"utf-7", generate, body, []string{"Content-Type", "application/json; charset=utf-7"}, http.StatusBadRequest},
+		{"utf-16", generate, body, []string{"Content-Type", "application/json; charset=utf-16"}, http.StatusBadRequest},
+		{"other parameter", generate, body, []string{"Content-Type", "application/json; profile=x"}, http.StatusBadRequest},
 		{"brotli", generate, body, []string{"Content-Encoding", "br"}, http.StatusBadRequest},
 		{"deflate", generate, body, []string{"Content-Encoding", "deflate"}, http.StatusBadRequest},
 		{"count tokens of another model", "/google/v1beta/models/gemini-2.5-flash:countTokens",
@@ -242,7 +248,8 @@ func TestSharedGoogleRequestFormat(t *testing.T) {
 		{"stream", "/google/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", body, nil},
 		{"system parameters", generate + "?$alt=json&prettyPrint=false&$.xgafv=2", body, nil},
 		{"key in the query", generate + "?key=" + token, body, nil},
-		{"charset", generate, body, []string{"Content-Type", "application/json; charset=utf-8"}},
+		{"charset", generate, body, []string{"Content-Type", "application/JSON; charset=UTF-8"}},
+		{"enum encoding of REST clients", generate + "?%24alt=json%3Benum-encoding%3Dint", body, nil},
 		{"identity coding", generate, body, []string{"Content-Encoding", "identity"}},
 		{"count tokens of the path model", "/google/v1beta/models/gemini-2.5-flash:countTokens",
 			`{"generateContentRequest":{"model":"models/gemini-2.5-flash","contents":[{"parts":[{"text":"hi"}]}]}}`, nil},
@@ -269,4 +276,65 @@ func googleStatus(code int) string {
 		return "PERMISSION_DENIED"
 	}
 	return "INVALID_ARGUMENT"
+}
+
+// Trailers after a chunked body would carry headers past the checks that
+// read the header section, such as a field mask or a billing project on
+// the shared key, so none reaches the upstream, on either key.
+func TestRequestTrailersDropped(t *testing.T) {
+	var mu sync.Mutex
+	var trailers []http.Header
+	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		mu.Lock()
+		trailers = append(trailers, r.Trailer.Clone())
+		mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		w.Write([]byte(`{"candidates":[],"usageMetadata":{"promptTokenCount":1,"candidatesTokenCount":1,"totalTokenCount":2}}`))
+	}))
+	defer upstream.Close()
+	s := teststack.Start(t, func(c *config.Config) { c.Provider(provider.Google).Upstream = upstream.URL })
+	s.UseBYOK(t, "trailers-own", provider.Google)
+
+	for _, mailbox := range []string{"trailers-shared", "trailers-own"} {
+		t.Run(mailbox, func(t *testing.T) {
+			body, writer := io.Pipe()
+			go func() {
+				writer.Write([]byte(`{"contents":[{"parts":[{"text":"hi"}]}]}`))
+				writer.Close()
+			}()
+			req, err := http.NewRequest(http.MethodPost, s.ProxyURL+"/google/v1beta/models/gemini-2.5-flash:generateContent", body)
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.Header.Set("Authorization", "Bearer "+s.Token(t, mailbox))
+			req.Header.Set("Content-Type", "application/json")
+			req.Trailer = http.Header{
+				"X-Goog-Fieldmask":    {"candidates"},
+				"X-Goog-User-Project": {"someone-elses-project"},
+				"X-Goog-Api-Key":      {"client-supplied-key"},
+				"Content-Type":        {"application/x-protobuf"},
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				t.Fatalf("status %d %s, want 200", resp.StatusCode, out)
+			}
+		})
+	}
+
+	mu.Lock()
+	defer mu.Unlock()
+	if len(trailers) != 2 {
+		t.Fatalf("the upstream got %d requests, want 2", len(trailers))
+	}
+	for _, got := range trailers {
+		for name, values := range got {
+			t.Errorf("the upstream got the request trailer %s: %s", name, strings.Join(values, ", "))
+		}
+	}
 }
