@@ -137,6 +137,14 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 	// Trailers sent after a chunked body would reach the upstream unchecked,
 	// and no provider API reads any.
 	out.Trailer = nil
+	// The checks also match header names with dashes. A front end that
+	// reads "_" as "-", as CGI-style gateways do, would take X_Goog_User_Project
+	// for the header the checks remove, so no name with "_" goes upstream.
+	for name := range out.Header {
+		if strings.Contains(name, "_") {
+			delete(out.Header, name)
+		}
+	}
 	// The reverse proxy drops the client's forwarding headers before
 	// Rewrite. The upstream gets them as the client sent them, like the
 	// client's other headers: the proxy itself routes by none of them.
@@ -165,6 +173,12 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 		x.rebaseBase = routeURL(pr.In, x.up.spec.Name)
 	}
 
+	if x.body != nil && x.source == keystore.SourceShared {
+		// The shared key's checks read the body as JSON. A client's
+		// Connection header can have the reverse proxy remove the
+		// Content-Type they accepted, so the upstream gets it from here.
+		out.Header.Set("Content-Type", "application/json")
+	}
 	if x.body != nil {
 		// The server sent the client its 100 Continue when the body was read.
 		// Passed on, the expectation would bring the upstream's 100 Continue
@@ -217,25 +231,58 @@ func (x *exchange) wroteRequest(info httptrace.WroteRequestInfo) {
 // from httptrace.WithClientTrace would make it merge the two through
 // reflection, which took about 6 µs per request in a perf profile of
 // bench/run.sh's stream load on 2 vCPUs. The reverse proxy allocates its
-// trace per request, so the hooks are set on it in place.
+// trace per request, so the hooks are set on it in place. It also keeps the
+// response's Content-* headers from being named in Connection (see
+// keepContentHeaders).
 type tracedTransport struct{ next http.RoundTripper }
 
 func (t *tracedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
-	x := exchangeOf(req.Context())
-	if x == nil {
-		return t.next.RoundTrip(req)
+	if x := exchangeOf(req.Context()); x != nil {
+		trace := httptrace.ContextClientTrace(req.Context())
+		if trace != nil && trace.GotFirstResponseByte == nil && trace.WroteRequest == nil {
+			trace.GotFirstResponseByte = x.gotFirstResponseByte
+			trace.WroteRequest = x.wroteRequest
+		} else {
+			req = req.WithContext(httptrace.WithClientTrace(req.Context(), &httptrace.ClientTrace{
+				GotFirstResponseByte: x.gotFirstResponseByte,
+				WroteRequest:         x.wroteRequest,
+			}))
+		}
 	}
-	trace := httptrace.ContextClientTrace(req.Context())
-	if trace != nil && trace.GotFirstResponseByte == nil && trace.WroteRequest == nil {
-		trace.GotFirstResponseByte = x.gotFirstResponseByte
-		trace.WroteRequest = x.wroteRequest
-	} else {
-		req = req.WithContext(httptrace.WithClientTrace(req.Context(), &httptrace.ClientTrace{
-			GotFirstResponseByte: x.gotFirstResponseByte,
-			WroteRequest:         x.wroteRequest,
-		}))
+	resp, err := t.next.RoundTrip(req)
+	if resp != nil {
+		keepContentHeaders(resp.Header)
 	}
-	return t.next.RoundTrip(req)
+	return resp, err
+}
+
+// keepContentHeaders removes the Content-* names from a response's
+// Connection header. The reverse proxy removes every header that
+// Connection names before ModifyResponse runs. Without Content-Encoding or
+// Content-Type, the usage tap would read a gzip body or an event stream as
+// plain JSON and count no usage.
+func keepContentHeaders(h http.Header) {
+	values, ok := h["Connection"]
+	if !ok {
+		return
+	}
+	kept := make([]string, 0, len(values))
+	for _, v := range values {
+		var tokens []string
+		for token := range strings.SplitSeq(v, ",") {
+			if token = strings.TrimSpace(token); token != "" && !strings.HasPrefix(strings.ToLower(token), "content-") {
+				tokens = append(tokens, token)
+			}
+		}
+		if len(tokens) > 0 {
+			kept = append(kept, strings.Join(tokens, ", "))
+		}
+	}
+	if len(kept) == 0 {
+		delete(h, "Connection")
+		return
+	}
+	h["Connection"] = kept
 }
 
 // forwardingHeaders are the headers that httputil.ReverseProxy removes from

@@ -424,6 +424,22 @@ func queryParams(rawQuery string) iter.Seq2[string, string] {
 	}
 }
 
+// upgrades reports whether a request requests a protocol switch, as a
+// WebSocket handshake does.
+func upgrades(r *http.Request) bool {
+	if len(r.Header.Values("Upgrade")) > 0 {
+		return true
+	}
+	for _, v := range r.Header.Values("Connection") {
+		for token := range strings.SplitSeq(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(token), "upgrade") {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // forwardedMethods are the methods the provider APIs use. TRACE in
 // particular is not forwarded: a server responds to it by echoing the
 // request, which would carry the injected key back to the client.

@@ -459,6 +459,12 @@ func (h *Handler) checkSharedRoute(w http.ResponseWriter, r *http.Request, x *ex
 	if pathModel != "" {
 		x.model = pathModel
 	}
+	if upgrades(r) {
+		// No shared endpoint switches protocols, and a tunnel would carry
+		// traffic that the usage tap never reads.
+		h.rejectAudited(w, x, log, provider.BadRequest, "protocol upgrades (the Upgrade header) are not available on the shared key; use your own key for Realtime", 0)
+		return false
+	}
 	if up.spec.Name == provider.Google {
 		if filter := googleResponseFilter(r); filter != "" {
 			h.rejectAudited(w, x, log, provider.Forbidden, filter+" is not available on the shared key, because a response it changes may lose its token usage; use your own key for it", 0)

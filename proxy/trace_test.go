@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"net/http/httptrace"
 	"net/textproto"
+	"slices"
 	"testing"
 )
 
@@ -68,5 +69,27 @@ func TestTracedTransport(t *testing.T) {
 				t.Error("the earlier trace's hook did not run")
 			}
 		})
+	}
+}
+
+func TestKeepContentHeaders(t *testing.T) {
+	for _, c := range []struct {
+		in   []string
+		want []string
+	}{
+		{[]string{"close"}, []string{"close"}},
+		{[]string{"close, Content-Encoding"}, []string{"close"}},
+		{[]string{"content-type", "Upgrade,CONTENT-LENGTH"}, []string{"Upgrade"}},
+		{[]string{"Content-Encoding, Content-Type"}, nil},
+		{nil, nil},
+	} {
+		h := http.Header{}
+		if c.in != nil {
+			h["Connection"] = c.in
+		}
+		keepContentHeaders(h)
+		if got := h["Connection"]; !slices.Equal(got, c.want) {
+			t.Errorf("Connection %q: kept %q, want %q", c.in, got, c.want)
+		}
 	}
 }
