@@ -137,12 +137,16 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 	// Trailers sent after a chunked body would reach the upstream unchecked,
 	// and no provider API reads any.
 	out.Trailer = nil
-	// The checks also match header names with dashes. A front end that
-	// reads "_" as "-", as CGI-style gateways do, would take X_Goog_User_Project
-	// for the header the checks remove, so no name with "_" goes upstream.
-	for name := range out.Header {
-		if strings.Contains(name, "_") {
-			delete(out.Header, name)
+	if x.source == keystore.SourceShared {
+		// The shared key's checks match header names with dashes. A front
+		// end that reads "_" as "-", as CGI-style gateways do, would take
+		// X_Goog_User_Project for the header they remove, so on the shared
+		// key no name with "_" goes upstream. The own key passes the
+		// client's other headers unchanged.
+		for name := range out.Header {
+			if strings.Contains(name, "_") {
+				delete(out.Header, name)
+			}
 		}
 	}
 	// The reverse proxy drops the client's forwarding headers before

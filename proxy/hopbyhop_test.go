@@ -73,6 +73,19 @@ func TestSharedUnderscoreHeadersNotForwarded(t *testing.T) {
 		{provider.OpenAI, "/openai/v1/chat/completions", `{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}`,
 			[]string{"OpenAI_Organization", "OpenAI_Project"}},
 	}
+	t.Run("own key", func(t *testing.T) {
+		// The own key passes the client's other headers on unchanged.
+		own := "underscore-own"
+		s.UseBYOK(t, own, provider.Google)
+		up := s.Upstreams[provider.Google]
+		up.Reset()
+		if resp := sendRawRequest(t, s.ProxyURL, http.MethodPost, cases[0].path, s.Token(t, own), cases[0].body, "X_Client_Tag: mine"); resp.StatusCode != http.StatusOK {
+			t.Fatalf("status %d, want 200", resp.StatusCode)
+		}
+		if sent := up.Requests(); len(sent) != 1 || sent[0].Header.Get("X_Client_Tag") != "mine" {
+			t.Errorf("the own key did not pass X_Client_Tag on")
+		}
+	})
 	for _, tc := range cases {
 		for _, name := range tc.headers {
 			t.Run(tc.provider+"/"+name, func(t *testing.T) {
