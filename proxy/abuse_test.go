@@ -606,6 +606,30 @@ func TestBodyLimitInProviderShape(t *testing.T) {
 	}
 }
 
+// A body sent as JSON bytes with a Content-Encoding would be read as other
+// bytes by a provider that decodes it, so the shared key rejects it even
+// when the bytes as sent are JSON.
+func TestEncodedJSONBodyOnSharedKey(t *testing.T) {
+	st := teststack.Start(t)
+	token := st.Token(t, "encoded-json@example.com")
+	for _, p := range provider.Names {
+		t.Run(p, func(t *testing.T) {
+			c := nonStream[p]
+			resetUpstreams(st)
+			resp, body := st.Do(t, http.MethodPost, c.path, token, c.body, append(sdkHeaders(p), "Content-Encoding", "br")...)
+			if resp.StatusCode != http.StatusBadRequest {
+				t.Errorf("status %d, want 400: %s", resp.StatusCode, body)
+			}
+			if !strings.Contains(string(body), `Content-Encoding \"br\"`) {
+				t.Errorf("message does not name the encoding: %s", body)
+			}
+			if n := upstreamRequests(st); n != 0 {
+				t.Errorf("upstreams received %d requests", n)
+			}
+		})
+	}
+}
+
 func TestCompressedBodyOnSharedKey(t *testing.T) {
 	st := teststack.Start(t)
 	token := st.Token(t, "gzip@example.com")

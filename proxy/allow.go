@@ -127,10 +127,8 @@ var googleQueryParams = map[string]bool{"alt": true, "prettyprint": true, ".xgaf
 // reads JSON only, so on the shared key the fields must come as plain JSON
 // in the body.
 func googleRequestFormat(r *http.Request) string {
-	for _, coding := range r.Header.Values("Content-Encoding") {
-		if !strings.EqualFold(strings.TrimSpace(coding), "identity") {
-			return fmt.Sprintf("the shared key needs the request body as plain JSON, and this one is sent with Content-Encoding %q: send it uncompressed", coding)
-		}
+	if msg := encodedBody(r); msg != "" {
+		return msg
 	}
 	if types := r.Header.Values("Content-Type"); len(types) > 1 {
 		return "the request has more than one Content-Type header; send one, application/json"
@@ -150,6 +148,19 @@ func googleRequestFormat(r *http.Request) string {
 		normal := strings.TrimPrefix(strings.ToLower(strings.TrimSpace(name)), "$")
 		if !googleQueryParams[normal] && !credentialParams[normal] && normal != "userproject" {
 			return fmt.Sprintf("the query parameter %q is not allowed on the shared key: send request fields in the JSON body", name)
+		}
+	}
+	return ""
+}
+
+// encodedBody returns why the shared key rejects a request body sent with
+// a Content-Encoding, or "" for a plain one. The checks read the bytes as
+// they came, and a provider that decodes them would read other ones. Raw
+// deflate and brotli have no header that keeps them from also being JSON.
+func encodedBody(r *http.Request) string {
+	for _, coding := range r.Header.Values("Content-Encoding") {
+		if !strings.EqualFold(strings.TrimSpace(coding), "identity") {
+			return fmt.Sprintf("the shared key needs the request body as plain JSON, and this one is sent with Content-Encoding %q: send it uncompressed", coding)
 		}
 	}
 	return ""

@@ -459,6 +459,12 @@ func (h *Handler) checkSharedRoute(w http.ResponseWriter, r *http.Request, x *ex
 	if pathModel != "" {
 		x.model = pathModel
 	}
+	if needsBody(up.spec.Name, r.Method, x.rest) {
+		if msg := encodedBody(r); msg != "" {
+			h.rejectAudited(w, x, log, provider.BadRequest, msg, 0)
+			return false
+		}
+	}
 	if upgrades(r) {
 		// No shared endpoint switches protocols, and a tunnel would carry
 		// traffic that the usage tap never reads.
