@@ -609,6 +609,25 @@ func usageUnreported(prov, method, rest string) bool {
 		(strings.HasSuffix(rest, ":embedContent") || strings.HasSuffix(rest, ":batchEmbedContents"))
 }
 
+// reportsUsage reports whether a successful response of the endpoint
+// carries the provider's token usage: the generation endpoints and OpenAI's
+// embeddings. Token counting and moderation report none and cost nothing.
+func reportsUsage(prov, method, rest string) bool {
+	if method != http.MethodPost {
+		return false
+	}
+	switch prov {
+	case provider.OpenAI:
+		return strings.HasSuffix(rest, "/chat/completions") || strings.HasSuffix(rest, "/completions") ||
+			strings.HasSuffix(rest, "/responses") || strings.HasSuffix(rest, "/embeddings")
+	case provider.Anthropic:
+		return strings.HasSuffix(rest, "/messages")
+	case provider.Google:
+		return strings.HasSuffix(rest, ":generateContent") || strings.HasSuffix(rest, ":streamGenerateContent")
+	}
+	return false
+}
+
 func isTimeout(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout() || errors.Is(err, context.DeadlineExceeded)
@@ -636,11 +655,16 @@ func (h *Handler) finish(x *exchange, source string, log *slog.Logger) {
 	final := counts.Final || (name == provider.Google && counts.Seen && x.errText == "")
 	switch {
 	case x.source != keystore.SourceShared:
-	case status < 400 && !final && (x.errText != "" || x.tap != nil && x.tap.EventStream()):
+	case status < 400 && !final && (x.errText != "" || x.tap != nil && x.tap.EventStream() || reportsUsage(name, x.method, x.rest)):
 		// A response that ended before the provider's final usage, cut off,
 		// left by its client or closed after an error event, could
 		// otherwise take the output for free: Anthropic reports one output
-		// token when a stream starts, and Google the output so far.
+		// token when a stream starts, and Google the output so far. So could
+		// a whole reply whose usage the tap could not read.
+		// TODO: the estimate counts bytes received, so a client that leaves
+		// early pays nothing for reasoning tokens, which add no bytes, nor
+		// for the unread rest of a non-streamed reply the provider already
+		// generated and bills in full.
 		counts = estimateUsage(x, counts)
 	case x.sent.Load() && !x.responded && (status == statusClientClosed || status == http.StatusGatewayTimeout):
 		// The provider had the whole request and may bill for it, though

@@ -167,3 +167,37 @@ func TestProviderGatewayTimeoutNotCharged(t *testing.T) {
 		t.Errorf("audit error %q, want %q", msg, "upstream status 504")
 	}
 }
+
+// A complete reply whose usage the tap could not read is charged the byte
+// estimate rather than nothing. Here a tool_use input nested deeper than
+// the tap reads hides the usage that follows it.
+func TestUnreadJSONUsageEstimated(t *testing.T) {
+	const depth = 5000
+	deep := strings.Repeat("[", depth) + strings.Repeat("]", depth)
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"id":"msg_01","type":"message","role":"assistant","model":"claude-haiku-4-5",`+
+			`"content":[{"type":"tool_use","id":"toolu_01","name":"store","input":{"tree":%s}}],`+
+			`"stop_reason":"tool_use","stop_sequence":null,"usage":{"input_tokens":150000,"output_tokens":4000}}`, deep)
+	}))
+	t.Cleanup(up.Close)
+	st := teststack.Start(t, func(c *config.Config) { c.Provider(provider.Anthropic).Upstream = up.URL })
+	m := "deep-json@example.com"
+	c := nonStream[provider.Anthropic]
+	resp, body := st.Do(t, http.MethodPost, c.path, st.Token(t, m), c.body, sdkHeaders(provider.Anthropic)...)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d: %s", resp.StatusCode, body)
+	}
+	st.WaitAudit(t)
+	events := teststack.EventsOf(st.AuditEvents(t), m)
+	if len(events) != 1 {
+		t.Fatalf("audit events of %s: %d, want 1", m, len(events))
+	}
+	if out, want := tokens(events[0], "output_tokens"), int64(len(body)+3)/4; out < want {
+		t.Errorf("a %d-byte reply whose usage the tap could not read was charged %d output tokens, want at least %d", len(body), out, want)
+	}
+	if in := tokens(events[0], "input_tokens"); in == 0 {
+		t.Error("no input was charged")
+	}
+}
