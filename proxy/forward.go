@@ -73,8 +73,24 @@ func (h *Handler) startForward(w http.ResponseWriter, r *http.Request, x *exchan
 		parent = context.WithoutCancel(parent)
 		x.in, x.log = r, log
 	}
+	// A provider sends a non-streamed reply's header once it has generated
+	// the whole reply, so its usage is owed. On the shared key a client that
+	// leaves after that does not end the upstream request, and
+	// tapBody.Close reads the rest for the usage, which the estimate from
+	// bytes received would miss.
+	x.readsOn = x.source == keystore.SourceShared && !x.stream && !x.detachable
+	if x.readsOn {
+		parent = context.WithoutCancel(parent)
+	}
 	ctx, cancel := context.WithCancelCause(parent)
 	x.cancel = cancel
+	if x.readsOn {
+		x.unfollow = context.AfterFunc(r.Context(), func() {
+			if !x.headerIn.Load() {
+				cancel(nil)
+			}
+		})
+	}
 	if x.detachable {
 		x.unfollow = context.AfterFunc(r.Context(), func() { cancel(nil) })
 		if x.streamedBody != nil {
@@ -330,6 +346,7 @@ const maxErrorBody = 1 << 20
 func (h *Handler) modifyResponse(resp *http.Response) error {
 	x := exchangeOf(resp.Request.Context())
 	x.status, x.responded = resp.StatusCode, true
+	x.headerIn.Store(true)
 	if x.ttfb.IsZero() {
 		x.ttfb = time.Now()
 	}
@@ -475,7 +492,14 @@ func (b *tapBody) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// maxReadOn bounds what tapBody.Close reads of a reply whose client left.
+const maxReadOn = 64 << 20
+
 func (b *tapBody) Close() error {
+	if b.x.readsOn && !b.x.stream && !b.x.bodyEnded && b.ctx.Err() == nil {
+		// The client left mid-reply. The stall watch still bounds each read.
+		io.Copy(io.Discard, io.LimitReader(b, maxReadOn))
+	}
 	if b.stall != nil {
 		b.stall.stop()
 	}
@@ -662,9 +686,8 @@ func (h *Handler) finish(x *exchange, source string, log *slog.Logger) {
 		// token when a stream starts, and Google the output so far. So could
 		// a whole reply whose usage the tap could not read.
 		// TODO: the estimate counts bytes received, so a client that leaves
-		// early pays nothing for reasoning tokens, which add no bytes, nor
-		// for the unread rest of a non-streamed reply the provider already
-		// generated and bills in full.
+		// a stream, or a request before its header, pays nothing for the
+		// reasoning tokens generated so far, which add no bytes.
 		counts = estimateUsage(x, counts)
 	case x.sent.Load() && !x.responded && (status == statusClientClosed || status == http.StatusGatewayTimeout):
 		// The provider had the whole request and may bill for it, though

@@ -82,9 +82,14 @@ type exchange struct {
 	// responded is set once the upstream's response header arrived, so
 	// status is the provider's rather than one the proxy chose.
 	responded bool
-	errText   string
-	ttfb      time.Time
-	tap       *usage.Tap
+	// readsOn is set for a shared non-streamed request, whose upstream
+	// request outlives its client once the response header has arrived
+	// (headerIn), so that the whole reply's usage is read and charged.
+	readsOn  bool
+	headerIn atomic.Bool
+	errText  string
+	ttfb     time.Time
+	tap      *usage.Tap
 	// cancel ends the upstream request with a cause, such as a stall.
 	cancel context.CancelCauseFunc
 	// owner stores the response and container ids a shared response

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -199,5 +200,56 @@ func TestUnreadJSONUsageEstimated(t *testing.T) {
 	}
 	if in := tokens(events[0], "input_tokens"); in == 0 {
 		t.Error("no input was charged")
+	}
+}
+
+// A shared client that hangs up after the first bytes of a non-streamed
+// reply is charged the usage at the end of the body, which the proxy reads
+// on after it. The
+// upstream pauses after the first 64 KiB, as a long body crossing a real
+// network would, so the client leaves while most of it is still to come.
+func TestCutJSONReplyChargedInFull(t *testing.T) {
+	reply := strings.Repeat("lorem ipsum dolor sit amet ", 400<<10/27)
+	const replyTokens = 100000
+	body := fmt.Sprintf(`{"id":"msg_01","type":"message","role":"assistant","model":"claude-haiku-4-5",`+
+		`"content":[{"type":"text","text":%q}],"stop_reason":"max_tokens","stop_sequence":null,`+
+		`"usage":{"input_tokens":50,"output_tokens":%d}}`, reply, replyTokens)
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		io.WriteString(w, body[:64<<10])
+		http.NewResponseController(w).Flush()
+		time.Sleep(200 * time.Millisecond)
+		io.WriteString(w, body[64<<10:])
+	}))
+	t.Cleanup(up.Close)
+	st := teststack.Start(t, func(c *config.Config) { c.Provider(provider.Anthropic).Upstream = up.URL })
+	m := "cut-json@example.com"
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := http.DefaultClient.Do(callRequest(ctx, st.ProxyURL, provider.Anthropic, st.Token(t, m), nonStream[provider.Anthropic]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	io.ReadFull(resp.Body, make([]byte, 1024))
+	// Closing an unread body makes the client's transport close the
+	// connection.
+	resp.Body.Close()
+
+	deadline := time.Now().Add(5 * time.Second)
+	var events []map[string]any
+	for len(events) == 0 && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+		events = teststack.EventsOf(st.AuditEvents(t), m)
+	}
+	if len(events) != 1 {
+		t.Fatalf("audit events of %s: %d, want 1", m, len(events))
+	}
+	if out := tokens(events[0], "output_tokens"); out != replyTokens {
+		t.Errorf("charged %d output tokens for a whole reply that reported %d (audit error %q)", out, replyTokens, events[0]["error"])
 	}
 }
