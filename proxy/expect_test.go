@@ -106,7 +106,7 @@ const chatPath = "/openai/v1/chat/completions"
 
 // An accepted request that waits for 100 Continue gets exactly one. The
 // upstream gets no Expect header when the proxy has read the body, as it
-// does on the shared key, and gets it when the body streams through, so
+// does on the shared key. It gets one when the body streams through, so
 // that there the client sends its body only after the upstream's 100
 // Continue.
 func TestExpectContinueAnsweredOnce(t *testing.T) {

@@ -286,7 +286,7 @@ func keepContentHeaders(h http.Header) {
 	if !ok {
 		return
 	}
-	kept := make([]string, 0, len(values))
+	remaining := make([]string, 0, len(values))
 	for _, v := range values {
 		var tokens []string
 		for token := range strings.SplitSeq(v, ",") {
@@ -295,14 +295,14 @@ func keepContentHeaders(h http.Header) {
 			}
 		}
 		if len(tokens) > 0 {
-			kept = append(kept, strings.Join(tokens, ", "))
+			remaining = append(remaining, strings.Join(tokens, ", "))
 		}
 	}
-	if len(kept) == 0 {
+	if len(remaining) == 0 {
 		delete(h, "Connection")
 		return
 	}
-	h["Connection"] = kept
+	h["Connection"] = remaining
 }
 
 // forwardingHeaders are the headers that httputil.ReverseProxy removes from
@@ -637,19 +637,10 @@ func usageUnreported(prov, method, rest string) bool {
 // carries the provider's token usage: the generation endpoints and OpenAI's
 // embeddings. Token counting and moderation report none and cost nothing.
 func reportsUsage(prov, method, rest string) bool {
-	if method != http.MethodPost {
-		return false
+	if prov == provider.Google {
+		return method == http.MethodPost && (strings.HasSuffix(rest, ":generateContent") || strings.HasSuffix(rest, ":streamGenerateContent"))
 	}
-	switch prov {
-	case provider.OpenAI:
-		return strings.HasSuffix(rest, "/chat/completions") || strings.HasSuffix(rest, "/completions") ||
-			strings.HasSuffix(rest, "/responses") || strings.HasSuffix(rest, "/embeddings")
-	case provider.Anthropic:
-		return strings.HasSuffix(rest, "/messages")
-	case provider.Google:
-		return strings.HasSuffix(rest, ":generateContent") || strings.HasSuffix(rest, ":streamGenerateContent")
-	}
-	return false
+	return needsBody(prov, method, rest) && !strings.HasSuffix(rest, "/moderations") && !strings.HasSuffix(rest, "/count_tokens")
 }
 
 func isTimeout(err error) bool {
