@@ -86,7 +86,7 @@ func (h *Handler) startForward(w http.ResponseWriter, r *http.Request, x *exchan
 	x.cancel = cancel
 	if x.readsOn {
 		x.unfollow = context.AfterFunc(r.Context(), func() {
-			if !x.headerIn.Load() {
+			if !x.responded.Load() {
 				cancel(nil)
 			}
 		})
@@ -345,8 +345,8 @@ const maxErrorBody = 1 << 20
 // scrubs any form of the injected key from an error body.
 func (h *Handler) modifyResponse(resp *http.Response) error {
 	x := exchangeOf(resp.Request.Context())
-	x.status, x.responded = resp.StatusCode, true
-	x.headerIn.Store(true)
+	x.status = resp.StatusCode
+	x.responded.Store(true)
 	if x.ttfb.IsZero() {
 		x.ttfb = time.Now()
 	}
@@ -680,7 +680,7 @@ func (h *Handler) finish(x *exchange, source string, log *slog.Logger) {
 		// a stream, or a request before its header, pays nothing for the
 		// reasoning tokens generated so far, which add no bytes.
 		counts = estimateUsage(x, counts)
-	case x.sent.Load() && !x.responded && (status == statusClientClosed || status == http.StatusGatewayTimeout):
+	case x.sent.Load() && !x.responded.Load() && (status == statusClientClosed || status == http.StatusGatewayTimeout):
 		// The provider had the whole request and may bill for it, though
 		// the client left or the proxy gave up before the response began.
 		counts.InputTokens = (x.requestBytes + 3) / 4

@@ -80,16 +80,16 @@ type exchange struct {
 
 	status int
 	// responded is set once the upstream's response header arrived, so
-	// status is the provider's rather than one the proxy chose.
-	responded bool
+	// status is the provider's rather than one the proxy chose. It is
+	// atomic because a client that leaves reads it on another goroutine.
+	responded atomic.Bool
 	// readsOn is set for a shared non-streamed request, whose upstream
-	// request outlives its client once the response header has arrived
-	// (headerIn), so that the whole reply's usage is read and charged.
-	readsOn  bool
-	headerIn atomic.Bool
-	errText  string
-	ttfb     time.Time
-	tap      *usage.Tap
+	// request outlives its client once responded is set, so that the whole
+	// reply's usage is read and charged.
+	readsOn bool
+	errText string
+	ttfb    time.Time
+	tap     *usage.Tap
 	// cancel ends the upstream request with a cause, such as a stall.
 	cancel context.CancelCauseFunc
 	// owner stores the response and container ids a shared response
@@ -481,7 +481,9 @@ func (h *Handler) checkSharedRoute(w http.ResponseWriter, r *http.Request, x *ex
 			h.rejectAudited(w, x, log, provider.Forbidden, filter+" is not available on the shared key, because a response it changes may lose its token usage; use your own key for it", 0)
 			return false
 		}
-		if readsSharedBody(up.spec.Name, r.Method, x.rest) {
+		// The endpoint is allowed, so a POST is a generation request, whose
+		// body the shared key reads.
+		if r.Method == http.MethodPost {
 			if msg := googleRequestFormat(r); msg != "" {
 				h.rejectAudited(w, x, log, provider.BadRequest, msg, 0)
 				return false
@@ -598,8 +600,10 @@ func (h *Handler) readWhole(w http.ResponseWriter, r *http.Request, x *exchange,
 // plainJSONError returns the error for a shared request body that is not
 // JSON because it was sent compressed, and err for any other body.
 func plainJSONError(r *http.Request, err error) error {
-	if coding := r.Header.Get("Content-Encoding"); err == errBodyNotJSON && coding != "" && !strings.EqualFold(coding, "identity") {
-		return fmt.Errorf("the shared key needs the request body as plain JSON, and this one is sent with Content-Encoding %q: send it uncompressed", coding)
+	if err == errBodyNotJSON {
+		if msg := encodedBody(r); msg != "" {
+			return errors.New(msg)
+		}
 	}
 	return err
 }
@@ -616,7 +620,8 @@ func (h *Handler) readSharedGoogleBody(w http.ResponseWriter, r *http.Request, x
 	x.streamedBody = nil
 	switch {
 	case !validJSON(body):
-		x.bodyErr = plainJSONError(r, errBodyNotJSON)
+		// An encoded body was rejected before it was read.
+		x.bodyErr = errBodyNotJSON
 	case body[skipSpace(body, 0)] != '{':
 		x.bodyErr = errors.New("the request body must be a JSON object")
 	case !utf8.Valid(body):
