@@ -114,7 +114,37 @@ func TestStoreOnEveryTopology(t *testing.T) {
 				t.Fatalf("Ping: %v", err)
 			}
 			runStoreSuite(t, store, rdb, spreadMailboxes(t, env, 3))
+			if err := store.CheckEviction(context.Background()); err != nil {
+				t.Errorf("CheckEviction on servers without maxmemory: %v", err)
+			}
+			if env.cluster != nil {
+				checkClusterEviction(t, store, env.cluster)
+			}
 		})
+	}
+}
+
+// checkClusterEviction sets one master of c to evict and expects
+// CheckEviction to name it, because each master holds its own mailboxes.
+func checkClusterEviction(t *testing.T, store *keystore.Store, c *redistest.Cluster) {
+	t.Helper()
+	ctx := context.Background()
+	addr := c.Addrs[len(c.Addrs)-1]
+	node := redis.NewClient(&redis.Options{Addr: addr})
+	defer node.Close()
+	if err := node.ConfigSet(ctx, "maxmemory-policy", "volatile-lru").Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := node.ConfigSet(ctx, "maxmemory", "512mb").Err(); err != nil {
+		t.Fatal(err)
+	}
+	defer node.ConfigSet(ctx, "maxmemory", "0")
+	err := store.CheckEviction(ctx)
+	if !errors.Is(err, keystore.ErrEvicting) {
+		t.Fatalf("CheckEviction with %s on volatile-lru: %v, want ErrEvicting", addr, err)
+	}
+	if !strings.Contains(err.Error(), addr) {
+		t.Errorf("CheckEviction error %q does not name the node %s", err, addr)
 	}
 }
 

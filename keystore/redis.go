@@ -1,8 +1,11 @@
 package keystore
 
 import (
+	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/redis/go-redis/v9"
 
@@ -68,4 +71,64 @@ func OpenRedis(c config.Redis) (redis.UniversalClient, error) {
 	opts.DialerRetries = fewRetries
 	opts.ContextTimeoutEnabled = true
 	return redis.NewClient(opts), nil
+}
+
+// ErrEvicting means a Redis node may evict keys to stay under its
+// maxmemory. An evicted mailbox record resets its token generation, which
+// makes revoked tokens valid again, and an evicted usage counter resets a
+// month's allowance. Only the noeviction policy rules both out.
+var ErrEvicting = errors.New("redis may evict keys")
+
+// CheckEviction returns an error wrapping ErrEvicting if any Redis node that
+// rdb writes to has a maxmemory limit and a maxmemory-policy other than
+// noeviction. It reads INFO memory rather than CONFIG GET, which some
+// managed Redis services disable. A server whose INFO lacks the section or
+// those fields, such as the dev mode's in-process store, passes.
+func CheckEviction(ctx context.Context, rdb redis.UniversalClient) error {
+	if cluster, ok := rdb.(*redis.ClusterClient); ok {
+		return cluster.ForEachShard(ctx, func(ctx context.Context, node *redis.Client) error {
+			return checkNodeEviction(ctx, node)
+		})
+	}
+	node, ok := rdb.(*redis.Client)
+	if !ok {
+		return nil
+	}
+	return checkNodeEviction(ctx, node)
+}
+
+func checkNodeEviction(ctx context.Context, node *redis.Client) error {
+	info, err := node.Info(ctx, "memory").Result()
+	var reply redis.Error
+	if errors.As(err, &reply) {
+		// An error reply means the server lacks the section.
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("%w: INFO memory on %s: %v", ErrUnavailable, node.Options().Addr, err)
+	}
+	limit, policy := evictionSettings(info)
+	if limit == "" || limit == "0" || policy == "" || policy == "noeviction" {
+		return nil
+	}
+	return fmt.Errorf("%w: %s has maxmemory %s and maxmemory-policy %s; set maxmemory-policy to noeviction",
+		ErrEvicting, node.Options().Addr, limit, policy)
+}
+
+// evictionSettings returns the maxmemory and maxmemory_policy fields of an
+// INFO reply, or empty strings for fields it lacks.
+func evictionSettings(info string) (limit, policy string) {
+	for line := range strings.Lines(info) {
+		name, value, ok := strings.Cut(strings.TrimRight(line, "\r\n"), ":")
+		if !ok {
+			continue
+		}
+		switch name {
+		case "maxmemory":
+			limit = value
+		case "maxmemory_policy":
+			policy = value
+		}
+	}
+	return limit, policy
 }

@@ -469,3 +469,8 @@ func (s *Store) Limit(ctx context.Context, id mailbox.ID) (*int64, error) {
 func (s *Store) Ping(ctx context.Context) error {
 	return s.rdb.Ping(ctx).Err()
 }
+
+// CheckEviction runs CheckEviction on the store's Redis client.
+func (s *Store) CheckEviction(ctx context.Context) error {
+	return CheckEviction(ctx, s.rdb)
+}

@@ -1244,3 +1244,37 @@ func TestErrorBodyStallBounded(t *testing.T) {
 		t.Errorf("a stalled error body held the request for %v with upstream.timeout %v", took, timeout)
 	}
 }
+
+func TestReadyzFailsWhileRedisMayEvict(t *testing.T) {
+	srv := redistest.StartOwn(t)
+	st := teststack.StartOn(t, srv, srv.Prefix(t))
+	if code := readyStatus(t, st.ProxyURL); code != http.StatusOK {
+		t.Fatalf("/readyz with noeviction: %d, want 200", code)
+	}
+	rdb := srv.Client(t)
+	ctx := context.Background()
+	if err := rdb.ConfigSet(ctx, "maxmemory-policy", "allkeys-lru").Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.ConfigSet(ctx, "maxmemory", "256mb").Err(); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := (&http.Client{Timeout: hangLimit}).Get(st.ProxyURL + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("/readyz with allkeys-lru: %d, want 503", resp.StatusCode)
+	}
+	if !strings.Contains(string(body), "noeviction") {
+		t.Errorf("/readyz body %q does not say how to fix it", body)
+	}
+	if err := rdb.ConfigSet(ctx, "maxmemory-policy", "noeviction").Err(); err != nil {
+		t.Fatal(err)
+	}
+	if code := readyStatus(t, st.ProxyURL); code != http.StatusOK {
+		t.Errorf("/readyz after noeviction was set again: %d, want 200", code)
+	}
+}

@@ -300,7 +300,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.serveProvider(w, r)
 }
 
-// ready returns 200 when Redis responds to PING and an identity is loaded.
+// ready returns 200 when an identity is loaded and Redis responds to PING
+// and cannot evict keys.
 func (h *Handler) ready(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
@@ -313,6 +314,16 @@ func (h *Handler) ready(w http.ResponseWriter, r *http.Request) {
 		h.log.Warn("readiness check failed: redis unreachable", "error", err)
 		w.WriteHeader(http.StatusServiceUnavailable)
 		w.Write([]byte("redis unreachable\n"))
+		return
+	}
+	if err := h.store.CheckEviction(ctx); err != nil {
+		h.log.Warn("readiness check failed", "error", err)
+		w.WriteHeader(http.StatusServiceUnavailable)
+		if errors.Is(err, keystore.ErrEvicting) {
+			w.Write([]byte("redis may evict keys: set maxmemory-policy to noeviction\n"))
+		} else {
+			w.Write([]byte("redis unreachable\n"))
+		}
 		return
 	}
 	w.Write([]byte("ok\n"))

@@ -355,6 +355,12 @@ func openStore(cfg *config.Config, log *slog.Logger) (*keystore.Identities, redi
 		defer cancel()
 		if err := rdb.Ping(ctx).Err(); err != nil {
 			log.Warn("redis unreachable at start; requests that need it get 503 until it is back", "error", err)
+			return
+		}
+		// Requests are still served, because the setting can change while
+		// the proxy runs; /readyz reports it until it is fixed.
+		if err := keystore.CheckEviction(ctx, rdb); errors.Is(err, keystore.ErrEvicting) {
+			log.Error("redis may evict mailbox records and usage counters, which would make revoked tokens valid and reset allowances; /readyz fails until it is fixed", "error", err)
 		}
 	}()
 	return ids, rdb, func() { rdb.Close() }, nil
