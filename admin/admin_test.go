@@ -1034,3 +1034,95 @@ func TestAdminAuditEvents(t *testing.T) {
 		t.Error("the audit stream contains the key")
 	}
 }
+
+// failingHGetAll makes every HGETALL fail, as a Redis connection that times
+// out right after a write would.
+type failingHGetAll struct{}
+
+func (failingHGetAll) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (failingHGetAll) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if cmd.Name() == "hgetall" {
+			err := fmt.Errorf("i/o timeout (injected)")
+			cmd.SetErr(err)
+			return err
+		}
+		return next(ctx, cmd)
+	}
+}
+
+func (failingHGetAll) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// A key or source change that Redis applied must return 200 and be audited,
+// even when reading the whole mailbox would fail.
+func TestAdminChangeStatusFromWrite(t *testing.T) {
+	srv := redistest.Start(t)
+	prefix := srv.Prefix(t)
+	inspect := srv.Client(t)
+	faulty := redis.NewClient(&redis.Options{Addr: strings.TrimPrefix(srv.URL, "redis://")})
+	faulty.AddHook(failingHGetAll{})
+	t.Cleanup(func() { faulty.Close() })
+
+	ids, err := keystore.GenerateIdentities()
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := keystore.New(faulty, prefix, ids)
+	signer, err := mailbox.NewSigner([]string{randomText(t, 32)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	writer := audit.NewWriter(inspect, store.Layout(), audit.Options{})
+	ctx, cancel := context.WithCancel(context.Background())
+	go writer.Run(ctx)
+	t.Cleanup(func() {
+		closeCtx, done := context.WithTimeout(context.Background(), 5*time.Second)
+		defer done()
+		writer.Close(closeCtx)
+		cancel()
+	})
+	token := randomText(t, 32)
+	srvAdmin := httptest.NewServer(admin.New(admin.Options{Store: store, Signer: signer, Audit: writer, Token: token}))
+	t.Cleanup(srvAdmin.Close)
+	f := &fixture{admin: srvAdmin, token: token, rdb: inspect, prefix: prefix}
+
+	key := newKey(t, provider.OpenAI)
+	last4 := key[len(key)-4:]
+	var st keystore.Status
+	body := f.mustCall(t, http.StatusOK, http.MethodPut, "/admin/v1/mailboxes/eve/providers/openai/key", `{"key":"`+key+`"}`)
+	if err := json.Unmarshal(body, &st); err != nil {
+		t.Fatalf("PUT key response %s: %v", body, err)
+	}
+	if !st.HasKey || st.Last4 != last4 || st.Source != keystore.SourceShared || st.UpdatedAt == nil {
+		t.Errorf("PUT key response = %s, want the key's last four, has_key, shared and a time", body)
+	}
+	body = f.mustCall(t, http.StatusOK, http.MethodPut, "/admin/v1/mailboxes/eve/providers/openai/source", `{"source":"byok"}`)
+	st = keystore.Status{}
+	if err := json.Unmarshal(body, &st); err != nil {
+		t.Fatalf("PUT source response %s: %v", body, err)
+	}
+	if !st.HasKey || st.Last4 != last4 || st.Source != keystore.SourceBYOK || st.UpdatedAt == nil {
+		t.Errorf("PUT source response = %s, want byok with the key's last four and time", body)
+	}
+	body = f.mustCall(t, http.StatusOK, http.MethodPut, "/admin/v1/mailboxes/eve/providers/openai/source", `{"source":"shared"}`)
+	st = keystore.Status{}
+	if err := json.Unmarshal(body, &st); err != nil {
+		t.Fatalf("PUT source response %s: %v", body, err)
+	}
+	if !st.HasKey || st.Source != keystore.SourceShared {
+		t.Errorf("PUT source shared response = %s, want shared, key kept", body)
+	}
+
+	events := f.auditEvents(t, "eve", 3)
+	var kinds []string
+	for _, ev := range events {
+		kinds = append(kinds, fmt.Sprint(ev["kind"]))
+	}
+	want := []string{audit.KindKeySet, audit.KindSourceChanged, audit.KindSourceChanged}
+	if strings.Join(kinds, ",") != strings.Join(want, ",") {
+		t.Errorf("audit events = %v, want %v", kinds, want)
+	}
+}

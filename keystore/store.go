@@ -270,6 +270,8 @@ func (s *Store) ProviderStatus(ctx context.Context, id mailbox.ID, prov string) 
 	return all[prov], nil
 }
 
+// statusOf builds a provider's status from its mailbox hash fields. It only
+// tests the ciphertext field for presence.
 func statusOf(fields map[string]string, prov string) Status {
 	st := Status{Source: SourceShared}
 	if fields[fieldSource(prov)] == SourceBYOK {
@@ -306,16 +308,28 @@ func (s *Store) PutKey(ctx context.Context, id mailbox.ID, prov string, key []by
 	last4 := string(key[len(key)-4:])
 	now := s.now().UTC().Truncate(time.Second)
 	// One HSET of several fields is atomic, so a concurrent reader sees the
-	// old ciphertext and last four or the new ones, never a mix.
-	err = s.rdb.HSet(ctx, s.layout.Mailbox(string(id)),
-		fieldCipher(prov), ct,
-		fieldLast4(prov), last4,
-		fieldUpdated(prov), now.Format(time.RFC3339)).Err()
-	if err != nil {
+	// old ciphertext and last four or the new ones, never a mix. The source
+	// is read in the same transaction: a separate read that failed would
+	// report an error for a key that is stored and in force.
+	var source *redis.StringCmd
+	_, err = s.rdb.TxPipelined(ctx, func(pipe redis.Pipeliner) error {
+		pipe.HSet(ctx, s.layout.Mailbox(string(id)),
+			fieldCipher(prov), ct,
+			fieldLast4(prov), last4,
+			fieldUpdated(prov), now.Format(time.RFC3339))
+		source = pipe.HGet(ctx, s.layout.Mailbox(string(id)), fieldSource(prov))
+		return nil
+	})
+	if err != nil && !errors.Is(err, redis.Nil) {
 		return Status{}, fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
 	s.changed(ctx, id)
-	return s.ProviderStatus(ctx, id, prov)
+	return statusOf(map[string]string{
+		fieldSource(prov):  source.Val(),
+		fieldCipher(prov):  "stored",
+		fieldLast4(prov):   last4,
+		fieldUpdated(prov): now.Format(time.RFC3339),
+	}, prov), nil
 }
 
 // PutSealedKey stores a key that the client encrypted to the proxy's
@@ -361,16 +375,19 @@ func (s *Store) DeleteKey(ctx context.Context, id mailbox.ID, prov string) (last
 
 // setSourceScript refuses byok without a stored key inside Redis, so a key
 // removed concurrently cannot leave a mailbox on byok with nothing to use.
+// It returns {0} when it rejects byok, and otherwise {1, ciphertext present
+// (1 or 0), last four, update time}, read in the same step as the write.
 var setSourceScript = redis.NewScript(`
-if ARGV[2] == 'byok' and redis.call('HEXISTS', KEYS[1], ARGV[3]) == 0 then
-  return 0
+local has = redis.call('HEXISTS', KEYS[1], ARGV[3])
+if ARGV[2] == 'byok' and has == 0 then
+  return {0}
 end
 if ARGV[2] == 'byok' then
   redis.call('HSET', KEYS[1], ARGV[1], 'byok')
 else
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
-return 1
+return {1, has, redis.call('HGET', KEYS[1], ARGV[4]) or '', redis.call('HGET', KEYS[1], ARGV[5]) or ''}
 `)
 
 // SetSource selects the provider's source for mailbox id. Selecting byok
@@ -379,16 +396,25 @@ func (s *Store) SetSource(ctx context.Context, id mailbox.ID, prov, source strin
 	if source != SourceShared && source != SourceBYOK {
 		return Status{}, fmt.Errorf("invalid source %q: use %q or %q", source, SourceShared, SourceBYOK)
 	}
-	ok, err := setSourceScript.Run(ctx, s.rdb, []string{s.layout.Mailbox(string(id))},
-		fieldSource(prov), source, fieldCipher(prov)).Int()
+	reply, err := setSourceScript.Run(ctx, s.rdb, []string{s.layout.Mailbox(string(id))},
+		fieldSource(prov), source, fieldCipher(prov), fieldLast4(prov), fieldUpdated(prov)).Slice()
 	if err != nil {
 		return Status{}, fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
-	if ok == 0 {
+	if len(reply) == 1 {
 		return Status{}, ErrNoKey
 	}
 	s.changed(ctx, id)
-	return s.ProviderStatus(ctx, id, prov)
+	if len(reply) != 4 {
+		return Status{}, fmt.Errorf("%w: source script returned %d values, want 4", ErrUnavailable, len(reply))
+	}
+	fields := map[string]string{fieldSource(prov): source}
+	if has, _ := reply[1].(int64); has == 1 {
+		fields[fieldCipher(prov)] = "stored"
+	}
+	fields[fieldLast4(prov)], _ = reply[2].(string)
+	fields[fieldUpdated(prov)], _ = reply[3].(string)
+	return statusOf(fields, prov), nil
 }
 
 // Generation returns the mailbox's current token generation.
