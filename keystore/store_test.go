@@ -383,3 +383,43 @@ func TestUsageCountedOnce(t *testing.T) {
 		t.Errorf("usage counters expire in %v, want about 13 months", ttl)
 	}
 }
+
+func TestUsageHugeCountsAddUp(t *testing.T) {
+	st, _, _ := newStore(t)
+	ctx := context.Background()
+	now := time.Now()
+	u := UsageRecord{RequestID: "req-huge", Mailbox: "hugo", Provider: "openai", Source: SourceShared,
+		InputTokens: 1 << 39, OutputTokens: 1<<39 + 3, Time: now}
+	pipe := st.Client().Pipeline()
+	st.Layout().QueueUsage(ctx, pipe, u, 13)
+	if _, err := pipe.Exec(ctx); err != nil {
+		t.Fatalf("usage script: %v", err)
+	}
+	// Counts no provider reports, which the script would otherwise turn
+	// into a sum HINCRBY rejects, after its first writes.
+	over := UsageRecord{RequestID: "req-over", Mailbox: "hugo", Provider: "openai", Source: SourceShared,
+		InputTokens: 1 << 62, OutputTokens: -5, Time: now}
+	pipe = st.Client().Pipeline()
+	st.Layout().QueueUsage(ctx, pipe, over, 13)
+	if _, err := pipe.Exec(ctx); err != nil {
+		t.Fatalf("usage script with counts out of range: %v", err)
+	}
+	got, err := st.Usage(ctx, "hugo", Month(now))
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantTotal := int64(1<<39+1<<39+3) + maxRecordedTokens
+	if got.SharedTotal != wantTotal {
+		t.Errorf("shared total = %d, want %d", got.SharedTotal, wantTotal)
+	}
+	c := got.Providers["openai"][SourceShared]
+	if c.Requests != 2 {
+		t.Errorf("requests = %d, want 2", c.Requests)
+	}
+	if c.InputTokens != 1<<39+maxRecordedTokens {
+		t.Errorf("input tokens = %d, want %d", c.InputTokens, int64(1<<39+maxRecordedTokens))
+	}
+	if c.OutputTokens != 1<<39+3 {
+		t.Errorf("output tokens = %d, want %d (a negative count adds nothing)", c.OutputTokens, int64(1<<39+3))
+	}
+}

@@ -42,7 +42,10 @@ redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':requests', 1)
 redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':input', ARGV[2])
 redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':output', ARGV[3])
 if ARGV[4] == '1' then
-  redis.call('HINCRBY', KEYS[1], 'total', ARGV[2] + ARGV[3])
+  -- Two increments, because Lua adds in floating point, and a sum of
+  -- more than 14 digits reaches HINCRBY in exponent form, which it rejects.
+  redis.call('HINCRBY', KEYS[1], 'total', ARGV[2])
+  redis.call('HINCRBY', KEYS[1], 'total', ARGV[3])
 end
 redis.call('EXPIREAT', KEYS[1], ARGV[5])
 return 1
@@ -82,8 +85,19 @@ func (l Layout) usageArgs(u UsageRecord, retentionMonths int) (keys []string, ar
 	start := time.Date(u.Time.UTC().Year(), u.Time.UTC().Month(), 1, 0, 0, 0, 0, time.UTC)
 	expireAt := start.AddDate(0, retentionMonths+1, 0).Unix()
 	keys = []string{l.Usage(u.Mailbox, month), l.Seen(u.Mailbox, u.RequestID)}
-	args = []any{u.Provider + ":" + u.Source, u.InputTokens, u.OutputTokens, shared, expireAt, int64(seenTTL / time.Second)}
+	args = []any{u.Provider + ":" + u.Source, recordedTokens(u.InputTokens), recordedTokens(u.OutputTokens), shared, expireAt, int64(seenTTL / time.Second)}
 	return keys, args
+}
+
+// maxRecordedTokens bounds the tokens one request adds to a counter. It is
+// far above any real request, and low enough that the counters' int64
+// cannot overflow: HINCRBY would then fail after the script's earlier
+// writes, which Redis does not undo.
+const maxRecordedTokens = 1 << 40
+
+// recordedTokens returns n within 0 and maxRecordedTokens.
+func recordedTokens(n int64) int64 {
+	return min(max(n, 0), maxRecordedTokens)
 }
 
 // PendingUsage is the usage of one shared request that a replica has
