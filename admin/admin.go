@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"reflect"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 	"unicode"
@@ -65,6 +66,36 @@ type API struct {
 	tokenHash atomic.Pointer[[32]byte]
 	signer    atomic.Pointer[mailbox.Signer]
 	limit     atomic.Int64
+
+	rejected rejectedLog
+}
+
+// rejectedLog spaces out the log lines of requests with a bad admin token,
+// which anyone who reaches the listener can send at any rate.
+type rejectedLog struct {
+	mu      sync.Mutex
+	last    time.Time
+	skipped int
+}
+
+// rejectedLogInterval is the minimum time between two such lines.
+const rejectedLogInterval = time.Second
+
+// maxLoggedPath bounds the request path in such a line.
+const maxLoggedPath = 256
+
+// take reports whether a line may be written at now, and how many were
+// skipped since the last one.
+func (l *rejectedLog) take(now time.Time) (ok bool, skipped int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.last.IsZero() && now.Sub(l.last) < rejectedLogInterval {
+		l.skipped++
+		return false, 0
+	}
+	skipped, l.skipped = l.skipped, 0
+	l.last = now
+	return true, skipped
 }
 
 // maxBody bounds an admin request body; a key with its JSON is far smaller.
@@ -134,7 +165,14 @@ func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !a.authorized(r) {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="byokproxy admin"`)
 		writeError(w, http.StatusUnauthorized, "missing or invalid admin token: send Authorization: Bearer ADMIN_TOKEN")
-		a.log.Warn("admin request rejected: bad token", "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr)
+		if ok, skipped := a.rejected.take(time.Now()); ok {
+			path := r.URL.Path
+			if len(path) > maxLoggedPath {
+				path = path[:maxLoggedPath] + "..."
+			}
+			a.log.Warn("admin request rejected: bad token", "method", r.Method, "path", path, "remote", r.RemoteAddr,
+				"rejected_since_last_line", skipped)
+		}
 		return
 	}
 	if uncleanPath(r.URL.EscapedPath()) {

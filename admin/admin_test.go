@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -1124,5 +1125,55 @@ func TestAdminChangeStatusFromWrite(t *testing.T) {
 	want := []string{audit.KindKeySet, audit.KindSourceChanged, audit.KindSourceChanged}
 	if strings.Join(kinds, ",") != strings.Join(want, ",") {
 		t.Errorf("audit events = %v, want %v", kinds, want)
+	}
+}
+
+// Requests with a bad admin token log at most one line per second, each
+// with the count of lines left out before it and a shortened path.
+func TestAdminRejectedRequestsLogSpaced(t *testing.T) {
+	var logs lockedBuffer
+	api := admin.New(admin.Options{Token: randomText(t, 32), Logger: slog.New(slog.NewJSONHandler(&logs, nil))})
+	srv := httptest.NewServer(api)
+	t.Cleanup(srv.Close)
+	f := &fixture{admin: srv}
+
+	const burst = 40
+	path := "/admin/v1/mailboxes/" + strings.Repeat("a", 4000)
+	start := time.Now()
+	for range burst {
+		if status, _ := f.callWith(t, http.MethodGet, path, "", "Bearer wrong"); status != http.StatusUnauthorized {
+			t.Fatalf("bad token: status %d, want 401", status)
+		}
+	}
+	elapsed := time.Since(start)
+	time.Sleep(1100 * time.Millisecond)
+	if status, _ := f.callWith(t, http.MethodGet, path, "", "Bearer wrong"); status != http.StatusUnauthorized {
+		t.Fatalf("bad token: status %d, want 401", status)
+	}
+
+	lines, skipped := 0, 0
+	for _, line := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
+		var entry struct {
+			Msg     string  `json:"msg"`
+			Path    string  `json:"path"`
+			Skipped float64 `json:"rejected_since_last_line"`
+		}
+		if err := json.Unmarshal([]byte(line), &entry); err != nil {
+			t.Fatalf("log line %q: %v", line, err)
+		}
+		if entry.Msg != "admin request rejected: bad token" {
+			continue
+		}
+		lines++
+		skipped += int(entry.Skipped)
+		if len(entry.Path) > 300 {
+			t.Errorf("logged path is %d bytes, want it shortened", len(entry.Path))
+		}
+	}
+	if lines+skipped != burst+1 {
+		t.Errorf("%d lines and %d requests counted as left out, want %d requests in all", lines, skipped, burst+1)
+	}
+	if maxLines := 2 + int(elapsed/time.Second); lines > maxLines {
+		t.Errorf("%d log lines for %d requests in %v, want at most %d", lines, burst+1, elapsed, maxLines)
 	}
 }
