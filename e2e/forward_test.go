@@ -28,6 +28,9 @@ import (
 // --proxy and --cacert, and the official OpenAI Node SDK with undici's
 // ProxyAgent and NODE_EXTRA_CA_CERTS (e2e/forward).
 func TestForwardProxy(t *testing.T) {
+	if testing.Short() {
+		t.Skip("forward proxy test with Node.js skipped with -short")
+	}
 	root := moduleRoot(t)
 	nodeDir := filepath.Join(root, "e2e", "forward")
 	if _, err := os.Stat(filepath.Join(nodeDir, "node_modules")); err != nil {

@@ -116,6 +116,9 @@ type proxyProcess struct {
 }
 
 func TestSDKs(t *testing.T) {
+	if testing.Short() {
+		t.Skip("SDK test skipped with -short")
+	}
 	root := moduleRoot(t)
 	sdkDir := filepath.Join(root, "e2e", "sdk")
 	if _, err := os.Stat(filepath.Join(sdkDir, "node_modules")); err != nil {

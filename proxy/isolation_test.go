@@ -392,6 +392,10 @@ func TestCopiedCiphertextRejected(t *testing.T) {
 	if resp.StatusCode != 503 {
 		t.Errorf("copied ciphertext: status %d, want 503: %s", resp.StatusCode, body)
 	}
+	// Retrying cannot help until the key is stored again.
+	if got := resp.Header.Get("X-Should-Retry"); got != "false" {
+		t.Errorf("copied ciphertext: X-Should-Retry %q, want false", got)
+	}
 	if n := len(st.Upstreams[p].Requests()); n != 0 {
 		t.Errorf("upstream got %d requests with the victim's key", n)
 	}

@@ -386,6 +386,9 @@ func (h *Handler) openKey(w http.ResponseWriter, x *exchange, rec *keystore.Reco
 		}
 		h.metrics.KeyErrors.WithLabelValues(x.up.spec.Name, reason).Inc()
 		log.Error("stored key rejected", "reason", reason, "error", err)
+		// Unlike a Redis outage, which the 503 also reports, this lasts
+		// until the key is stored again, so the SDKs should not retry.
+		w.Header().Set("X-Should-Retry", "false")
 		h.rejectAudited(w, x, log, provider.Unavailable, msg, 0)
 		return false
 	}

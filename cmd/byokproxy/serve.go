@@ -358,7 +358,7 @@ func openStore(cfg *config.Config, log *slog.Logger) (*keystore.Identities, redi
 			return
 		}
 		// Requests are still served, because the setting can change while
-		// the proxy runs; /readyz reports it until it is fixed.
+		// the proxy runs, and /readyz reports it until it is fixed.
 		if err := keystore.CheckEviction(ctx, rdb); errors.Is(err, keystore.ErrEvicting) {
 			log.Error("redis may evict mailbox records and usage counters, which would make revoked tokens valid and reset allowances; /readyz fails until it is fixed", "error", err)
 		}
@@ -392,7 +392,7 @@ byokproxy is running in dev mode (in-memory store; everything is lost on exit).
   admin token: %[4]s%[5]s
 
 Try it:
-  export ADMIN_TOKEN=%[4]s BYOKPROXY_ADMIN_TOKEN=%[4]s
+  export ADMIN_TOKEN=%[4]s BYOKPROXY_ADMIN_TOKEN=%[4]s BYOKPROXY_ADMIN_URL=http://%[2]s
   curl -s -X POST -H "Authorization: Bearer $ADMIN_TOKEN" http://%[2]s/admin/v1/mailboxes/alice@example.com/token
   curl -s -H "Authorization: Bearer $ADMIN_TOKEN" http://%[2]s/admin/v1/mailboxes/alice@example.com
 
