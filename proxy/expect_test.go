@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"net"
 	"net/http"
@@ -9,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/byokproxy/byokproxy/config"
 	"github.com/byokproxy/byokproxy/internal/teststack"
 	"github.com/byokproxy/byokproxy/provider"
 )
@@ -173,5 +175,64 @@ func TestExpectContinueAnsweredOnce(t *testing.T) {
 				t.Errorf("the upstream got body %q, want the request's", sent[0].Body)
 			}
 		})
+	}
+}
+
+// A body over the limit that follows 100 Continue is rejected after the
+// record was read, and the audit event of a byok mailbox names its key.
+func TestExpectContinueOversizeAudited(t *testing.T) {
+	const limit = 4 << 10
+	s := teststack.Start(t, func(c *config.Config) { c.Limits.MaxBodyBytes = limit })
+	m := "expect-oversize@example.com"
+	s.UseBYOK(t, m, provider.OpenAI)
+	token := s.Token(t, m)
+	conn, err := net.DialTimeout("tcp", strings.TrimPrefix(s.ProxyURL, "http://"), 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(conn, "POST %s HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n",
+		chatPath, token)
+	rd := bufio.NewReader(conn)
+	cont, err := http.ReadResponse(rd, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cont.StatusCode != http.StatusContinue {
+		t.Fatalf("first response %d, want 100", cont.StatusCode)
+	}
+	chunk := `{"model":"m","pad":"` + strings.Repeat("x", 2*limit) + `"}`
+	fmt.Fprintf(conn, "%x\r\n%s\r\n0\r\n\r\n", len(chunk), chunk)
+	resp, err := http.ReadResponse(rd, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusRequestEntityTooLarge {
+		t.Fatalf("status %d, want 413", resp.StatusCode)
+	}
+
+	s.WaitAudit(t)
+	wantLast4 := s.RDB.HGet(context.Background(), s.Store.Layout().Mailbox(m), "last4:"+provider.OpenAI).Val()
+	var found bool
+	for _, e := range s.AuditEvents(t) {
+		if e["mailbox"] != m || e["path"] == nil {
+			// The admin API's events of the key and source.
+			continue
+		}
+		found = true
+		if e["status"] != float64(http.StatusRequestEntityTooLarge) {
+			t.Errorf("audit event status %v, want 413", e["status"])
+		}
+		if e["kind"] != "byok" {
+			t.Errorf("audit event kind %v, want byok", e["kind"])
+		}
+		if e["key_last4"] != wantLast4 {
+			t.Errorf("audit event key_last4 %v, want %q", e["key_last4"], wantLast4)
+		}
+	}
+	if !found {
+		t.Error("no audit event for the rejected body")
 	}
 }

@@ -317,6 +317,11 @@ func (h *Handler) precheck(w http.ResponseWriter, r *http.Request, x *exchange, 
 		return false
 	}
 	x.source = rec.Source
+	if rec.Source == keystore.SourceBYOK {
+		// So the audit event of a body rejected before the key is opened
+		// names the key, as every byok event does.
+		x.last4 = rec.Last4
+	}
 	return rec.Source != keystore.SourceShared || h.checkSharedEarly(w, r, x, rec, s, log)
 }
 
