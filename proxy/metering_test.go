@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"strconv"
 	"strings"
 	"sync"
@@ -692,4 +693,39 @@ func TestAllowanceExactForSequentialRequests(t *testing.T) {
 func providerOf(path string) string {
 	name, _, _ := strings.Cut(strings.TrimPrefix(path, "/"), "/")
 	return name
+}
+
+// An Anthropic reply to a request that compacted its context, in the shape
+// Anthropic's compaction documentation gives: the compaction step is only
+// in usage.iterations, and Anthropic bills the sum over the iterations.
+const compactedReply = `{"id":"msg_compact","type":"message","role":"assistant","model":"claude-opus-4-6",` +
+	`"content":[{"type":"compaction","content":"Summary of the conversation"},{"type":"text","text":"Based on that..."}],` +
+	`"stop_reason":"end_turn","stop_sequence":null,` +
+	`"usage":{"input_tokens":23000,"output_tokens":1000,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,` +
+	`"iterations":[{"type":"compaction","input_tokens":180000,"output_tokens":3500},` +
+	`{"type":"message","input_tokens":23000,"output_tokens":1000}]}}`
+
+func TestSharedCompactionChargedInFull(t *testing.T) {
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, compactedReply)
+	}))
+	t.Cleanup(up.Close)
+	st := teststack.Start(t, func(c *config.Config) { c.Provider(provider.Anthropic).Upstream = up.URL })
+	m := "compaction@example.com"
+	resp, out := st.Do(t, http.MethodPost, "/anthropic/v1/messages", st.Token(t, m),
+		`{"model":"claude-opus-4-6","max_tokens":4096,"messages":[{"role":"user","content":"Hello"}],`+
+			`"context_management":{"edits":[{"type":"compact_20260112"}]}}`,
+		"anthropic-version", "2023-06-01", "anthropic-beta", "compact-2026-01-12")
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d: %s", resp.StatusCode, out)
+	}
+	_, input, output := sharedUsage(t, st, m, provider.Anthropic)
+	if input != 203000 {
+		t.Errorf("input tokens charged %d, want 203000, the sum over usage.iterations", input)
+	}
+	if output != 4500 {
+		t.Errorf("output tokens charged %d, want 4500, the sum over usage.iterations", output)
+	}
 }

@@ -3,6 +3,7 @@ package usage
 import (
 	"bytes"
 	"encoding/json"
+	"math"
 )
 
 var (
@@ -37,6 +38,12 @@ const (
 	// nOpenAIItem is an element of nOpenAIOutput, or the "item" of a Responses
 	// stream event such as response.output_item.done.
 	nOpenAIItem
+	// nAnthropicIterations is the "iterations" array of Anthropic usage, one
+	// element per sampling step of a request that ran more steps than the
+	// reply, such as a context compaction. The top-level counts leave
+	// compaction steps out, while the provider bills every step.
+	nAnthropicIterations
+	nAnthropicIteration // an element of nAnthropicIterations
 
 	// Leaf fields. The numeric ones index record.values, starting at firstCount.
 	fModel
@@ -61,6 +68,12 @@ const (
 	fGoogleToolPrompt // Gemini toolUsePromptTokenCount
 	fGoogleCandidates // Gemini candidatesTokenCount
 	fGoogleThoughts   // Gemini thoughtsTokenCount
+	// The Anthropic counts of one usage.iterations element. Unlike every
+	// other count, a record sums them over the array's elements.
+	fIterationInput         // input_tokens of an iteration
+	fIterationOutput        // output_tokens of an iteration
+	fIterationCacheCreation // cache_creation_input_tokens of an iteration
+	fIterationCacheRead     // cache_read_input_tokens of an iteration
 	targetEnd
 )
 
@@ -70,6 +83,8 @@ const (
 )
 
 func (t target) isCount() bool { return t >= firstCount && t < targetEnd }
+
+func (t target) isIterationCount() bool { return t >= fIterationInput && t < targetEnd }
 
 // providerKind selects which keys lookupKey matches.
 type providerKind uint8
@@ -195,6 +210,19 @@ func lookupKey(p providerKind, node target, key []byte) target {
 			return fCacheCreation
 		case "cache_read_input_tokens":
 			return fCacheRead
+		case "iterations":
+			return nAnthropicIterations
+		}
+	case nAnthropicIteration:
+		switch string(key) {
+		case "input_tokens":
+			return fIterationInput
+		case "output_tokens":
+			return fIterationOutput
+		case "cache_creation_input_tokens":
+			return fIterationCacheCreation
+		case "cache_read_input_tokens":
+			return fIterationCacheRead
 		}
 	case nGoogleUsage:
 		switch string(key) {
@@ -445,6 +473,8 @@ func elementTarget(top byte) target {
 		return nRecord
 	case nOpenAIOutput:
 		return nOpenAIItem
+	case nAnthropicIterations:
+		return nAnthropicIteration
 	}
 	return tNone
 }
@@ -475,8 +505,8 @@ func (s *scanner) startValue(c byte) {
 		switch {
 		case len(s.stack) == 0 && s.recordList:
 			node = nRecordList
-		case s.next == nOpenAIOutput:
-			node = nOpenAIOutput
+		case s.next == nOpenAIOutput, s.next == nAnthropicIterations:
+			node = s.next
 		}
 		s.push(byte(node) | arrayBit)
 		s.next = elementTarget(byte(node))
@@ -762,7 +792,14 @@ func (s *scanner) endNumber() {
 	// rather than guessed at.
 	if s.numOK && s.numTarget.isCount() {
 		i := s.numTarget - firstCount
-		s.rec.values[i] = s.numValue
+		switch {
+		case s.numTarget.isIterationCount() && s.rec.set&(1<<i) != 0:
+			// A sum of non-negative counts, each below 2^63, that stops
+			// short of overflowing.
+			s.rec.values[i] = min(s.rec.values[i], math.MaxInt64-s.numValue) + s.numValue
+		default:
+			s.rec.values[i] = s.numValue
+		}
 		s.rec.set |= 1 << i
 		if len(s.stack) > 0 {
 			switch target(s.stack[len(s.stack)-1] &^ arrayBit) {

@@ -95,12 +95,21 @@ func (t *tally) value(f target) int64 { return t.values[f-firstCount] }
 // input_tokens excludes cache writes and reads, which are added. Gemini's
 // promptTokenCount already includes cachedContentTokenCount but not
 // toolUsePromptTokenCount, which is added.
+//
+// Anthropic's top-level counts leave out the iterations of a context
+// compaction, and the provider bills the sum over usage.iterations. So
+// where that sum is larger on a side, it is charged instead. Taking the
+// larger rather than adding cannot count a step twice.
 func (t *tally) counts() Counts {
+	// input_tokens and output_tokens are OpenAI Responses or Anthropic
+	// counts, and only Anthropic's have iterations.
+	input := max(t.value(fInputTokens)+t.value(fCacheCreation)+t.value(fCacheRead),
+		t.value(fIterationInput)+t.value(fIterationCacheCreation)+t.value(fIterationCacheRead))
+	output := max(t.value(fOutputTokens), t.value(fIterationOutput))
 	return Counts{
-		InputTokens: t.value(fPromptTokens) + t.value(fInputTokens) +
-			t.value(fCacheCreation) + t.value(fCacheRead) +
+		InputTokens: t.value(fPromptTokens) + input +
 			t.value(fGooglePrompt) + t.value(fGoogleToolPrompt),
-		OutputTokens: t.value(fCompletionTokens) + t.value(fOutputTokens) +
+		OutputTokens: t.value(fCompletionTokens) + output +
 			t.value(fGoogleCandidates) + t.value(fGoogleThoughts),
 		Model: t.model,
 		Seen:  t.seen,

@@ -3,6 +3,7 @@ package usage
 import (
 	"bytes"
 	"compress/gzip"
+	"math"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -510,5 +511,69 @@ func TestTapContentTypes(t *testing.T) {
 		if got := tap.Counts().InputTokens == 3; got != sse {
 			t.Errorf("Content-Type %q: read as events = %v, want %v", contentType, got, sse)
 		}
+	}
+}
+
+// Anthropic bills every sampling step of a request that compacts its
+// context, and lists the steps in usage.iterations, while the top-level
+// counts leave the compaction steps out.
+func TestTapAnthropicIterations(t *testing.T) {
+	compaction := `"iterations":[{"type":"compaction","input_tokens":180000,"output_tokens":3500},` +
+		`{"type":"message","input_tokens":23000,"output_tokens":1000}]`
+	cases := []struct {
+		name        string
+		contentType string
+		body        string
+		in, out     int64
+	}{
+		{"json body", "application/json",
+			`{"id":"msg_1","type":"message","model":"claude-opus-4-6","content":[],` +
+				`"usage":{"input_tokens":23000,"output_tokens":1000,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,` + compaction + `}}`,
+			203000, 4500},
+		{"stream", sseType,
+			"event: message_start\ndata: " +
+				`{"type":"message_start","message":{"id":"msg_1","model":"claude-opus-4-6","content":[],"usage":{"input_tokens":23000,"output_tokens":1}}}` + "\n\n" +
+				"event: message_delta\ndata: " +
+				`{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"input_tokens":23000,"output_tokens":1000,` + compaction + `}}` + "\n\n" +
+				"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+			203000, 4500},
+		{"zero top-level counts", "application/json",
+			`{"type":"message","usage":{"input_tokens":0,"output_tokens":0,"iterations":[{"type":"compaction","input_tokens":150000,"output_tokens":4000}]}}`,
+			150000, 4000},
+		{"cache counts in iterations", "application/json",
+			`{"type":"message","usage":{"input_tokens":10,"cache_read_input_tokens":500,"output_tokens":20,"iterations":[` +
+				`{"type":"compaction","input_tokens":100,"cache_creation_input_tokens":7,"cache_read_input_tokens":900,"output_tokens":30},` +
+				`{"type":"message","input_tokens":10,"cache_read_input_tokens":500,"output_tokens":20}]}}`,
+			1517, 50},
+		{"iterations below the top level", "application/json",
+			`{"type":"message","usage":{"input_tokens":400,"output_tokens":90,"iterations":[{"type":"message","input_tokens":300,"output_tokens":80}]}}`,
+			400, 90},
+		{"iterations not an array", "application/json",
+			`{"type":"message","usage":{"input_tokens":400,"output_tokens":90,"iterations":{"input_tokens":9000,"output_tokens":9000}}}`,
+			400, 90},
+		{"counts near the int64 limit", "application/json",
+			`{"type":"message","usage":{"input_tokens":1,"output_tokens":1,"iterations":[` +
+				`{"input_tokens":9223372036854775000,"output_tokens":1},{"input_tokens":9223372036854775000,"output_tokens":1}]}}`,
+			math.MaxInt64, 2},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			for _, split := range []bool{false, true} {
+				chunks := [][]byte{[]byte(c.body)}
+				if split {
+					chunks = oneBytePerChunk([]byte(c.body))
+				}
+				got := runTap(t, "anthropic", c.contentType, chunks...)
+				if got.InputTokens != c.in {
+					t.Errorf("split %v: input tokens %d, want %d", split, got.InputTokens, c.in)
+				}
+				if got.OutputTokens != c.out {
+					t.Errorf("split %v: output tokens %d, want %d", split, got.OutputTokens, c.out)
+				}
+				if !got.Final {
+					t.Errorf("split %v: counts not final", split)
+				}
+			}
+		})
 	}
 }
