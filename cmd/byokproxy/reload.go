@@ -174,6 +174,18 @@ func (r *reloader) reload() error {
 		}
 	}
 
+	// Listeners change only at a restart, while settings that are checked
+	// against them, such as auth.trust_mailbox_header and the forward
+	// proxy's routes, take effect now. So they are checked again against
+	// the listeners that run.
+	running := *cfg
+	running.Listen, running.Forward = old.Listen, old.Forward
+	if err := running.Validate(); err != nil {
+		err = fmt.Errorf("with the listeners running now, which change only at a restart: %w", err)
+		r.log.Error("config reload failed; the running configuration stays in force", "error", err)
+		return err
+	}
+
 	// Build everything that can fail before changing anything, so a failed
 	// reload leaves no mix of old and new settings.
 	signer, err := mailbox.NewSigner(cfg.Auth.TokenSecrets)

@@ -59,6 +59,14 @@ func writeJSONConfig(t *testing.T, path string, cfg map[string]any) {
 
 func newReloadFixture(t *testing.T) *reloadFixture {
 	t.Helper()
+	return newReloadFixtureWith(t, nil)
+}
+
+// newReloadFixtureWith is newReloadFixture with modify applied to the
+// configuration the proxy starts with. The fixture's servers listen on
+// 127.0.0.1 whatever addresses the configuration sets.
+func newReloadFixtureWith(t *testing.T, modify func(cfg map[string]any)) *reloadFixture {
+	t.Helper()
 	rs := redistest.Start(t)
 	dir := t.TempDir()
 	f := &reloadFixture{
@@ -82,6 +90,9 @@ func newReloadFixture(t *testing.T) *reloadFixture {
 		"providers": map[string]any{
 			"openai": map[string]any{"upstream": f.upstream.URL, "shared_key": sharedKey},
 		},
+	}
+	if modify != nil {
+		modify(f.config)
 	}
 	writeJSONConfig(t, f.configFile, f.config)
 
@@ -394,5 +405,41 @@ func TestRestartOnlyChanges(t *testing.T) {
 	want := []string{"admin.listen", "redis", "audit"}
 	if got := restartOnlyChanges(old, changed); !slices.Equal(got, want) {
 		t.Errorf("restartOnlyChanges = %v, want %v", got, want)
+	}
+}
+
+// A listener moves only at a restart, so a reload must not trust
+// X-Mailbox-Id because the new file puts listen on loopback while the
+// running listener is still public.
+func TestReloadKeepsHeaderTrustOffOnPublicListener(t *testing.T) {
+	f := newReloadFixtureWith(t, func(cfg map[string]any) { cfg["listen"] = "0.0.0.0:8080" })
+	f.config["listen"] = "127.0.0.1:8080"
+	f.config["auth"].(map[string]any)["trust_mailbox_header"] = true
+	writeJSONConfig(t, f.configFile, f.config)
+	err := f.reloader.reload()
+	if err == nil || !strings.Contains(err.Error(), "auth.trust_mailbox_header") {
+		t.Errorf("reload error %v, want one naming auth.trust_mailbox_header", err)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, f.proxyURL+"/openai/v1/chat/completions",
+		strings.NewReader(`{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer placeholder")
+	req.Header.Set("X-Mailbox-Id", "victim@example.com")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("request: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("X-Mailbox-Id without a token after the reload: status %d, want 401", resp.StatusCode)
+	}
+	if n := len(f.upstream.Requests()); n != 0 {
+		t.Errorf("upstream received %d requests", n)
 	}
 }
