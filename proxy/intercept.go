@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -152,7 +154,32 @@ func (f *Forward) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		f.rejectPlain(w, r)
 		return
 	}
-	f.connect.ServeHTTP(w, r)
+	f.connect.ServeHTTP(keepBufferedHijacker{w}, r)
+}
+
+// keepBufferedHijacker passes on the bytes that the server read past a
+// CONNECT's header with the hijacked connection. goproxy drops the
+// buffered reader that Hijack returns, and a client may send its TLS
+// ClientHello in the same write as the CONNECT.
+type keepBufferedHijacker struct {
+	http.ResponseWriter
+}
+
+func (k keepBufferedHijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	hijacker, ok := k.ResponseWriter.(http.Hijacker)
+	if !ok {
+		return nil, nil, http.ErrNotSupported
+	}
+	conn, rw, err := hijacker.Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	if n := rw.Reader.Buffered(); n > 0 {
+		buffered, _ := rw.Reader.Peek(n)
+		conn = &earlyConn{Conn: conn, early: bytes.Clone(buffered)}
+		rw = bufio.NewReadWriter(bufio.NewReader(conn), rw.Writer)
+	}
+	return conn, rw, nil
 }
 
 // StopIntercepting makes every later CONNECT get 503, also on client

@@ -1214,3 +1214,65 @@ func TestStopInterceptingEndsOpenTunnels(t *testing.T) {
 		t.Error("a new stream started on an intercepted connection after StopIntercepting")
 	}
 }
+
+// helloWithConnect is a client connection that sends its first write (the
+// TLS ClientHello) in one write with a CONNECT request, and reads the
+// CONNECT's response before the first read.
+type helloWithConnect struct {
+	net.Conn
+	connect []byte
+	reader  *bufio.Reader
+	status  int
+}
+
+func (c *helloWithConnect) Write(p []byte) (int, error) {
+	if c.connect != nil {
+		both := append(c.connect, p...)
+		c.connect = nil
+		if _, err := c.Conn.Write(both); err != nil {
+			return 0, err
+		}
+		return len(p), nil
+	}
+	return c.Conn.Write(p)
+}
+
+func (c *helloWithConnect) Read(p []byte) (int, error) {
+	if c.status == 0 {
+		resp, err := http.ReadResponse(c.reader, &http.Request{Method: http.MethodConnect})
+		if err != nil {
+			return 0, err
+		}
+		c.status = resp.StatusCode
+	}
+	return c.reader.Read(p)
+}
+
+// Some clients send the ClientHello in the same write as the CONNECT, so the
+// server reads it together with the CONNECT's header.
+func TestForwardClientHelloInConnectWrite(t *testing.T) {
+	env := newForwardEnv(t)
+	target := strings.TrimPrefix(env.upstreams["openai"].URL, "https://")
+	raw, err := net.DialTimeout("tcp", env.proxyAddr(), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	raw.SetDeadline(time.Now().Add(fwdTimeout))
+	conn := &helloWithConnect{Conn: raw, reader: bufio.NewReader(raw),
+		connect: []byte("CONNECT " + target + " HTTP/1.1\r\nHost: " + target + "\r\nProxy-Authorization: " + basic("mbx", env.byokToken) + "\r\n\r\n")}
+	host, _, _ := net.SplitHostPort(target)
+	tlsConn := tls.Client(conn, &tls.Config{RootCAs: env.caPool, ServerName: host, NextProtos: []string{"http/1.1"}})
+	if err := tlsConn.Handshake(); err != nil {
+		t.Fatalf("TLS handshake after CONNECT status %d: %v", conn.status, err)
+	}
+	fmt.Fprintf(tlsConn, "GET /v1/models HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", target)
+	resp, err := http.ReadResponse(bufio.NewReader(tlsConn), nil)
+	if err != nil {
+		t.Fatalf("reading the response in the tunnel: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("GET /v1/models in the tunnel: status %d, want 200", resp.StatusCode)
+	}
+}
