@@ -5,6 +5,8 @@ package config
 
 import (
 	"log/slog"
+	"maps"
+	"slices"
 	"time"
 
 	"github.com/byokproxy/byokproxy/provider"
@@ -206,6 +208,37 @@ func Defaults() *Config {
 // configuration has none.
 func (c *Config) Provider(name string) *Provider {
 	return c.Providers[name]
+}
+
+// SecretFile is a configured file that holds a secret.
+type SecretFile struct {
+	Key  string // the config key, such as "keystore.identity_file"
+	Path string
+}
+
+// SecretFiles returns the files set in c that hold secrets: private keys,
+// the identity, the admin token, the Redis password and the shared keys.
+func (c *Config) SecretFiles() []SecretFile {
+	all := []SecretFile{
+		{"keystore.identity_file", c.Keystore.IdentityFile},
+		{"admin.token_file", c.Admin.TokenFile},
+		{"redis.password_file", c.Redis.PasswordFile},
+		{"tls.key_file", c.TLS.KeyFile},
+		{"admin.tls.key_file", c.Admin.TLS.KeyFile},
+		{"forward.ca_key_file", c.Forward.CAKeyFile},
+	}
+	for _, name := range slices.Sorted(maps.Keys(c.Providers)) {
+		if p := c.Providers[name]; p != nil {
+			all = append(all, SecretFile{"providers." + name + ".shared_key_file", p.SharedKeyFile})
+		}
+	}
+	var set []SecretFile
+	for _, f := range all {
+		if f.Path != "" {
+			set = append(set, f)
+		}
+	}
+	return set
 }
 
 // SlogLevel converts LogLevel to a slog.Level. A value that Validate rejects

@@ -48,6 +48,7 @@ func serve(args []string) error {
 		log.Warn("environment variable names no config key and is ignored; check its spelling against config.example.yaml", "variable", name)
 	}
 	disableCoreDumps(log)
+	warnReadableSecrets(cfg, log)
 	redis.SetLogger(redisLogger{log: log.With("component", "redis")})
 
 	ids, rdb, cleanup, err := openStore(cfg, log)
@@ -397,6 +398,25 @@ Try it:
   curl -s -H "Authorization: Bearer $ADMIN_TOKEN" http://%[2]s/admin/v1/mailboxes/alice@example.com
 
 `, cfg.Listen, cfg.Admin.Listen, cfg.Metrics.Listen, cfg.Admin.Token, extraLines)
+}
+
+// warnReadableSecrets logs a warning for each secret file that every user of
+// the machine can read. It warns rather than stopping the start, because
+// Kubernetes mounts Secret files with mode 0644 unless the volume sets
+// defaultMode, and a container often has no other users.
+func warnReadableSecrets(cfg *config.Config, log *slog.Logger) {
+	for _, f := range cfg.SecretFiles() {
+		info, err := os.Stat(f.Path)
+		if err != nil {
+			// The file was read at load time, so it has been removed
+			// since, which the next reload reports.
+			continue
+		}
+		if perm := info.Mode().Perm(); perm&0o004 != 0 {
+			log.Warn("secret file is readable by every user on this machine; restrict it, such as with chmod 600",
+				"key", f.Key, "path", f.Path, "mode", fmt.Sprintf("%#o", perm))
+		}
+	}
 }
 
 // disableCoreDumps sets the core file size limit to zero, so a crash never
