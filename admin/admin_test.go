@@ -1092,29 +1092,23 @@ func TestAdminChangeStatusFromWrite(t *testing.T) {
 
 	key := newKey(t, provider.OpenAI)
 	last4 := key[len(key)-4:]
-	var st keystore.Status
-	body := f.mustCall(t, http.StatusOK, http.MethodPut, "/admin/v1/mailboxes/eve/providers/openai/key", `{"key":"`+key+`"}`)
-	if err := json.Unmarshal(body, &st); err != nil {
-		t.Fatalf("PUT key response %s: %v", body, err)
+	put := func(path, body string) keystore.Status {
+		t.Helper()
+		out := f.mustCall(t, http.StatusOK, http.MethodPut, "/admin/v1/mailboxes/eve/providers/openai/"+path, body)
+		var st keystore.Status
+		if err := json.Unmarshal(out, &st); err != nil {
+			t.Fatalf("PUT %s response %s: %v", path, out, err)
+		}
+		return st
 	}
-	if !st.HasKey || st.Last4 != last4 || st.Source != keystore.SourceShared || st.UpdatedAt == nil {
-		t.Errorf("PUT key response = %s, want the key's last four, has_key, shared and a time", body)
+	if st := put("key", `{"key":"`+key+`"}`); !st.HasKey || st.Last4 != last4 || st.Source != keystore.SourceShared || st.UpdatedAt == nil {
+		t.Errorf("PUT key status = %+v, want the key's last four, has_key, shared and a time", st)
 	}
-	body = f.mustCall(t, http.StatusOK, http.MethodPut, "/admin/v1/mailboxes/eve/providers/openai/source", `{"source":"byok"}`)
-	st = keystore.Status{}
-	if err := json.Unmarshal(body, &st); err != nil {
-		t.Fatalf("PUT source response %s: %v", body, err)
+	if st := put("source", `{"source":"byok"}`); !st.HasKey || st.Last4 != last4 || st.Source != keystore.SourceBYOK || st.UpdatedAt == nil {
+		t.Errorf("PUT source byok status = %+v, want byok with the key's last four and time", st)
 	}
-	if !st.HasKey || st.Last4 != last4 || st.Source != keystore.SourceBYOK || st.UpdatedAt == nil {
-		t.Errorf("PUT source response = %s, want byok with the key's last four and time", body)
-	}
-	body = f.mustCall(t, http.StatusOK, http.MethodPut, "/admin/v1/mailboxes/eve/providers/openai/source", `{"source":"shared"}`)
-	st = keystore.Status{}
-	if err := json.Unmarshal(body, &st); err != nil {
-		t.Fatalf("PUT source response %s: %v", body, err)
-	}
-	if !st.HasKey || st.Source != keystore.SourceShared {
-		t.Errorf("PUT source shared response = %s, want shared, key kept", body)
+	if st := put("source", `{"source":"shared"}`); !st.HasKey || st.Source != keystore.SourceShared {
+		t.Errorf("PUT source shared status = %+v, want shared, key kept", st)
 	}
 
 	events := f.auditEvents(t, "eve", 3)
