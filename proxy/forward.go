@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"mime"
 	"net"
 	"net/http"
 	"net/http/httptrace"
@@ -548,6 +549,15 @@ func scrubErrorBody(resp *http.Response, x *exchange) error {
 		raw = decoded
 		resp.Header.Del("Content-Encoding")
 	}
+	if charset := unreadableCharset(resp.Header.Get("Content-Type")); charset != "" {
+		// In UTF-16 or UTF-32 the key's bytes are interleaved with zeros,
+		// which the scrubber does not look for, while a client that decodes
+		// the charset reads the key. Providers send UTF-8.
+		raw = x.up.spec.ErrorBody(provider.BadGateway, fmt.Sprintf(
+			"the provider's error body used charset %q, which the proxy cannot check for the key, so it was removed", charset))
+		resp.Header.Set("Content-Type", "application/json")
+		cut = false
+	}
 	clean := scrubKey(raw, x.keyText)
 	if cut {
 		clean = scrubCutEnd(clean)
@@ -561,6 +571,30 @@ func scrubErrorBody(resp *http.Response, x *exchange) error {
 		x.errText = upstreamStatusText(resp.StatusCode)
 	}
 	return nil
+}
+
+// unreadableCharset returns the charset that contentType names when the
+// scrubber cannot read text in it: any charset but UTF-8 and ASCII, in any
+// letter case. A Content-Type that does not parse but mentions a charset
+// counts as unreadable too, since a client may still find the charset in
+// it. It returns "" otherwise.
+func unreadableCharset(contentType string) string {
+	_, params, err := mime.ParseMediaType(contentType)
+	if err != nil {
+		if strings.Contains(strings.ToLower(contentType), "charset") {
+			return contentType
+		}
+		return ""
+	}
+	charset, ok := params["charset"]
+	if !ok {
+		return ""
+	}
+	switch strings.ToLower(strings.TrimSpace(charset)) {
+	case "utf-8", "utf8", "us-ascii", "ascii":
+		return ""
+	}
+	return charset
 }
 
 // upstreamStatusText is the audit error of a response whose only fault is
@@ -601,9 +635,9 @@ func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err erro
 		x.up.spec.WriteError(w, provider.BadGateway, x.up.spec.Title+" could not be reached", 0)
 		x.status = http.StatusBadGateway
 	}
-	// The transport's error can quote the request URL, which never holds a
-	// key: the key travels in a header only.
-	log.Warn("upstream request failed", "error", err, "status", x.status)
+	// The transport's error can quote what the upstream sent, such as a
+	// malformed status or header line, and an upstream can put the key there.
+	log.Warn("upstream request failed", "error", scrubText(err.Error(), x.keyText), "status", x.status)
 }
 
 // goneText is the error recorded for x when its client connection ended
@@ -657,6 +691,12 @@ func (h *Handler) finish(x *exchange, source string, log *slog.Logger) {
 	}
 	if x.streamedBody != nil {
 		x.requestBytes = max(x.requestBytes, x.streamedBody.n.Load())
+	}
+	// Errors of the transport quote what the upstream sent, such as a
+	// malformed trailer line, which may hold the key. The text goes to the
+	// audit event and the log.
+	if x.errText != "" {
+		x.errText = scrubText(x.errText, x.keyText)
 	}
 	var counts usage.Counts
 	if x.tap != nil {

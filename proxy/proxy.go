@@ -6,6 +6,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -14,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"iter"
+	"log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -192,7 +194,7 @@ func (h *Handler) newUpstream(spec *provider.Spec, pc *config.Provider, timeout 
 		Transport:      &tracedTransport{next: transport},
 		ModifyResponse: h.modifyResponse,
 		ErrorHandler:   h.upstreamError,
-		ErrorLog:       slog.NewLogLogger(h.log.Handler(), slog.LevelDebug),
+		ErrorLog:       log.New(scrubbedLog{h.log}, "", 0),
 		BufferPool:     copyBuffers,
 	}
 	stream := *up.proxy
@@ -468,4 +470,17 @@ func headerBytes(r *http.Request) int {
 		}
 	}
 	return n
+}
+
+// scrubbedLog writes the lines of the reverse proxy's own log to the
+// proxy's log at debug level. They quote errors of the transport, which can
+// quote what the upstream sent, and the request's key is not known there.
+// So every text that looks like a provider key is replaced (see
+// findKeyLike), which covers each key a provider issues.
+type scrubbedLog struct{ log *slog.Logger }
+
+func (l scrubbedLog) Write(p []byte) (int, error) {
+	line := replaceFound(bytes.TrimRight(p, "\n"), findKeyLike)
+	l.log.Debug(string(line))
+	return len(p), nil
 }

@@ -21,12 +21,33 @@ const redacted = "[REDACTED]"
 // because it matches the key, a client could send guesses and read the
 // key one character at a time. Guessing the whole key at once gains
 // nothing.
+//
+// The key's characters after its published prefix are matched as a whole
+// too, because they are as random as the whole key and an upstream may
+// quote them alone.
 func scrubKey(body []byte, key string) []byte {
 	if key == "" {
 		return body
 	}
-	return replaceFound(replaceKeyForms(body, key), findKeyLike)
+	body = replaceKeyForms(body, key)
+	if rest := keyBody(key); rest != "" {
+		body = replaceKeyForms(body, rest)
+	}
+	return replaceFound(body, findKeyLike)
 }
+
+// keyBody returns the characters of key after its published prefix, or ""
+// when key has no such prefix or too few characters after it.
+func keyBody(key string) string {
+	if n := keyPrefixLen(key); n > 0 && len(key)-n >= minKeyBody {
+		return key[n:]
+	}
+	return ""
+}
+
+// minKeyBody is the minimum length of the key's characters after its prefix
+// that scrubKey matches on their own. Every provider's key has far more.
+const minKeyBody = 16
 
 func scrubText(s, key string) string {
 	return string(scrubKey([]byte(s), key))
@@ -41,17 +62,20 @@ func scrubHeaders(h http.Header, key string, masked bool) {
 	if key == "" {
 		return
 	}
+	rest := keyBody(key)
 	for name, values := range h {
 		// Every form of the key is at least as long as the key, which is
 		// longer than most names and values, so the length is checked
 		// first. A name is compared in any letter case because Go rewrites
 		// a name's case when it reads it.
-		if len(name) >= len(key) && indexKeyForm(name, key) >= 0 {
+		if len(name) >= len(key) && indexKeyForm(name, key) >= 0 ||
+			rest != "" && len(name) >= len(rest) && indexKeyForm(name, rest) >= 0 {
 			delete(h, name)
 			continue
 		}
 		for i, v := range values {
-			if len(v) >= len(key) && indexKeyForm(v, key) >= 0 || masked && hasKeyLike(v) {
+			if len(v) >= len(key) && indexKeyForm(v, key) >= 0 ||
+				rest != "" && len(v) >= len(rest) && indexKeyForm(v, rest) >= 0 || masked && hasKeyLike(v) {
 				values[i] = scrubText(v, key)
 			}
 		}
@@ -259,7 +283,7 @@ func findKeyLike(s []byte, from int) (start, end int) {
 
 // keyPrefixLen returns the length of the longest published key prefix that
 // s starts with, in any letter case, or 0.
-func keyPrefixLen(s []byte) int {
+func keyPrefixLen[T string | []byte](s T) int {
 	for _, p := range keyPrefixes {
 		if len(s) >= len(p) && equalFold(s[:len(p)], p) {
 			return len(p)

@@ -62,6 +62,8 @@ func TestScrubKeyForms(t *testing.T) {
 		{"after a JSON newline", `{"m":"Error code: 401\nIncorrect API key provided:\n` + key[:12] + `…WXYZ"}`},
 		{"after a JSON tab", `{"m":"key:\t` + key[:len(key)-1] + `"}`},
 		{"mask after a JSON newline", `{"m":"key\n•••WXYZ"}`},
+		{"without its prefix", "key " + strings.TrimPrefix(key, "sk-proj-") + " is invalid"},
+		{"without its prefix, JSON escaped", `{"m":"` + jsonEscaped(strings.TrimPrefix(key, "sk-proj-"), false) + `"}`},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
