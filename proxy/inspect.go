@@ -437,6 +437,35 @@ func requestedContainers(prov, rest string, info *requestInfo) ([]string, error)
 	return nil, nil
 }
 
+// forbiddenSharedTool returns a description of the first tool of a
+// Responses API request that the shared key does not serve, or "". The
+// image generation tool runs an image model of its own, which the model
+// allowlist does not check, and the shared key serves no image generation.
+// A tool object that names its type twice is rejected, because the
+// provider could read another copy than the one checked.
+func forbiddenSharedTool(info *requestInfo) (string, error) {
+	tools := gjson.ParseBytes(info.Tools)
+	if !tools.IsArray() {
+		return "", nil
+	}
+	var found string
+	var err error
+	tools.ForEach(func(_, tool gjson.Result) bool {
+		if !tool.IsObject() {
+			return true
+		}
+		err = scanObject([]byte(tool.Raw), []string{"type"}, func(_, _ int, value []byte) error {
+			var typ string
+			if json.Unmarshal(value, &typ) == nil && typ == "image_generation" {
+				found = "the image generation tool (image_generation)"
+			}
+			return nil
+		})
+		return err == nil && found == ""
+	})
+	return found, err
+}
+
 // containerValue returns the container id that value names: value itself
 // when it is a string, or its member idField when it is an object and
 // idField is not "". Other JSON types name no container.
@@ -511,6 +540,10 @@ func inspectInput(info *requestInfo) (reference string, owned []string, err erro
 		case err != nil:
 		case typ == "item_reference", typ == "" && hasID:
 			reference = "an input item that refers to a stored item by id"
+		case typ == "image_generation_call" && hasID:
+			// The Responses API reads the image of a call passed back by
+			// id from its storage.
+			reference = "an image generation call passed back by id"
 		case typ == "reasoning" && hasID && id == "":
 			err = invalidField("input[].id", "a string")
 		case typ == "reasoning" && id != "":

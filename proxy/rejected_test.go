@@ -130,6 +130,8 @@ func TestSharedRejectsStoredObjects(t *testing.T) {
 			`{"contents":[{"parts":[{"text":"find it"}]}],"tools":[{"file_search":{"file_search_store_names":["fileSearchStores/s1"]}}]}`, nil},
 		{"google count tokens", provider.Google, "/google/v1/models/gemini-2.5-flash:countTokens",
 			`{"generateContentRequest":{"model":"models/gemini-2.5-flash","cachedContent":"cachedContents/xyz","contents":[{"parts":[{"text":"hi"}]}]}}`, nil},
+		{"openai chat custom voice", provider.OpenAI, "/openai/v1/chat/completions",
+			`{"model":"gpt-4o-mini","modalities":["text","audio"],"audio":{"voice":{"id":"voice_platform"},"format":"wav"},"messages":[{"role":"user","content":"hi"}]}`, nil},
 		{"google embedding of a bucket object", provider.Google, "/google/v1beta/models/gemini-embedding-001:embedContent",
 			`{"content":{"parts":[{"file_data":{"file_uri":"gs://platform-bucket/a.pdf","mime_type":"application/pdf"}}]}}`, nil},
 	}
@@ -336,5 +338,49 @@ func TestRequestTrailersDropped(t *testing.T) {
 		for name, values := range got {
 			t.Errorf("the upstream got the request trailer %s: %s", name, strings.Join(values, ", "))
 		}
+	}
+}
+
+// The image generation tool of the Responses API runs an image model that
+// the model allowlist does not check. An image generation call passed back
+// by id has its image read from the account's storage.
+func TestSharedRejectsImageGeneration(t *testing.T) {
+	s := teststack.Start(t)
+	shared := s.Token(t, "image-shared")
+	cases := []struct {
+		name, body, why string
+	}{
+		{"tool", `{"model":"gpt-4o-mini","input":"draw a cat","tools":[{"type":"image_generation","model":"gpt-image-1","quality":"high"}]}`,
+			"image generation tool"},
+		{"tool with a mask file", `{"model":"gpt-4o-mini","input":"edit it","tools":[{"type":"image_generation","input_image_mask":{"file_id":"file-mask"}}]}`,
+			"image generation tool"},
+		{"call passed back by id", `{"model":"gpt-4o-mini","input":[{"role":"user","content":[{"type":"input_text","text":"make it brighter"}]},{"type":"image_generation_call","id":"ig_1"}]}`,
+			"image generation call passed back by id"},
+	}
+	up := s.Upstreams[provider.OpenAI]
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			up.Reset()
+			resp, body := s.Do(t, http.MethodPost, "/openai/v1/responses", shared, c.body)
+			if resp.StatusCode != http.StatusForbidden {
+				t.Errorf("shared: status %d %s, want 403", resp.StatusCode, body)
+			}
+			if !strings.Contains(string(body), c.why) {
+				t.Errorf("shared: body %s does not name the %s", body, c.why)
+			}
+			if n := len(up.Requests()); n != 0 {
+				t.Errorf("shared: %d requests reached the upstream, want 0", n)
+			}
+		})
+	}
+	// A tool object that names its type twice could be read either way.
+	up.Reset()
+	resp, body := s.Do(t, http.MethodPost, "/openai/v1/responses", shared,
+		`{"model":"gpt-4o-mini","input":"hi","tools":[{"type":"function","name":"f","type":"image_generation"}]}`)
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Errorf("tool with two types: status %d %s, want 400", resp.StatusCode, body)
+	}
+	if n := len(up.Requests()); n != 0 {
+		t.Errorf("tool with two types: %d requests reached the upstream, want 0", n)
 	}
 }

@@ -673,6 +673,15 @@ func (h *Handler) checkSharedBody(w http.ResponseWriter, x *exchange, log *slog.
 		return false
 	}
 	if responses {
+		tool, err := forbiddenSharedTool(&x.info)
+		if err != nil {
+			h.rejectAudited(w, x, log, provider.BadRequest, err.Error(), 0)
+			return false
+		}
+		if tool != "" {
+			h.rejectAudited(w, x, log, provider.Forbidden, "the request uses "+tool+", which runs an image model, and the shared key serves no image generation; use your own key for it", 0)
+			return false
+		}
 		reference, owned, err := inspectInput(&x.info)
 		if err != nil {
 			h.rejectAudited(w, x, log, provider.BadRequest, err.Error(), 0)

@@ -24,18 +24,19 @@ const maxStoredDepth = 128
 
 // storedRoots are the top-level members under which the providers read
 // references to stored objects: chat and Anthropic messages, Responses
-// input items, tools, Anthropic's code execution container and system
-// blocks.
-var storedRoots = map[string]bool{"messages": true, "input": true, "tools": true, "container": true, "system": true}
+// input items, tools, Anthropic's code execution container, system blocks
+// and a chat completion's audio output settings.
+var storedRoots = map[string]bool{"messages": true, "input": true, "tools": true, "container": true, "system": true, "audio": true}
 
 // storedBranches are the members, below a root, that hold content parts,
-// file sources, containers, tool environments, skills, function call output
-// and a chat message's audio. Every other member's value, such as a
-// function's parameters or a tool call's input, is the application's data
-// and is not looked into.
+// file sources, containers, tool environments, skills, function call
+// output, a chat message's audio and an audio output's voice. Every other
+// member's value, such as a function's parameters or a tool call's input,
+// is the application's data and is not looked into.
 var storedBranches = map[string]bool{
 	"content": true, "source": true, "file": true, "container": true,
 	"environment": true, "output": true, "skills": true, "audio": true,
+	"voice": true,
 }
 
 // storedReference returns a description of the stored object that a shared
@@ -66,8 +67,11 @@ type storedFrame struct {
 	checked bool
 	// name is the current member's unescaped name, in an object.
 	name string
-	// audio is set for the object under a member named audio.
+	// audio is set for the object under a member named audio, and voice
+	// for the object under one named voice, which names a custom voice
+	// stored in the account by its id.
 	audio bool
+	voice bool
 	// typ is the object's type member, and skillID is set once it has a
 	// skill_id: whether that names a stored skill depends on the type,
 	// which may come later.
@@ -101,6 +105,7 @@ func (s *storedScan) open(object bool, at int, body []byte) bool {
 		default:
 			f.checked = storedBranches[parent.name]
 			f.audio = object && parent.name == "audio"
+			f.voice = object && parent.name == "voice"
 			if !object && namesIDs(parent.name) && body[skipSpace(body, at+1)] != ']' {
 				s.reference = idsReference(parent.name)
 			}
@@ -148,6 +153,8 @@ func (s *storedScan) value(raw []byte) bool {
 		f.typ = unquote(raw)
 	case name == "id" && f.audio:
 		s.reference = "a stored audio response (audio.id)"
+	case name == "id" && f.voice:
+		s.reference = "a custom voice (voice.id)"
 	case namesIDs(name):
 		// A list of ids given as anything but an array still names them.
 		s.reference = idsReference(name)
