@@ -6,10 +6,12 @@ import (
 	"strings"
 )
 
-// Google's generation requests name stored objects in three ways: a file
+// Google's generation requests name stored objects in four ways: a file
 // of the Files API in a part's fileData.fileUri, a context cache in
-// cachedContent, and file search stores in a fileSearch tool. On the shared
-// key all three would be the platform's, as with OpenAI and Anthropic.
+// cachedContent, file search stores in a fileSearch tool, and a custom
+// voice, whose id starts with "voice_", in the speech settings. On the
+// shared key all four would be the platform's, as with OpenAI and
+// Anthropic.
 //
 // Google's JSON parser accepts each field by its lowerCamelCase name or its
 // proto name, and rejects a name it does not know, so a request can hold
@@ -40,6 +42,7 @@ func googleStoredReference(body []byte, pathModel string) (reference, otherModel
 		!bytes.Contains(body, []byte("ileUri")) && !bytes.Contains(body, []byte("ile_uri")) &&
 		!bytes.Contains(body, []byte("achedContent")) && !bytes.Contains(body, []byte("ached_content")) &&
 		!bytes.Contains(body, []byte("ileSearch")) && !bytes.Contains(body, []byte("ile_search")) &&
+		!bytes.Contains(body, []byte("peechConfig")) && !bytes.Contains(body, []byte("peech_config")) &&
 		!bytes.Contains(body, []byte(`"model"`)) {
 		return "", "", false
 	}
@@ -50,9 +53,11 @@ func googleStoredReference(body []byte, pathModel string) (reference, otherModel
 
 type googleFrame struct {
 	object bool
-	// data is set inside the application's own data.
-	data bool
-	name string
+	// data is set inside the application's own data, and speech inside the
+	// speech settings.
+	data   bool
+	speech bool
+	name   string
 }
 
 type googleScan struct {
@@ -69,6 +74,7 @@ func (s *googleScan) open(object bool, _ int, _ []byte) bool {
 	if len(s.stack) > 0 {
 		parent := s.top()
 		f.data = parent.data || (parent.object && googleDataMembers[parent.name])
+		f.speech = parent.speech || (parent.object && (parent.name == "speechConfig" || parent.name == "speech_config"))
 		if !f.data && parent.object && (parent.name == "fileSearch" || parent.name == "file_search") {
 			s.reference = "file search stores (fileSearch)"
 		}
@@ -113,6 +119,13 @@ func (s *googleScan) value(raw []byte) bool {
 	case "model":
 		if m := unquote(raw); m != "" && m != s.pathModel && m != "models/"+s.pathModel {
 			s.otherModel = m
+		}
+	default:
+		// Built-in voices have names such as "Kore", while a voice created
+		// with the Voices API has an id such as "voice_abc" that names it
+		// as an object of the account.
+		if v := unquote(raw); f.speech && (strings.HasPrefix(v, "voice_") || strings.HasPrefix(v, "voices/")) {
+			s.reference = "a custom voice (speechConfig)"
 		}
 	}
 	return s.clean()

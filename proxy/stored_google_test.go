@@ -14,6 +14,10 @@ func TestGoogleStoredReference(t *testing.T) {
 	}
 	cases := []struct{ name, body, want string }{
 		{"text only", `{"contents":[{"parts":[{"text":"what is a fileUri or cachedContent?"}]}]}`, ""},
+		{"built-in voice", `{"contents":[{"parts":[{"text":"say hi"}]}],"generationConfig":{"responseModalities":["AUDIO"],"speechConfig":{"voiceConfig":{"prebuiltVoiceConfig":{"voiceName":"Kore"}}}}}`, ""},
+		{"custom voice", `{"contents":[{"parts":[{"text":"say hi"}]}],"generationConfig":{"speechConfig":{"voiceConfig":{"voice":"voice_abc123"}}}}`, "a custom voice (speechConfig)"},
+		{"custom voice by resource name", `{"contents":[{"parts":[{"text":"say hi"}]}],"generation_config":{"speech_config":{"voice_config":{"voice_name":"voices/abc"}}}}`, "a custom voice (speechConfig)"},
+		{"voice id in text", `{"contents":[{"parts":[{"text":"voice_abc is my favourite"}]}],"generationConfig":{"speechConfig":{"voiceConfig":{"prebuiltVoiceConfig":{"voiceName":"Puck"}}}}}`, ""},
 		{"youtube video", part("https://www.youtube.com/watch?v=9hE5-98ZeCg"), ""},
 		{"web page", part("http://example.com/report.pdf"), ""},
 		{"files api", part("https://generativelanguage.googleapis.com/v1beta/files/abc"), file},
