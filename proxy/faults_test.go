@@ -1283,3 +1283,40 @@ func TestReadyzFailsWhileRedisMayEvict(t *testing.T) {
 		t.Errorf("/readyz after noeviction was set again: %d, want 200", code)
 	}
 }
+
+// A client that shuts its sending side right after its request makes Go's
+// server end the request's context, and with it the Redis calls of the
+// admission. That is no outage of the key store, so it must not count as
+// one, and the client gets no response it could take for one.
+func TestClientLeavingBeforeStoreReadNotAnOutage(t *testing.T) {
+	st := teststack.Start(t)
+	p := provider.OpenAI
+	m := "leaves-early@example.com"
+	token := st.Token(t, m)
+	before := testutil.ToFloat64(st.Metrics.KeyErrors.WithLabelValues(p, metrics.ReasonStoreUnavailable))
+	for range 5 {
+		conn, err := net.DialTimeout("tcp", strings.TrimPrefix(st.ProxyURL, "http://"), 2*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn.SetDeadline(time.Now().Add(hangLimit))
+		c := nonStream[p]
+		fmt.Fprintf(conn, "POST %s HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+			c.path, token, len(c.body), c.body)
+		conn.(*net.TCPConn).CloseWrite()
+		reply, _ := io.ReadAll(conn)
+		conn.Close()
+		if bytes.Contains(reply, []byte("key store is unavailable")) {
+			t.Errorf("a client that left got a key store error: %q", reply)
+		}
+	}
+	st.WaitAudit(t)
+	for _, e := range teststack.EventsOf(st.AuditEvents(t), m) {
+		if strings.Contains(fmt.Sprint(e["error"]), "key store") {
+			t.Errorf("audit event %v records a client that left as a key store outage", e)
+		}
+	}
+	if after := testutil.ToFloat64(st.Metrics.KeyErrors.WithLabelValues(p, metrics.ReasonStoreUnavailable)); after != before {
+		t.Errorf("key_errors_total{reason=store_unavailable} went from %v to %v", before, after)
+	}
+}

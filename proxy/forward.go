@@ -411,6 +411,10 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 	// chunk that the proxy requested for itself.
 	if x.injectUsage && x.tap.EventStream() && plain {
 		body = usage.NewUsageChunkFilter(body)
+		// The filter removes bytes, so a length the upstream declared would
+		// make the client wait for bytes that never come.
+		resp.ContentLength = -1
+		resp.Header.Del("Content-Length")
 	}
 	resp.Body = body
 	if x.detachable && h.detach(resp, x) {

@@ -2,9 +2,11 @@ package proxy_test
 
 import (
 	"bufio"
+	"context"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strconv"
 	"strings"
 	"sync"
@@ -187,5 +189,39 @@ func TestErrorBodyInOtherCharsetReplaced(t *testing.T) {
 		if !strings.Contains(string(body), "charset") {
 			t.Errorf("%s: body %q does not say why it was replaced", p, body)
 		}
+	}
+}
+
+// An upstream may send a whole event stream with a Content-Length. The
+// proxy then removes the usage chunk it requested, so the length must go
+// too, or the client waits for bytes that never come.
+func TestUsageChunkRemovedFromStreamWithLength(t *testing.T) {
+	const usageChunk = `data: {"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":7,"total_tokens":10}}` + "\n\n"
+	const textChunk = `data: {"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"hello"}}]}` + "\n\n"
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body := textChunk + usageChunk + "data: [DONE]\n\n"
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		io.WriteString(w, body)
+	}))
+	t.Cleanup(up.Close)
+	st := teststack.Start(t, func(c *config.Config) { c.Provider(provider.OpenAI).Upstream = up.URL })
+	m := "stream-length@example.com"
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := http.DefaultClient.Do(callRequest(ctx, st.ProxyURL, provider.OpenAI, st.Token(t, m), streaming[provider.OpenAI]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatalf("reading the stream: %v after %d bytes; Content-Length %d", err, len(got), resp.ContentLength)
+	}
+	if string(got) != textChunk+"data: [DONE]\n\n" {
+		t.Errorf("stream = %q, want the text chunk and [DONE] without the usage chunk", got)
+	}
+	if _, input, output := sharedUsage(t, st, m, provider.OpenAI); input != 3 || output != 7 {
+		t.Errorf("charged %d input and %d output tokens, want 3 and 7 from the usage chunk", input, output)
 	}
 }

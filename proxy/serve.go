@@ -294,9 +294,7 @@ func (h *Handler) record(w http.ResponseWriter, r *http.Request, x *exchange, ge
 		rec, err = h.store.Refresh(r.Context(), x.mailbox, name, s.monthlyLimit)
 	}
 	if err != nil {
-		h.metrics.KeyErrors.WithLabelValues(name, metrics.ReasonStoreUnavailable).Inc()
-		log.Error("key store read failed", "error", err)
-		h.rejectAudited(w, x, log, provider.Unavailable, "the key store is unavailable; retry shortly", 0)
+		h.storeFailed(w, r, x, log, "key store read failed", err)
 		return nil
 	}
 	if gen >= 0 && gen != rec.Generation {
@@ -435,9 +433,7 @@ func (h *Handler) admitShared(w http.ResponseWriter, r *http.Request, x *exchang
 		// counts each request once.
 		var err error
 		if used, err = h.store.UsedShared(r.Context(), x.mailbox, x.pending); err != nil {
-			h.metrics.KeyErrors.WithLabelValues(up.spec.Name, metrics.ReasonStoreUnavailable).Inc()
-			log.Error("key store read failed", "error", err)
-			h.rejectAudited(w, x, log, provider.Unavailable, "the key store is unavailable; retry shortly", 0)
+			h.storeFailed(w, r, x, log, "key store read failed", err)
 			return false
 		}
 	}
@@ -514,9 +510,7 @@ func (h *Handler) checkOwned(w http.ResponseWriter, r *http.Request, x *exchange
 	}
 	missing, err := h.store.FirstNotOwned(r.Context(), x.mailbox, ids)
 	if err != nil {
-		h.metrics.KeyErrors.WithLabelValues(x.up.spec.Name, metrics.ReasonStoreUnavailable).Inc()
-		log.Error("ownership check failed", "error", err)
-		h.rejectAudited(w, x, log, provider.Unavailable, "the key store is unavailable; retry shortly", 0)
+		h.storeFailed(w, r, x, log, "ownership check failed", err)
 		return false
 	}
 	if missing == "" {
@@ -802,6 +796,27 @@ func (h *Handler) reject(w http.ResponseWriter, x *exchange, log *slog.Logger, k
 	source := metrics.SourceLabel(x.source)
 	h.metrics.Requests.WithLabelValues(x.up.spec.Name, source, strconv.Itoa(x.status)).Inc()
 	log.Info("request rejected", "status", x.status, "error", msg)
+}
+
+// storeFailed handles a Redis call of the admission that failed with err,
+// logging what with it. A client that leaves during the call ends the
+// call's context, which is no outage of the store: the request is then
+// recorded as left by its client, and the handler aborts without a
+// response, because returning would send an empty 200, which a client that
+// only shut its sending side down would read as a success.
+func (h *Handler) storeFailed(w http.ResponseWriter, r *http.Request, x *exchange, log *slog.Logger, what string, err error) {
+	if r.Context().Err() != nil {
+		x.cancelled = true
+		x.status = statusClientClosed
+		x.errText = h.goneText(x)
+		h.metrics.Requests.WithLabelValues(x.up.spec.Name, metrics.SourceLabel(x.source), strconv.Itoa(x.status)).Inc()
+		h.audit.Record(audit.Entry{Event: h.event(x, nil)})
+		log.Info("client left during a key store call", "error", err)
+		panic(http.ErrAbortHandler)
+	}
+	h.metrics.KeyErrors.WithLabelValues(x.up.spec.Name, metrics.ReasonStoreUnavailable).Inc()
+	log.Error(what, "error", err)
+	h.rejectAudited(w, x, log, provider.Unavailable, "the key store is unavailable; retry shortly", 0)
 }
 
 // rejectAudited writes an error response for a known mailbox and records
