@@ -799,12 +799,12 @@ func (h *Handler) reject(w http.ResponseWriter, x *exchange, log *slog.Logger, k
 }
 
 // storeFailed handles a Redis call of the admission that failed with err,
-// logging what with it. A client that leaves during the call ends the
-// call's context, which is no outage of the store: the request is then
+// and logs message with it. A client that leaves during the call ends the
+// call's context, which is no outage of the store. Such a request is
 // recorded as left by its client, and the handler aborts without a
-// response, because returning would send an empty 200, which a client that
-// only shut its sending side down would read as a success.
-func (h *Handler) storeFailed(w http.ResponseWriter, r *http.Request, x *exchange, log *slog.Logger, what string, err error) {
+// response. Returning would send an empty 200, which a client that only
+// shut its sending side down would take for a success.
+func (h *Handler) storeFailed(w http.ResponseWriter, r *http.Request, x *exchange, log *slog.Logger, message string, err error) {
 	if r.Context().Err() != nil {
 		x.cancelled = true
 		x.status = statusClientClosed
@@ -815,7 +815,7 @@ func (h *Handler) storeFailed(w http.ResponseWriter, r *http.Request, x *exchang
 		panic(http.ErrAbortHandler)
 	}
 	h.metrics.KeyErrors.WithLabelValues(x.up.spec.Name, metrics.ReasonStoreUnavailable).Inc()
-	log.Error(what, "error", err)
+	log.Error(message, "error", err)
 	h.rejectAudited(w, x, log, provider.Unavailable, "the key store is unavailable; retry shortly", 0)
 }
 
