@@ -44,9 +44,14 @@ var errDetached = errors.New("stream detached from the HTTP server")
 // not inside a forward-proxy tunnel, whose server needs its tunnel details
 // for each connection. detach also requires that the request body was read
 // to its end, so that no byte of the client's is left to read.
+//
+// Go's server treats a connection as TLS only when it is a bare *tls.Conn,
+// so a TLS connection must go back unwrapped, with no byte read from it.
+// Where the socket cannot be watched without reading (see awaitBytes), a
+// TLS connection is not detached.
 func detachable(r *http.Request, x *exchange) bool {
 	return x.stream && r.Method != http.MethodHead && r.ProtoMajor == 1 && r.ProtoMinor == 1 && len(r.TransferEncoding) == 0 &&
-		r.Context().Value(http.ServerContextKey) != nil && r.Context().Value(tunnelKey{}) == nil
+		(r.TLS == nil || canAwaitBytes) && r.Context().Value(http.ServerContextKey) != nil && r.Context().Value(tunnelKey{}) == nil
 }
 
 // bodySent reports whether a body forwarded unread has been read from the
@@ -131,6 +136,9 @@ type detachedStream struct {
 	srv    *http.Server
 	body   io.ReadCloser
 	header http.Header
+	// resp is the upstream response, whose Trailer the transport sets once
+	// the body has ended, and tapBody then scrubs.
+	resp *http.Response
 	// keepAlive is false when the client asked to close the connection.
 	keepAlive bool
 	// buffered holds what the server had read beyond the request when the
@@ -203,7 +211,7 @@ func (h *Handler) detach(resp *http.Response, x *exchange) bool {
 	}
 	setRequestID(header, x.id)
 	s := &detachedStream{
-		h: h, x: x, log: x.log, conn: conn, srv: srv, body: resp.Body, header: header,
+		h: h, x: x, log: x.log, conn: conn, srv: srv, body: resp.Body, header: header, resp: resp,
 		keepAlive: !x.in.Close, watched: make(chan struct{}),
 	}
 	if n := rw.Reader.Buffered(); n > 0 {
@@ -217,6 +225,12 @@ func (h *Handler) detach(resp *http.Response, x *exchange) bool {
 	if wrapped, ok := conn.(*earlyConn); ok {
 		s.buffered = append(s.buffered, wrapped.early...)
 		s.conn = wrapped.Conn
+	}
+	if _, isTLS := s.conn.(*tls.Conn); isTLS && len(s.buffered) > 0 {
+		// The server read ahead, so the connection could only go back
+		// wrapped, without its TLS state. The stream's Connection: close
+		// tells a client to send its next request again.
+		s.keepAlive = false
 	}
 	s.chunks = httputil.NewChunkedWriter(s)
 
@@ -369,7 +383,9 @@ func (s *detachedStream) writeHeader() error {
 	if _, ok := h["Date"]; !ok {
 		h.Set("Date", time.Now().UTC().Format(http.TimeFormat))
 	}
-	if !s.keepAlive {
+	// During a shutdown the server closes the connection after a response,
+	// so the header announces it, as the server's own responses do.
+	if !s.keepAlive || s.h.streams.shuttingDown(s.srv) {
 		h.Set("Connection", "close")
 	}
 	w := s.lend()
@@ -388,7 +404,10 @@ func (s *detachedStream) send(p []byte, last bool) error {
 	}
 	if last {
 		s.chunks.Close()
-		s.out.WriteString("\r\n") // the end of the (empty) trailer section
+		// The trailer section, as Go's server writes the trailers that the
+		// reverse proxy passes on, and its end.
+		s.resp.Trailer.Write(s.out)
+		s.out.WriteString("\r\n")
 	}
 	return s.giveBack()
 }
@@ -423,15 +442,27 @@ func (s *detachedStream) WriteString(str string) (int, error) { return s.out.Wri
 // request and is kept for the server. Once the response has ended, the
 // same read is the wait for that next request, which is far cheaper than
 // the server's own wait: no buffers and a goroutine with a small stack.
+//
+// On a TLS connection the watch only looks at the socket (see awaitBytes),
+// because a byte read through TLS would hide the connection's TLS state
+// from the server. When bytes arrive there, the watch ends, and a client
+// that then closes is noticed at the next failed write.
 func (s *detachedStream) watchClient(cancel context.CancelCauseFunc) {
 	defer close(s.watched)
 	var b [1]byte
-	n, err := s.conn.Read(b[:])
+	var n int
+	var waiting bool
+	var err error
+	if _, isTLS := s.conn.(*tls.Conn); isTLS {
+		waiting, err = awaitBytes(s.conn)
+	} else {
+		n, err = s.conn.Read(b[:])
+	}
 	s.mu.Lock()
 	s.watchEnded = true
 	if n == 1 {
 		s.next = append(s.next, b[0])
-	} else if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+	} else if !waiting && !errors.Is(err, os.ErrDeadlineExceeded) {
 		s.clientGone = true
 	}
 	streamEnded, clientGone := s.streamEnded, s.clientGone
@@ -569,21 +600,41 @@ type detachedStreams struct {
 	servers map[*http.Server]bool
 }
 
-// add records s as open. The first stream of a server also has the
-// server's Shutdown close the connections that wait after a stream.
+// add records s as open.
 func (d *detachedStreams) add(s *detachedStream, srv *http.Server) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.watchLocked(srv)
+	d.open[s] = struct{}{}
+}
+
+// watch has srv's Shutdown close the connections that wait after a stream
+// and tell later streams to close theirs. It runs for each request that may
+// detach, before it can, because a hook registered once Shutdown has begun
+// never runs.
+func (d *detachedStreams) watch(srv *http.Server) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.watchLocked(srv)
+}
+
+func (d *detachedStreams) watchLocked(srv *http.Server) {
 	if d.open == nil {
 		d.open = map[*detachedStream]struct{}{}
 		d.waiting = map[*detachedStream]struct{}{}
 		d.servers = map[*http.Server]bool{}
 	}
-	d.open[s] = struct{}{}
 	if _, ok := d.servers[srv]; !ok {
 		d.servers[srv] = false
 		srv.RegisterOnShutdown(func() { d.shutDown(srv) })
 	}
+}
+
+// shuttingDown reports whether srv's Shutdown, or Drain, has begun.
+func (d *detachedStreams) shuttingDown(srv *http.Server) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.servers[srv]
 }
 
 // end moves s from the open streams to the waiting connections, or only
@@ -682,10 +733,17 @@ func (h *Handler) Drain(ctx context.Context) error {
 	var err error
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
-	for open, _ := h.streams.counts(); open > 0 && err == nil; open, _ = h.streams.counts() {
+	// A handler still running may yet detach its stream: between its
+	// Hijack and the stream's start the server no longer counts the
+	// connection, and Drain does not count the stream yet.
+	for open, _ := h.streams.counts(); (open > 0 || h.running.Load() > 0) && err == nil; open, _ = h.streams.counts() {
 		select {
 		case <-ctx.Done():
-			err = errors.New("detached streams still open at the deadline, cut: " + strconv.Itoa(open))
+			if open > 0 {
+				err = errors.New("detached streams still open at the deadline, cut: " + strconv.Itoa(open))
+			} else {
+				err = ctx.Err()
+			}
 			h.Cut()
 			h.streams.cut(errShutdown)
 		case <-tick.C:
@@ -694,6 +752,10 @@ func (h *Handler) Drain(ctx context.Context) error {
 	h.streams.shutDownAll()
 	deadline := time.Now().Add(time.Second)
 	for open, waiting := h.streams.counts(); open+waiting+int(h.running.Load()) > 0 && time.Now().Before(deadline); open, waiting = h.streams.counts() {
+		if open > 0 && err != nil {
+			// A stream that a handler detached after the cut.
+			h.streams.cut(errShutdown)
+		}
 		<-tick.C
 	}
 	return err

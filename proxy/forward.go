@@ -71,6 +71,7 @@ func (h *Handler) startForward(w http.ResponseWriter, r *http.Request, x *exchan
 	// HTTP/2 does.
 	x.detachable = detachable(r, x) && h.running.Load() > h.attachedStreams
 	if x.detachable {
+		h.streams.watch(r.Context().Value(http.ServerContextKey).(*http.Server))
 		parent = context.WithoutCancel(parent)
 		x.in, x.log = r, log
 	}
@@ -477,6 +478,9 @@ func (b *tapBody) Read(p []byte) (int, error) {
 		// The reverse proxy passes the trailers on once the body has ended,
 		// declared or not, and ModifyResponse runs before their values exist.
 		scrubHeaders(b.resp.Trailer, b.x.keyText, true)
+		for _, name := range forbiddenTrailers {
+			delete(b.resp.Trailer, name)
+		}
 		// After the tap has the last bytes, which often come with EOF.
 		b.h.chargePending(b.x)
 	}
@@ -495,6 +499,16 @@ func (b *tapBody) Read(p []byte) (int, error) {
 		}
 	}
 	return n, err
+}
+
+// forbiddenTrailers are the fields that must not come as trailers, because
+// they frame, route or describe the message, modify a request or carry
+// credentials (the list of https://developer.mozilla.org/en-US/docs/Web/HTTP/Headers/Trailer,
+// and Connection), and that a client might act on all the same.
+var forbiddenTrailers = []string{
+	"Content-Length", "Transfer-Encoding", "Trailer", "Host", "Connection",
+	"Content-Type", "Content-Encoding", "Content-Range",
+	"Cache-Control", "Max-Forwards", "Te", "Authorization", "Set-Cookie",
 }
 
 // maxReadOn bounds what tapBody.Close reads of a reply whose client left.

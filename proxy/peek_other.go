@@ -7,7 +7,10 @@ import (
 	"net"
 )
 
+// canAwaitBytes is set where awaitBytes can look at a socket.
+const canAwaitBytes = false
+
 // awaitBytes reports errors.ErrUnsupported where no socket call can look at
-// waiting bytes without reading them. A TLS connection then goes back to
-// the server as soon as its stream ends.
+// waiting bytes without reading them, so a TLS connection is not detached
+// (see detachable).
 func awaitBytes(net.Conn) (bool, error) { return false, errors.ErrUnsupported }

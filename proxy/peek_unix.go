@@ -9,6 +9,9 @@ import (
 	"syscall"
 )
 
+// canAwaitBytes is set where awaitBytes can look at a socket.
+const canAwaitBytes = true
+
 // awaitBytes waits, within conn's read deadline, until the client has sent
 // something or closed its side. It reads nothing, so that the HTTP server
 // reads every byte later through conn, a TLS connection's records
