@@ -79,9 +79,10 @@ func OpenRedis(c config.Redis) (redis.UniversalClient, error) {
 // month's allowance. Only the noeviction policy rules both out.
 var ErrEvicting = errors.New("redis may evict keys")
 
-// CheckEviction returns an error wrapping ErrEvicting if any Redis node that
-// rdb writes to has a maxmemory limit and a maxmemory-policy other than
-// noeviction. It reads INFO memory rather than CONFIG GET, which some
+// CheckEviction returns an error wrapping ErrEvicting if any Redis node of
+// rdb has a maxmemory limit and a maxmemory-policy other than noeviction.
+// On a Cluster that includes the replicas, since a replica takes over as a
+// master at a failover. It reads INFO memory rather than CONFIG GET, which some
 // managed Redis services disable. A server whose INFO lacks the section or
 // those fields, such as the dev mode's in-process store, passes.
 func CheckEviction(ctx context.Context, rdb redis.UniversalClient) error {

@@ -423,3 +423,21 @@ func TestUsageHugeCountsAddUp(t *testing.T) {
 		t.Errorf("output tokens = %d, want %d (a negative count adds nothing)", c.OutputTokens, int64(1<<39+3))
 	}
 }
+
+func TestUsedSharedHugePendingStaysAtLimit(t *testing.T) {
+	st, _, _ := newStore(t)
+	ctx := context.Background()
+	month := Month(time.Now())
+	pending := []PendingUsage{
+		{RequestID: "req-a", Month: month, Tokens: 1 << 62},
+		{RequestID: "req-b", Month: month, Tokens: 1 << 62},
+		{RequestID: "req-c", Month: month, Tokens: 5},
+	}
+	used, err := st.UsedShared(ctx, "hugo-pending", pending)
+	if err != nil {
+		t.Fatalf("UsedShared: %v", err)
+	}
+	if want := int64(2*(2*maxRecordedTokens) + 5); used != want {
+		t.Errorf("used = %d with two pending charges of 2^62 tokens and one of 5, want %d", used, want)
+	}
+}

@@ -136,7 +136,9 @@ func (s *Store) UsedShared(ctx context.Context, id mailbox.ID, pending []Pending
 	for _, p := range pending {
 		if p.Month == month {
 			keys = append(keys, s.layout.Seen(string(id), p.RequestID))
-			args = append(args, p.Tokens)
+			// As the usage script records at most maxRecordedTokens a
+			// side, so that the script's floating-point sum stays exact.
+			args = append(args, min(max(p.Tokens, 0), 2*maxRecordedTokens))
 		}
 	}
 	ctx, cancel := s.bound(ctx)

@@ -465,6 +465,9 @@ func (b *tapBody) Read(p []byte) (int, error) {
 	if b.stall != nil {
 		b.stall.readDone()
 	}
+	if err != nil && err != io.EOF {
+		err = scrubbedError(err, b.x.keyText)
+	}
 	if n > 0 {
 		b.x.received += int64(n)
 		if b.tap != nil {
@@ -508,8 +511,31 @@ func (b *tapBody) Read(p []byte) (int, error) {
 var forbiddenTrailers = []string{
 	"Content-Length", "Transfer-Encoding", "Trailer", "Host", "Connection",
 	"Content-Type", "Content-Encoding", "Content-Range",
-	"Cache-Control", "Max-Forwards", "Te", "Authorization", "Set-Cookie",
+	"Cache-Control", "Max-Forwards", "Te", "Expect", "Range", "If-Match", "If-None-Match",
+	"If-Modified-Since", "If-Unmodified-Since", "If-Range",
+	"Authorization", "Proxy-Authorization", "Www-Authenticate", "Proxy-Authenticate",
+	"Set-Cookie", "Cookie", "Keep-Alive", "Upgrade", "Proxy-Connection",
 }
+
+// scrubbedError returns err, or an error wrapping it whose text has key
+// scrubbed from it when the text holds the key. The reverse proxy logs the
+// errors of reading the upstream body, and the transport's errors quote
+// what the upstream sent, such as a malformed trailer line.
+func scrubbedError(err error, key string) error {
+	text := err.Error()
+	if clean := scrubText(text, key); clean != text {
+		return &keyScrubbedError{err: err, text: clean}
+	}
+	return err
+}
+
+type keyScrubbedError struct {
+	err  error
+	text string
+}
+
+func (e *keyScrubbedError) Error() string { return e.text }
+func (e *keyScrubbedError) Unwrap() error { return e.err }
 
 // maxReadOn bounds what tapBody.Close reads of a reply whose client left.
 const maxReadOn = 64 << 20
@@ -759,7 +785,7 @@ func (h *Handler) finish(x *exchange, source string, log *slog.Logger) {
 	if x.owner != nil {
 		entry.Owned = x.owner.pending
 	}
-	if tokens := counts.InputTokens + counts.OutputTokens; x.charge != nil {
+	if tokens := counts.Total(); x.charge != nil {
 		// Held at the end of the body, maybe before an estimate.
 		x.charge.set(tokens)
 	} else if x.limited && tokens > 0 {

@@ -77,11 +77,21 @@ func startRawUpstream(t *testing.T, respond func(key string) string) *rawUpstrea
 	return u
 }
 
+// withoutPrefix returns key without its published prefix.
+func withoutPrefix(key string) string {
+	if strings.HasPrefix(key, "AIza") {
+		return key[4:]
+	}
+	return key[strings.LastIndex(key[:min(len(key), 13)], "-")+1:]
+}
+
 // checkKeyNowhere fails t for each audit event field, log line or client
-// body that holds key or key without its last four characters.
+// body that holds the middle of key, the part after its prefix and before
+// its last four characters.
 func checkKeyNowhere(t *testing.T, st *teststack.Stack, key string, clientBody []byte) {
 	t.Helper()
-	part := key[:len(key)-4]
+	body := withoutPrefix(key)
+	part := body[:len(body)-4]
 	st.WaitAudit(t)
 	for _, e := range st.AuditEvents(t) {
 		for field, v := range e {
@@ -112,6 +122,10 @@ func TestKeyInUpstreamFramingNotRecorded(t *testing.T) {
 		{"trailer of a 200 body", func(key string) string {
 			return "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" +
 				"b\r\n{\"ok\":true}\r\n0\r\n" + key + "\r\n\r\n"
+		}},
+		{"trailer of a 200 body, key without its prefix", func(key string) string {
+			return "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" +
+				"b\r\n{\"ok\":true}\r\n0\r\n" + withoutPrefix(key) + "\r\n\r\n"
 		}},
 		{"trailer of an error body", func(key string) string {
 			return "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" +
@@ -223,5 +237,39 @@ func TestUsageChunkRemovedFromStreamWithLength(t *testing.T) {
 	}
 	if _, input, output := sharedUsage(t, st, m, provider.OpenAI); input != 3 || output != 7 {
 		t.Errorf("charged %d input and %d output tokens, want 3 and 7 from the usage chunk", input, output)
+	}
+}
+
+// Trailers that frame, route or authenticate a message never reach the
+// client, on an attached stream and on a detached one alike.
+func TestForbiddenTrailersDropped(t *testing.T) {
+	forbidden := []string{"Content-Length", "Authorization", "Proxy-Authorization", "Www-Authenticate",
+		"Proxy-Authenticate", "Set-Cookie", "Cookie", "Host", "Upgrade"}
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		io.WriteString(w, edgeTextChunk)
+		http.NewResponseController(w).Flush()
+		io.WriteString(w, edgeUsageChunk+"data: [DONE]\n\n")
+		for _, name := range forbidden {
+			w.Header().Set(http.TrailerPrefix+name, "x")
+		}
+		w.Header().Set(http.TrailerPrefix+"X-Kept", "v")
+	}))
+	t.Cleanup(up.Close)
+	st := teststack.Start(t, func(c *config.Config) { c.Provider(provider.OpenAI).Upstream = up.URL })
+	token := st.Token(t, "forbidden-trailers@example.com")
+	_, attachedURL := st.AttachedProxy(t)
+	for _, u := range []string{st.ProxyURL, attachedURL} {
+		c := dialURL(t, u)
+		resp := c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
+		readStream(t, resp)
+		for _, name := range forbidden {
+			if v := resp.Trailer.Get(name); v != "" {
+				t.Errorf("%s: trailer %s reached the client", u, name)
+			}
+		}
+		if resp.Trailer.Get("X-Kept") != "v" {
+			t.Errorf("%s: trailer X-Kept %q, want v", u, resp.Trailer.Get("X-Kept"))
+		}
 	}
 }

@@ -92,7 +92,7 @@ func (h *Handler) chargePending(x *exchange) {
 		return
 	}
 	c := x.tap.Counts()
-	if n := c.InputTokens + c.OutputTokens; n > 0 {
+	if n := c.Total(); n > 0 {
 		x.charge = h.pending.add(x.mailbox, x.start, x.id, n)
 	}
 }

@@ -123,8 +123,12 @@ func (s *googleScan) value(raw []byte) bool {
 	default:
 		// Built-in voices have names such as "Kore", while a voice created
 		// with the Voices API has an id such as "voice_abc" that names it
-		// as an object of the account.
-		if v := unquote(raw); f.speech && (strings.HasPrefix(v, "voice_") || strings.HasPrefix(v, "voices/")) {
+		// as an object of the account. Only members that name a voice count:
+		// a speaker's label is the application's own.
+		if !f.speech || !strings.Contains(strings.ToLower(name), "voice") {
+			break
+		}
+		if v := unquote(raw); strings.HasPrefix(v, "voice_") || strings.HasPrefix(v, "voices/") {
 			s.reference = "a custom voice (speechConfig)"
 		}
 	}

@@ -17,6 +17,8 @@ func TestGoogleStoredReference(t *testing.T) {
 		{"built-in voice", `{"contents":[{"parts":[{"text":"say hi"}]}],"generationConfig":{"responseModalities":["AUDIO"],"speechConfig":{"voiceConfig":{"prebuiltVoiceConfig":{"voiceName":"Kore"}}}}}`, ""},
 		{"custom voice", `{"contents":[{"parts":[{"text":"say hi"}]}],"generationConfig":{"speechConfig":{"voiceConfig":{"voice":"voice_abc123"}}}}`, "a custom voice (speechConfig)"},
 		{"custom voice by resource name", `{"contents":[{"parts":[{"text":"say hi"}]}],"generation_config":{"speech_config":{"voice_config":{"voice_name":"voices/abc"}}}}`, "a custom voice (speechConfig)"},
+		{"speakers named voice_", `{"contents":[{"parts":[{"text":"voice_host: hi"}]}],"generationConfig":{"speechConfig":{"multiSpeakerVoiceConfig":{"speakerVoiceConfigs":[` +
+			`{"speaker":"voice_host","voiceConfig":{"prebuiltVoiceConfig":{"voiceName":"Kore"}}},{"speaker":"voice_guest","voiceConfig":{"prebuiltVoiceConfig":{"voiceName":"Puck"}}}]}}}}`, ""},
 		{"voice id in text", `{"contents":[{"parts":[{"text":"voice_abc is my favourite"}]}],"generationConfig":{"speechConfig":{"voiceConfig":{"prebuiltVoiceConfig":{"voiceName":"Puck"}}}}}`, ""},
 		{"youtube video", part("https://www.youtube.com/watch?v=9hE5-98ZeCg"), ""},
 		{"web page", part("http://example.com/report.pdf"), ""},

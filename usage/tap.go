@@ -14,6 +14,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"math"
 	"math/bits"
 	"slices"
 	"strings"
@@ -31,6 +32,13 @@ type Counts struct {
 	// repeats its cumulative usageMetadata on every chunk, so it never sets
 	// Final.
 	Final bool
+}
+
+// Total returns input plus output tokens, held at math.MaxInt64 rather
+// than wrapping around, since the counts come from the provider.
+func (c Counts) Total() int64 {
+	in, out := max(c.InputTokens, 0), max(c.OutputTokens, 0)
+	return min(in, math.MaxInt64-out) + out
 }
 
 // maxContainers and maxReasoning bound the container and reasoning item

@@ -577,3 +577,20 @@ func TestTapAnthropicIterations(t *testing.T) {
 		})
 	}
 }
+
+func TestCountsTotal(t *testing.T) {
+	cases := []struct {
+		in, out, want int64
+	}{
+		{3, 4, 7},
+		{0, 0, 0},
+		{math.MaxInt64, 1, math.MaxInt64},
+		{math.MaxInt64 - 1, math.MaxInt64 - 1, math.MaxInt64},
+		{-5, 4, 4},
+	}
+	for _, c := range cases {
+		if got := (Counts{InputTokens: c.in, OutputTokens: c.out}).Total(); got != c.want {
+			t.Errorf("Total of %d and %d = %d, want %d", c.in, c.out, got, c.want)
+		}
+	}
+}
