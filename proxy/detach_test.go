@@ -628,6 +628,11 @@ func TestDetachedStreamReleasesServerState(t *testing.T) {
 		up.Release()
 		io.ReadAll(resp.Body)
 		c.Close()
+		// The stream ends on its own goroutine, which may lag behind the
+		// client that read the last chunk.
+		if !eventually(hangLimit, func() bool { return st.Handler.DetachedStreams() == 0 }) {
+			t.Fatalf("%s: the stream still counts as detached after its end", p)
+		}
 	}
 }
 
