@@ -62,7 +62,7 @@ func TestCheckEvictionUnreachable(t *testing.T) {
 }
 
 func TestCheckEvictionWithoutMemoryInfo(t *testing.T) {
-	// The dev mode's store answers INFO without the memory fields.
+	// The dev mode's store has no memory section in its INFO reply.
 	mr := miniredis.RunT(t)
 	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr()})
 	defer rdb.Close()

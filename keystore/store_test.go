@@ -395,6 +395,7 @@ func TestUsageHugeCountsAddUp(t *testing.T) {
 	if _, err := pipe.Exec(ctx); err != nil {
 		t.Fatalf("usage script: %v", err)
 	}
+
 	// Counts no provider reports, which the script would otherwise turn
 	// into a sum HINCRBY rejects, after its first writes.
 	over := UsageRecord{RequestID: "req-over", Mailbox: "hugo", Provider: "openai", Source: SourceShared,
@@ -404,6 +405,7 @@ func TestUsageHugeCountsAddUp(t *testing.T) {
 	if _, err := pipe.Exec(ctx); err != nil {
 		t.Fatalf("usage script with counts out of range: %v", err)
 	}
+
 	got, err := st.Usage(ctx, "hugo", Month(now))
 	if err != nil {
 		t.Fatal(err)

@@ -228,8 +228,8 @@ func (h *Handler) detach(resp *http.Response, x *exchange) bool {
 	}
 	if _, isTLS := s.conn.(*tls.Conn); isTLS && len(s.buffered) > 0 {
 		// The server read ahead, so the connection could only go back
-		// wrapped, without its TLS state. The stream's Connection: close
-		// tells a client to send its next request again.
+		// wrapped, without its TLS state. After the stream's Connection:
+		// close, a client sends its next request again.
 		s.keepAlive = false
 	}
 	s.chunks = httputil.NewChunkedWriter(s)

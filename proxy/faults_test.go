@@ -1256,6 +1256,7 @@ func TestReadyzFailsWhileRedisMayEvict(t *testing.T) {
 	if code := readyStatus(t, st.ProxyURL); code != http.StatusOK {
 		t.Fatalf("/readyz with noeviction: %d, want 200", code)
 	}
+
 	rdb := srv.Client(t)
 	ctx := context.Background()
 	if err := rdb.ConfigSet(ctx, "maxmemory-policy", "allkeys-lru").Err(); err != nil {
@@ -1264,6 +1265,7 @@ func TestReadyzFailsWhileRedisMayEvict(t *testing.T) {
 	if err := rdb.ConfigSet(ctx, "maxmemory", "256mb").Err(); err != nil {
 		t.Fatal(err)
 	}
+
 	resp, err := (&http.Client{Timeout: hangLimit}).Get(st.ProxyURL + "/readyz")
 	if err != nil {
 		t.Fatal(err)
@@ -1276,6 +1278,7 @@ func TestReadyzFailsWhileRedisMayEvict(t *testing.T) {
 	if !strings.Contains(string(body), "noeviction") {
 		t.Errorf("/readyz body %q does not say how to fix it", body)
 	}
+
 	if err := rdb.ConfigSet(ctx, "maxmemory-policy", "noeviction").Err(); err != nil {
 		t.Fatal(err)
 	}
