@@ -21,9 +21,10 @@ const (
 	edgeUsageChunk = `data: {"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}` + "\n\n"
 )
 
-// tlsServerOf serves st's handler on a TLS listener and records, for each
-// request, whether the server saw it over TLS.
-func tlsServerOf(t *testing.T, st *teststack.Stack) (*httptest.Server, func() []bool) {
+// tlsServerOf serves st's handler on a TLS listener, after configure has
+// set up its server when given, and records for each request whether the
+// server saw it over TLS.
+func tlsServerOf(t *testing.T, st *teststack.Stack, configure ...func(*http.Server)) (*httptest.Server, func() []bool) {
 	t.Helper()
 	var mu sync.Mutex
 	var overTLS []bool
@@ -33,6 +34,9 @@ func tlsServerOf(t *testing.T, st *teststack.Stack) (*httptest.Server, func() []
 		mu.Unlock()
 		st.Handler.ServeHTTP(w, r)
 	}))
+	for _, c := range configure {
+		c(srv.Config)
+	}
 	srv.StartTLS()
 	t.Cleanup(srv.Close)
 	return srv, func() []bool {

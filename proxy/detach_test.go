@@ -13,7 +13,6 @@ import (
 	"net/url"
 	"os"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -782,19 +781,10 @@ func TestShutdownCutsAttachedStream(t *testing.T) {
 func TestDetachedStreamIdleTLSConnection(t *testing.T) {
 	st := teststack.Start(t)
 	token := st.Token(t, "detached-idle-tls@example.com")
-	var mu sync.Mutex
-	var overTLS []bool
-	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		mu.Lock()
-		overTLS = append(overTLS, r.TLS != nil)
-		mu.Unlock()
-		st.Handler.ServeHTTP(w, r)
-	}))
-	srv.Config.ReadHeaderTimeout = 100 * time.Millisecond
-	srv.Config.IdleTimeout = 600 * time.Millisecond
-	srv.StartTLS()
-	t.Cleanup(srv.Close)
-
+	srv, overTLS := tlsServerOf(t, st, func(s *http.Server) {
+		s.ReadHeaderTimeout = 100 * time.Millisecond
+		s.IdleTimeout = 600 * time.Millisecond
+	})
 	c := dialTLS(t, srv)
 
 	resp := c.send(t, provider.OpenAI, streaming[provider.OpenAI], token, "")
@@ -804,10 +794,7 @@ func TestDetachedStreamIdleTLSConnection(t *testing.T) {
 	if _, err := io.ReadAll(resp.Body); err != nil || resp.StatusCode != 200 {
 		t.Fatalf("request after 300 ms idle: status %d, %v", resp.StatusCode, err)
 	}
-	mu.Lock()
-	seen := slices.Clone(overTLS)
-	mu.Unlock()
-	if len(seen) != 2 || !seen[1] {
+	if seen := overTLS(); len(seen) != 2 || !seen[1] {
 		t.Errorf("requests seen over TLS %v, want [true true]: the server lost the connection's TLS state", seen)
 	}
 
